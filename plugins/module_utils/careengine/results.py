@@ -1,0 +1,98 @@
+"""Results of engine operations, shared by the CLI (``--json``) and the Ansible modules.
+
+One :class:`ObjectResult` per (process, patched object); the JSON form of a run is
+``{"processes": [ProcessResult.to_json(), ...], "summary": {...}}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+ACTIONS = ("applied", "skipped", "removed", "failed")
+
+
+@dataclass(frozen=True)
+class ObjectResult:
+    """What happened to one object (executable or library) in one process."""
+
+    path: str
+    build_id: str
+    action: str                      # applied | skipped | removed | failed
+    applied_level: int | None = None  # the level in force afterwards (None: no patch)
+    previous_level: int | None = None  # the level in force before
+    reason: str = ""
+    paused_us: int | None = None     # time the patient was stopped for this change
+    functions: tuple[str, ...] = ()
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        data = asdict(self)
+        data["functions"] = list(self.functions)
+        return data
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """What happened to one process."""
+
+    pid: int
+    comm: str
+    objects: tuple[ObjectResult, ...] = ()
+    error: str = ""                  # a failure that concerns the whole process
+    paused_us: int | None = None     # total time the process was stopped
+
+    @property
+    def ok(self) -> bool:
+        return not self.error and all(o.action != "failed" for o in self.objects)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            "error": self.error,
+            "paused_us": self.paused_us,
+            "objects": [o.to_json() for o in self.objects],
+        }
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One mapped ELF object of a process, as ``info`` reports it."""
+
+    path: str
+    build_id: str | None
+    applied_level: int | None = None
+    available_level: int | None = None
+    functions: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """What ``info`` knows of one process, read without stopping it."""
+
+    pid: int
+    comm: str
+    objects: tuple[ObjectInfo, ...] = ()
+    unpatchable: str = ""            # why it cannot be patched, if so
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "pid": self.pid,
+            "comm": self.comm,
+            "unpatchable": self.unpatchable,
+            "objects": [dict(asdict(o), functions=list(o.functions)) for o in self.objects],
+        }
+
+
+def summarize_results(results: list[ProcessResult]) -> dict:
+    """Counts per action over every object of every process (plus failed processes)."""
+    counts = {action: 0 for action in ACTIONS}
+    for process in results:
+        if process.error and not process.objects:
+            counts["failed"] += 1
+        for obj in process.objects:
+            counts[obj.action] += 1
+    return counts
