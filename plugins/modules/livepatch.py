@@ -1,0 +1,307 @@
+#!/usr/bin/python
+# Copyright: libcare.livepatch contributors
+# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+"""Ansible module: apply or remove live patches in running processes."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: livepatch
+short_description: Apply or remove live patches in running processes
+version_added: 0.1.0
+description:
+  - Applies binary patches (built by M(libcare.livepatch.livepatch_build) or C(libcare-patch-make))
+    to running processes without restarting them, or removes them.
+  - Each object a process maps (its executable and shared libraries) is matched to the patches
+    by build-id. A process that already runs the requested level is skipped, so the module is
+    idempotent.
+  - The patients are stopped only while the patch is written and only after every thread's
+    stack has been checked to be outside the functions being replaced.
+author:
+  - libcare.livepatch contributors
+options:
+  store:
+    description:
+      - A patch store directory (C(<store>/<build-id>/<level>/kpatch.bin), C(<store>/<build-id>/latest)).
+      - Mutually exclusive with O(patch); one of them is required.
+    type: path
+  patch:
+    description:
+      - A single patch file.
+      - Mutually exclusive with O(store); one of them is required.
+    type: path
+  state:
+    description:
+      - V(present) applies the patches the source holds (the O(level), else the latest level).
+      - V(absent) removes from the selected processes every applied patch whose build-id the
+        source has a patch for.
+    type: str
+    choices: [present, absent]
+    default: present
+  level:
+    description:
+      - The patch level to apply, instead of the store's latest.
+      - Ignored when O(state=absent).
+    type: int
+  timeout:
+    description:
+      - Seconds to wait for every thread to leave the functions being replaced before giving up
+        on a process (it is then C(failed), never patched unsafely).
+    type: float
+    default: 5.0
+  retries:
+    description:
+      - How many more times to try a process whose safety check timed out (O(state=present) only).
+    type: int
+    default: 0
+  allow_failures:
+    description:
+      - When V(false), the module fails if any process or object failed (every result is still returned).
+      - When V(true), failures are only reported in RV(results) and RV(counts.failed).
+    type: bool
+    default: false
+extends_documentation_fragment:
+  - libcare.livepatch.livepatch
+  - libcare.livepatch.livepatch.processes
+  - libcare.livepatch.livepatch.attributes_apply
+seealso:
+  - module: libcare.livepatch.livepatch_info
+  - module: libcare.livepatch.livepatch_build
+"""
+
+EXAMPLES = r"""
+- name: Apply the latest patches of the store to every process that maps a patched object
+  libcare.livepatch.livepatch:
+    store: /var/lib/libcare
+
+- name: Apply level 2 to the nginx workers only, waiting up to 10 s per process
+  libcare.livepatch.livepatch:
+    store: /var/lib/libcare
+    name: '^nginx'
+    level: 2
+    timeout: 10
+    retries: 2
+
+- name: Apply one patch file to one process
+  libcare.livepatch.livepatch:
+    patch: /tmp/4a3bc5e0.kpatch
+    pid: "{{ server_pid | int }}"
+
+- name: Remove the store's patches from every process of one executable
+  libcare.livepatch.livepatch:
+    store: /var/lib/libcare
+    exe: /usr/sbin/myserver
+    state: absent
+
+- name: See what would change, without stopping anything
+  libcare.livepatch.livepatch:
+    store: /var/lib/libcare
+  check_mode: true
+  diff: true
+  register: livepatch_plan
+"""
+
+RETURN = r"""
+results:
+  description:
+    - One entry per process and object the engine considered; a process that failed as a
+      whole has one entry whose RV(results[].build_id) and RV(results[].path) are null.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    pid:
+      description: Process id.
+      type: int
+      sample: 4242
+    comm:
+      description: Command name of the process.
+      type: str
+      sample: server
+    build_id:
+      description: Build-id of the object (null when the process failed as a whole).
+      type: str
+      sample: 8e1f0a2c5b7d4e6f9a0b1c2d3e4f5a6b7c8d9e0f
+    path:
+      description: Path of the object in the process (null when the process failed as a whole).
+      type: str
+      sample: /usr/local/bin/server
+    action:
+      description: What happened (in check mode, what would happen).
+      type: str
+      sample: applied
+      choices: [applied, skipped, removed, failed]
+    reason:
+      description: Why it was skipped or failed (empty otherwise).
+      type: str
+      sample: level 1 already applied
+    paused_us:
+      description: Microseconds the process was stopped for this change (null when it was not stopped).
+      type: int
+      sample: 830
+    applied_level:
+      description: Patch level in force afterwards (null when none).
+      type: int
+      sample: 1
+    previous_level:
+      description: Patch level in force before (null when none).
+      type: int
+      sample: null
+    functions:
+      description: Functions replaced by the patch in this object.
+      type: list
+      elements: str
+      sample: [handle_request]
+counts:
+  description:
+    - How many objects had each outcome (in check mode, would have). A process that failed as a
+      whole counts as one failure.
+    - A dict rather than top-level keys because C(failed) is reserved in Ansible results.
+  returned: always
+  type: dict
+  sample: {applied: 2, skipped: 1, removed: 0, failed: 0}
+  contains:
+    applied:
+      description: Objects patched.
+      type: int
+    skipped:
+      description: Objects already at the requested state.
+      type: int
+    removed:
+      description: Patches removed.
+      type: int
+    failed:
+      description: Objects or whole processes that failed.
+      type: int
+"""
+
+import traceback  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+
+# The engine needs these on the managed host; map import names to package names.
+REQUIRED_LIBS = {"elftools": "pyelftools", "ptrace": "python-ptrace", "capstone": "capstone"}
+
+ENGINE_IMPORT_ERROR = None
+ENGINE_MISSING_LIB = None
+try:
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.apply.api import (
+        patch_processes,
+        select_pids,
+        unpatch_processes,
+    )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.results import summarize_results
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.storage import PatchSource
+except ImportError as exc:  # reported by main(), not at import time
+    ENGINE_IMPORT_ERROR = traceback.format_exc()
+    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".")[0])
+    CareError = Exception
+
+
+def flatten_results(process_results):
+    """One dict per (process, object); a process that failed as a whole gives one entry."""
+    flat = []
+    for process in process_results:
+        if not process.objects:
+            flat.append({
+                "pid": process.pid, "comm": process.comm, "build_id": None, "path": None,
+                "action": "failed" if process.error else "skipped", "reason": process.error,
+                "paused_us": process.paused_us, "applied_level": None, "previous_level": None,
+                "functions": [],
+            })
+            continue
+        for obj in process.objects:
+            flat.append({
+                "pid": process.pid, "comm": process.comm, "build_id": obj.build_id, "path": obj.path,
+                "action": obj.action, "reason": obj.reason or process.error, "paused_us": obj.paused_us,
+                "applied_level": obj.applied_level, "previous_level": obj.previous_level,
+                "functions": list(obj.functions),
+            })
+    return flat
+
+
+def levels_text(results, key):
+    """The diff side ``key`` (previous_level or applied_level): one line per process and object."""
+    lines = []
+    for entry in results:
+        if entry["build_id"] is None:
+            continue
+        level = entry[key]
+        state = "unpatched" if level is None else f"level {level}"
+        lines.append(f"{entry['comm']}[{entry['pid']}] {entry['path']} {entry['build_id']}: {state}\n")
+    return "".join(lines)
+
+
+def failure_message(results, counts):
+    """One line naming how many failed and the first reasons."""
+    reasons = [f"{e['comm']}[{e['pid']}]: {e['reason'] or 'failed'}" for e in results if e["action"] == "failed"]
+    shown = "; ".join(reasons[:3]) + ("; ..." if len(reasons) > 3 else "")
+    return f"{counts['failed']} of {len(results)} patch operations failed: {shown}"
+
+
+def run_module():
+    module = AnsibleModule(
+        argument_spec=dict(
+            store=dict(type="path"),
+            patch=dict(type="path"),
+            pid=dict(type="int"),
+            pids=dict(type="list", elements="int"),
+            exe=dict(type="path"),
+            name=dict(type="str"),
+            state=dict(type="str", choices=["present", "absent"], default="present"),
+            level=dict(type="int"),
+            timeout=dict(type="float", default=5.0),
+            retries=dict(type="int", default=0),
+            allow_failures=dict(type="bool", default=False),
+        ),
+        mutually_exclusive=[("store", "patch")],
+        required_one_of=[("store", "patch")],
+        supports_check_mode=True,
+    )
+    if ENGINE_IMPORT_ERROR is not None:
+        if ENGINE_MISSING_LIB:
+            module.fail_json(msg=missing_required_lib(ENGINE_MISSING_LIB), exception=ENGINE_IMPORT_ERROR)
+        module.fail_json(msg="cannot import the libcare engine", exception=ENGINE_IMPORT_ERROR)
+
+    params = module.params
+    source = params["store"] or params["patch"]
+    try:
+        pids = select_pids(pid=params["pid"], pids=params["pids"], exe=params["exe"], name=params["name"])
+        if params["state"] == "present":
+            process_results = patch_processes(
+                source, pids, level=params["level"], timeout=params["timeout"],
+                retries=params["retries"], check=module.check_mode)
+        else:
+            build_ids = PatchSource(source).build_ids()
+            process_results = unpatch_processes(
+                pids, build_ids, timeout=params["timeout"], check=module.check_mode)
+    except CareError as exc:
+        module.fail_json(msg=str(exc), exception=traceback.format_exc())
+
+    counts = summarize_results(process_results)
+    results = flatten_results(process_results)
+    output = dict(
+        changed=counts["applied"] + counts["removed"] > 0,
+        results=results,
+        counts=counts,
+    )
+    if module._diff:
+        output["diff"] = dict(
+            before=levels_text(results, "previous_level"),
+            after=levels_text(results, "applied_level"),
+            before_header="applied patch levels before",
+            after_header="applied patch levels after",
+        )
+    if counts["failed"] and not params["allow_failures"]:
+        module.fail_json(msg=failure_message(results, counts), **output)
+    module.exit_json(**output)
+
+
+def main():
+    run_module()
+
+
+if __name__ == "__main__":
+    main()

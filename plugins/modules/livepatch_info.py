@@ -1,0 +1,195 @@
+#!/usr/bin/python
+# Copyright: libcare.livepatch contributors
+# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+"""Ansible module: report live patches applied to (and available for) running processes."""
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: livepatch_info
+short_description: Report live patches in running processes
+version_added: 0.1.0
+description:
+  - Reports, per process, the objects it maps with their build-ids, the patch level applied
+    to each and the level a patch source has for it, and which processes cannot be patched and why.
+  - Reads process memory without stopping any process; never changes anything.
+author:
+  - libcare.livepatch contributors
+options:
+  store:
+    description:
+      - A patch store directory; when given (or O(patch)), RV(processes[].objects[].available_level)
+        is filled in and only processes that map an object the source has a patch for are reported.
+      - Mutually exclusive with O(patch).
+    type: path
+  patch:
+    description:
+      - A single patch file, used like O(store).
+      - Mutually exclusive with O(store).
+    type: path
+extends_documentation_fragment:
+  - libcare.livepatch.livepatch
+  - libcare.livepatch.livepatch.processes
+  - libcare.livepatch.livepatch.attributes_info
+seealso:
+  - module: libcare.livepatch.livepatch
+"""
+
+EXAMPLES = r"""
+- name: What is patched in the processes that map an object of the store
+  libcare.livepatch.livepatch_info:
+    store: /var/lib/libcare
+  register: livepatch_state
+
+- name: Show the applied levels
+  ansible.builtin.debug:
+    msg: "{{ item.pid }} {{ item.comm }}: {{ item.objects | map(attribute='applied_level') | list }}"
+  loop: "{{ livepatch_state.processes }}"
+
+- name: One process
+  libcare.livepatch.livepatch_info:
+    pid: 4242
+"""
+
+RETURN = r"""
+processes:
+  description: The processes that can be patched, with the objects the engine reports for them.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    pid:
+      description: Process id.
+      type: int
+      sample: 4242
+    comm:
+      description: Command name.
+      type: str
+      sample: server
+    objects:
+      description: Objects of the process (executable, libraries).
+      type: list
+      elements: dict
+      contains:
+        path:
+          description: Path of the object.
+          type: str
+          sample: /usr/local/bin/server
+        build_id:
+          description: Build-id of the object (null when it has none).
+          type: str
+          sample: 8e1f0a2c5b7d4e6f9a0b1c2d3e4f5a6b7c8d9e0f
+        applied_level:
+          description: Patch level applied in the process (null when none).
+          type: int
+          sample: 1
+        available_level:
+          description: Level the patch source has for this build-id (null when none or no source given).
+          type: int
+          sample: 2
+        functions:
+          description: Functions replaced by the applied patch.
+          type: list
+          elements: str
+          sample: [handle_request]
+unpatchable:
+  description: Processes that cannot be patched, and why.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    pid:
+      description: Process id.
+      type: int
+      sample: 1
+    comm:
+      description: Command name.
+      type: str
+      sample: init
+    reason:
+      description: Why it cannot be patched.
+      type: str
+      sample: permission denied (ptrace)
+"""
+
+import traceback  # noqa: E402
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
+
+# The engine needs these on the managed host; map import names to package names.
+REQUIRED_LIBS = {"elftools": "pyelftools", "ptrace": "python-ptrace", "capstone": "capstone"}
+
+ENGINE_IMPORT_ERROR = None
+ENGINE_MISSING_LIB = None
+try:
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.apply.api import (
+        info_processes,
+        select_pids,
+    )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
+except ImportError as exc:  # reported by main(), not at import time
+    ENGINE_IMPORT_ERROR = traceback.format_exc()
+    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".")[0])
+    CareError = Exception
+
+
+def shape_info(process_infos):
+    """Split the engine's report into patchable processes and unpatchable ones."""
+    processes, unpatchable = [], []
+    for info in process_infos:
+        if info.unpatchable:
+            unpatchable.append({"pid": info.pid, "comm": info.comm, "reason": info.unpatchable})
+            continue
+        processes.append({
+            "pid": info.pid,
+            "comm": info.comm,
+            "objects": [
+                {
+                    "path": obj.path,
+                    "build_id": obj.build_id,
+                    "applied_level": obj.applied_level,
+                    "available_level": obj.available_level,
+                    "functions": list(obj.functions),
+                }
+                for obj in info.objects
+            ],
+        })
+    return processes, unpatchable
+
+
+def run_module():
+    module = AnsibleModule(
+        argument_spec=dict(
+            store=dict(type="path"),
+            patch=dict(type="path"),
+            pid=dict(type="int"),
+            pids=dict(type="list", elements="int"),
+            exe=dict(type="path"),
+            name=dict(type="str"),
+        ),
+        mutually_exclusive=[("store", "patch")],
+        supports_check_mode=True,
+    )
+    if ENGINE_IMPORT_ERROR is not None:
+        if ENGINE_MISSING_LIB:
+            module.fail_json(msg=missing_required_lib(ENGINE_MISSING_LIB), exception=ENGINE_IMPORT_ERROR)
+        module.fail_json(msg="cannot import the libcare engine", exception=ENGINE_IMPORT_ERROR)
+
+    params = module.params
+    try:
+        pids = select_pids(pid=params["pid"], pids=params["pids"], exe=params["exe"], name=params["name"])
+        process_infos = info_processes(pids, params["store"] or params["patch"])
+    except CareError as exc:
+        module.fail_json(msg=str(exc), exception=traceback.format_exc())
+
+    processes, unpatchable = shape_info(process_infos)
+    module.exit_json(changed=False, processes=processes, unpatchable=unpatchable)
+
+
+def main():
+    run_module()
+
+
+if __name__ == "__main__":
+    main()
