@@ -1,0 +1,363 @@
+"""``libcare-cc``: a gcc wrapper that keeps each C unit's assembler for the asm diff.
+
+Driven by environment variables, like LibCare's wrapper:
+
+``KPATCH_STAGE``
+    ``original`` or ``patched``; unset, ``configure`` or anything else (and any
+    argument containing ``conftest.``) means exact pass-through (``os.execv`` of the
+    real compiler with the same arguments).
+``KPCCREAL`` / ``KPCXXREAL``
+    the real C / C++ compiler (default ``/usr/bin/gcc`` / ``/usr/bin/g++``).
+``KPATCH_PREFIX``
+    prefix of the kept assembler files (default ``.kpatch_``).
+
+For a compile (``-c`` or ``-S``) of one C source with output ``DIR/BASE.o`` it runs
+the real compiler with ``-S -o DIR/.kpatch_BASE.<stage>.s -aux-info
+DIR/.kpatch_BASE.<stage>.aux`` and the same other flags, then
+
+* stage ``original``: assembles that ``.s`` into the requested output;
+* stage ``patched``: diffs it against ``DIR/.kpatch_BASE.original.s`` (missing: every
+  function is new) with :func:`asm.gensrc.generate`, checks that no changed function
+  changed its signature (from the two ``-aux-info`` files), writes the instrumented
+  ``DIR/.kpatch_BASE.s`` and assembles that.
+
+``-c`` with several C sources and no ``-o`` is done one source at a time. A compile and
+link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
+temporary object beside the output and links those. Links get ``-Wl,-q`` (keep
+relocations, needed for extraction) and ``-Wl,--build-id``. Everything else
+(``-E``, ``-M``/``-MM``, ``-v``, ``--version``, ``-print-*``, ``-dump*``, non-C sources,
+``-x`` in a compile and link, ``-flto``, reading from stdin) passes through unchanged.
+The wrapper adds no diagnostics of its own to a successful compile.
+
+Only ``os`` and ``sys`` are imported on the pass-through path: it runs for every
+configure probe and must stay cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+STAGES = ("original", "patched")
+DEFAULT_CC = "/usr/bin/gcc"
+DEFAULT_CXX = "/usr/bin/g++"
+DEFAULT_PREFIX = ".kpatch_"
+LINK_ARGS = ("-Wl,-q", "-Wl,--build-id")
+
+# Options whose argument is the next word when given alone ("-o out", "-I dir").
+_OPTIONS_WITH_ARGUMENT = frozenset({
+    "-o", "-x", "-I", "-D", "-U", "-include", "-imacros", "-idirafter", "-iprefix",
+    "-iwithprefix", "-iwithprefixbefore", "-isystem", "-isysroot", "-iquote", "-imultilib",
+    "-MF", "-MT", "-MQ", "-L", "-l", "-Xlinker", "-Xassembler", "-Xpreprocessor",
+    "-aux-info", "-T", "-u", "-z", "--param", "-e", "-wrapper", "-specs", "-B", "-G", "-A",
+    "-dumpbase", "-dumpbase-ext", "-dumpdir", "--sysroot", "-arch", "-Xclang",
+})
+# Invocations that only query or preprocess: always passed through.
+_QUERY_OPTIONS = frozenset({"-E", "-M", "-MM", "-v", "--version", "--help", "-###", "--target-help",
+                            "-fsyntax-only", "-dumpversion", "-dumpfullversion", "-dumpmachine",
+                            "-dumpspecs"})
+_QUERY_PREFIXES = ("-print-", "--print-", "--help=")
+# Dependency-generation options, dropped when assembling.
+_DEPENDENCY_FLAGS = frozenset({"-MD", "-MMD", "-MP", "-MG"})
+_DEPENDENCY_WITH_ARGUMENT = frozenset({"-MF", "-MT", "-MQ"})
+# Options that only matter to the link step, dropped from the compile of a compile+link.
+_LINK_ONLY_FLAGS = frozenset({"-shared", "-static", "-static-pie", "-static-libgcc", "-pie", "-no-pie",
+                              "-rdynamic", "-s", "-nostdlib", "-nostartfiles", "-nodefaultlibs", "-r"})
+_LINK_ONLY_WITH_ARGUMENT = frozenset({"-l", "-L", "-Xlinker", "-T", "-u", "-z"})
+_LINK_ONLY_PREFIXES = ("-Wl,", "-l", "-L")
+
+C_SUFFIXES = (".c",)
+CXX_SUFFIXES = (".cc", ".cp", ".cxx", ".cpp", ".CPP", ".c++", ".C")
+
+
+def main(argv: list[str]) -> int:
+    """``libcare-cc ARGS...``: compile like gcc, keeping assembler for the patch build."""
+    return run(argv, cxx=False)
+
+
+def main_cxx(argv: list[str]) -> int:
+    """``libcare-c++ ARGS...``: the same for g++ (C++ units are passed through)."""
+    return run(argv, cxx=True)
+
+
+def real_compiler(cxx: bool = False) -> str:
+    """The compiler we stand in for (``KPCCREAL`` / ``KPCXXREAL``)."""
+    if cxx:
+        return os.environ.get("KPCXXREAL") or DEFAULT_CXX
+    return os.environ.get("KPCCREAL") or DEFAULT_CC
+
+
+def run(argv: list[str], cxx: bool = False) -> int:
+    """Decide what the invocation needs and do it; return the exit status."""
+    real = real_compiler(cxx)
+    stage = os.environ.get("KPATCH_STAGE", "")
+    if stage not in STAGES or any("conftest." in arg for arg in argv):
+        return _exec(real, argv)
+    invocation = parse_invocation(argv)
+    if invocation.query or not invocation.inputs:
+        return _exec(real, argv)
+    if invocation.compile_only:
+        return _compile(real, invocation, stage)
+    if any(not _is_c(lang, path) for lang, path in invocation.sources) or invocation.sources and (
+        invocation.has_x or invocation.has_dependency_flags or invocation.lto
+    ):
+        return _exec(real, argv + _link_args(argv))
+    if invocation.sources:
+        return _compile_and_link(real, invocation, stage)
+    return _exec(real, argv + _link_args(argv))
+
+
+class Invocation:
+    """A gcc command line taken apart (only what the wrapper needs)."""
+
+    def __init__(self) -> None:
+        self.argv: list[str] = []
+        self.flags: list[str] = []             # everything but inputs, -o and -c/-S
+        self.inputs: list[tuple[str, str]] = []  # (language or "", path), in order
+        self.sources: list[tuple[str, str]] = []  # compilable sources among inputs
+        self.output: str | None = None
+        self.mode: str | None = None           # "-c", "-S" or None (link)
+        self.query = False
+        self.has_x = False
+        self.has_dependency_flags = False
+        self.lto = False
+
+    @property
+    def compile_only(self) -> bool:
+        return self.mode is not None
+
+
+def parse_invocation(argv: list[str]) -> Invocation:
+    """Split ``argv`` into flags, inputs, output and mode."""
+    inv = Invocation()
+    inv.argv = list(argv)
+    language = ""
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        takes_next = arg in _OPTIONS_WITH_ARGUMENT and index + 1 < len(argv)
+        value = argv[index + 1] if takes_next else None
+        if arg in _QUERY_OPTIONS or arg.startswith(_QUERY_PREFIXES):
+            inv.query = True
+        if arg == "-o" and value is not None:
+            inv.output = value
+        elif arg.startswith("-o") and len(arg) > 2 and not takes_next:
+            inv.output = arg[2:]
+        elif arg in ("-c", "-S"):
+            if inv.mode != "-S":
+                inv.mode = arg
+        elif arg == "-x" or (arg.startswith("-x") and len(arg) > 2):
+            inv.has_x = True
+            language = value if value is not None else arg[2:]
+            if language == "none":
+                language = ""
+            inv.flags.extend([arg] + ([value] if value is not None else []))
+        elif arg == "-" or not arg.startswith("-") or arg == "":
+            inv.inputs.append((language, arg))
+            if arg == "-":
+                inv.query = True     # stdin: nothing to keep
+            if _is_source(language, arg):
+                inv.sources.append((language, arg))
+        else:
+            if arg in _DEPENDENCY_FLAGS or arg in _DEPENDENCY_WITH_ARGUMENT:
+                inv.has_dependency_flags = True
+            if arg.startswith("-flto") and arg != "-fno-lto":
+                inv.lto = True
+            inv.flags.append(arg)
+            if value is not None:
+                inv.flags.append(value)
+        index += 2 if takes_next else 1
+    return inv
+
+
+def _is_source(language: str, path: str) -> bool:
+    if language:
+        return language not in ("assembler", "assembler-with-cpp", "none") and not language.endswith("-header")
+    return path.endswith(C_SUFFIXES + CXX_SUFFIXES + (".s", ".S", ".i", ".ii", ".m", ".f", ".f90"))
+
+
+def _is_c(language: str, path: str) -> bool:
+    if language:
+        return language == "c"
+    return path.endswith(C_SUFFIXES)
+
+
+def _exec(real: str, argv: list[str]) -> int:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execv(real, [real] + argv)
+    except OSError as exc:
+        print(f"libcare-cc: cannot run the real compiler {real}: {exc.strerror}", file=sys.stderr)
+        return 127
+    return 0  # not reached
+
+
+def _link_args(argv: list[str]) -> list[str]:
+    if "-r" in argv or "-c" in argv or "-S" in argv:
+        return []
+    return list(LINK_ARGS)
+
+
+def _run(command: list[str]) -> int:
+    import subprocess
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        return subprocess.run(command, check=False).returncode
+    except OSError as exc:
+        print(f"libcare-cc: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127
+
+
+def _compile(real: str, inv: Invocation, stage: str) -> int:
+    """``-c``/``-S``: one C source handled, several done one by one, others passed through."""
+    if inv.lto or not inv.sources or len(inv.sources) != len(inv.inputs):
+        return _exec(real, inv.argv)
+    if any(not _is_c(lang, path) for lang, path in inv.sources):
+        return _exec(real, inv.argv)
+    if len(inv.sources) > 1:
+        if inv.output is not None:
+            return _exec(real, inv.argv)   # gcc refuses this itself; let it say so
+        for lang, path in inv.sources:
+            status = compile_unit(real, _flags_for_unit(inv.flags, lang), path,
+                                  _default_output(path, inv.mode), inv.mode or "-c", stage)
+            if status:
+                return status
+        return 0
+    lang, path = inv.sources[0]
+    output = inv.output if inv.output is not None else _default_output(path, inv.mode)
+    return compile_unit(real, _flags_for_unit(inv.flags, lang), path, output, inv.mode or "-c", stage)
+
+
+def _flags_for_unit(flags: list[str], language: str) -> list[str]:
+    """Flags with any ``-x`` removed, ``-x c`` in front when the language was explicit."""
+    kept = _drop(flags, drop={"-x"}, drop_with_argument={"-x"}, drop_prefixes=("-x",))
+    return (["-x", language] if language else []) + kept
+
+
+def _default_output(source: str, mode: str | None) -> str:
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return stem + (".s" if mode == "-S" else ".o")
+
+
+def _drop(flags: list[str], drop: frozenset[str] | set[str] = frozenset(),
+          drop_with_argument: frozenset[str] | set[str] = frozenset(),
+          drop_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """``flags`` without the given options (and the arguments of those that take one)."""
+    kept: list[str] = []
+    index = 0
+    while index < len(flags):
+        arg = flags[index]
+        if arg in drop_with_argument and index + 1 < len(flags):
+            index += 2
+            continue
+        if arg in drop or (drop_prefixes and arg.startswith(drop_prefixes)):
+            index += 1
+            continue
+        kept.append(arg)
+        if arg in _OPTIONS_WITH_ARGUMENT and index + 1 < len(flags):
+            kept.append(flags[index + 1])
+            index += 1
+        index += 1
+    return kept
+
+
+def kept_asm_path(unit: str, stage: str | None, suffix: str = ".s") -> str:
+    """Where the assembler of ``unit`` (``DIR/BASE``) is kept: ``DIR/.kpatch_BASE.<stage>.s``.
+
+    ``stage`` None is the instrumented file of the patched stage.
+    """
+    prefix = os.environ.get("KPATCH_PREFIX") or DEFAULT_PREFIX
+    middle = f".{stage}" if stage else ""
+    return os.path.join(os.path.dirname(unit), f"{prefix}{os.path.basename(unit)}{middle}{suffix}")
+
+
+def unit_of(output: str) -> str:
+    """The unit name of an object: its path without the extension."""
+    return os.path.splitext(output)[0]
+
+
+def compile_unit(real: str, flags: list[str], source: str, output: str, mode: str, stage: str,
+                 unit: str | None = None) -> int:
+    """Compile one C source to ``output`` through kept assembler (see module docstring)."""
+    unit = unit or unit_of(output)
+    stage_asm = kept_asm_path(unit, stage)
+    stage_aux = kept_asm_path(unit, stage, ".aux")
+    compile_flags = list(flags)
+    if any(flag in ("-MD", "-MMD") for flag in flags):
+        # The dependency file and its target must name the real output, not our .s.
+        if "-MF" not in flags:
+            compile_flags += ["-MF", os.path.splitext(output)[0] + ".d"]
+        if "-MT" not in flags and "-MQ" not in flags:
+            compile_flags += ["-MT", output]
+    status = _run([real] + compile_flags + ["-S", "-o", stage_asm, "-aux-info", stage_aux, source])
+    if status:
+        return status
+    asm_path = stage_asm
+    if stage == "patched":
+        asm_path = kept_asm_path(unit, None)
+        _write_instrumented(source, unit, stage_asm, stage_aux, asm_path)
+    if mode == "-S":
+        import shutil
+
+        shutil.copyfile(asm_path, output)
+        return 0
+    assemble_flags = _drop(flags, drop=_DEPENDENCY_FLAGS, drop_with_argument=_DEPENDENCY_WITH_ARGUMENT | {"-x"},
+                           drop_prefixes=("-x",))
+    return _run([real] + assemble_flags + ["-c", "-x", "assembler", asm_path, "-o", output])
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as stream:
+            return stream.read()
+    except FileNotFoundError:
+        return ""
+
+
+def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: str, target: str) -> None:
+    """Diff the unit's original and patched assembler; write the instrumented file."""
+    from ..errors import BuildError, CareError
+
+    try:
+        from ..asm import gensrc
+    except ImportError as exc:
+        raise BuildError(f"{source}: the asm diff (careengine.asm.gensrc) is not available: {exc}") from None
+    original_text = _read_text(kept_asm_path(unit, "original"))
+    original_aux = _read_text(kept_asm_path(unit, "original", ".aux"))
+    try:
+        result = gensrc.generate(original_text, _read_text(patched_asm), filename=source)
+        if original_text:
+            gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
+                                    result.changed_functions)
+    except CareError as exc:
+        raise type(exc)(f"{source}: {exc}") from None
+    temporary = target + ".tmp"
+    with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as stream:
+        stream.write(result.text)
+    os.replace(temporary, target)
+
+
+def _compile_and_link(real: str, inv: Invocation, stage: str) -> int:
+    """``cc [flags] -o prog a.c b.o``: compile each C source ourselves, then link."""
+    output = inv.output or "a.out"
+    directory = os.path.dirname(output)
+    compile_flags = _drop(inv.flags, drop=_LINK_ONLY_FLAGS, drop_with_argument=_LINK_ONLY_WITH_ARGUMENT,
+                          drop_prefixes=_LINK_ONLY_PREFIXES)
+    objects: dict[str, str] = {}
+    try:
+        for _, path in inv.sources:
+            stem = os.path.splitext(os.path.basename(path))[0]
+            obj = os.path.join(directory, f"{stem}.{os.getpid()}.lcc.o")
+            objects[path] = obj
+            status = compile_unit(real, compile_flags, path, obj, "-c", stage, unit=os.path.join(directory, stem))
+            if status:
+                return status
+        link_argv = [objects.get(arg, arg) for arg in inv.argv]
+        return _run([real] + link_argv + _link_args(link_argv))
+    finally:
+        for obj in objects.values():
+            if os.path.exists(obj):
+                os.unlink(obj)
