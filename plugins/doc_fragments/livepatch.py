@@ -1,5 +1,5 @@
 # Copyright: libcare.livepatch contributors
-# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+# GNU General Public License v2.0 or later (GPL-2.0-or-later), hence also usable under v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Documentation shared by the libcare.livepatch modules."""
 
 from __future__ import annotations

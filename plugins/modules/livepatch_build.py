@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: libcare.livepatch contributors
-# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+# GNU General Public License v2.0 or later (GPL-2.0-or-later), hence also usable under v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: build live patches from a source tree and source patches."""
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ description:
   - Runs on the builder host; the objects it builds (with their build-ids) are the ones the
     patches apply to, so deploy those binaries, not a separate build.
 author:
-  - libcare.livepatch contributors
+  - libcare.livepatch maintainers (!UNKNOWN)
 options:
   src:
     description:
@@ -134,7 +134,7 @@ try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = traceback.format_exc()
-    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".")[0])
+    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".", maxsplit=1)[0])
     CareError = Exception
 
 # Directories that only ever hold build state, never sources.

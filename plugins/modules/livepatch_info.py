@@ -1,6 +1,6 @@
 #!/usr/bin/python
 # Copyright: libcare.livepatch contributors
-# GNU General Public License v2.0+ (see https://www.gnu.org/licenses/old-licenses/gpl-2.0.txt)
+# GNU General Public License v2.0 or later (GPL-2.0-or-later), hence also usable under v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Ansible module: report live patches applied to (and available for) running processes."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ description:
     to each and the level a patch source has for it, and which processes cannot be patched and why.
   - Reads process memory without stopping any process; never changes anything.
 author:
-  - libcare.livepatch contributors
+  - libcare.livepatch maintainers (!UNKNOWN)
 options:
   store:
     description:
@@ -130,7 +130,7 @@ try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = traceback.format_exc()
-    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".")[0])
+    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".", maxsplit=1)[0])
     CareError = Exception
 
 
