@@ -1,0 +1,73 @@
+"""``libcare-patch-make``: build a project twice and write one patch per changed object.
+
+Run in the project's directory (see :mod:`build.api` for the steps)::
+
+    libcare-patch-make [--clean] [--update] [--srcdir DIR] [--destdir VAR] [-j N]
+                       [--make-arg ARG]... PATCH...
+
+Progress goes to stderr, one line per stage; a failing build prints the end of make's
+output (the compiler's own error) and the tree is restored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+
+from .api import LOG_TAIL_LINES, MakeFailed, build_patches
+
+PROG = "libcare-patch-make"
+
+
+def _progress(message: str) -> None:
+    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Build live patches for the project in the current directory.")
+    parser.add_argument("-c", "--clean", action="store_true", help="run 'make clean' first")
+    parser.add_argument("-u", "--update", action="store_true",
+                        help="only redo the extraction from the last builds")
+    parser.add_argument("-s", "--srcdir", help="directory to apply the patches in (default: current)")
+    parser.add_argument("-d", "--destdir", default="DESTDIR", metavar="VAR",
+                        help="name of the make variable for the install root (default: DESTDIR)")
+    parser.add_argument("-j", "--jobs", type=int, help="parallel make jobs")
+    parser.add_argument("-m", "--make-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for every make run, e.g. CC=/path/bin/libcare-cc")
+    parser.add_argument("--store", help="also install the patches into this patch store")
+    parser.add_argument("patches", nargs="*", metavar="PATCH", help="unified diffs (-p1)")
+    return parser
+
+
+def _terminate(signum: int, frame: object) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str]) -> int:
+    """Entry point of ``libcare-patch-make``; returns the exit status."""
+    args = _parser().parse_args(argv)
+    if not args.update and not args.patches:
+        _parser().error("at least one PATCH is needed (or --update)")
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=args.make_arg,
+                               jobs=args.jobs, clean=args.clean, srcdir=args.srcdir, update=args.update,
+                               destdir_variable=args.destdir, progress=_progress)
+    except MakeFailed as exc:
+        tail = exc.output.splitlines()[-LOG_TAIL_LINES:]
+        sys.stderr.write("".join(line + "\n" for line in tail))
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not result.patches:
+        _progress("no object changed: no patch written")
+    for patch in result.patches:
+        functions = ", ".join(patch.functions) or "-"
+        added = f"; adds {', '.join(patch.new_functions)}" if patch.new_functions else ""
+        where = f" (stored at level {patch.level})" if patch.level is not None else ""
+        print(f"{patch.path}: {os.path.relpath(patch.object)}: replaces {functions}{added}{where}")
+    return 0
