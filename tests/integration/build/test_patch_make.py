@@ -1,0 +1,164 @@
+"""libcare-patch-make on the fixture projects: real make, real gcc, real patches."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from plugins.module_utils.careengine import patchfile
+from plugins.module_utils.careengine.build import api
+from plugins.module_utils.careengine.errors import BuildError
+
+pytest.importorskip("plugins.module_utils.careengine.asm.gensrc", reason="the asm diff has not landed yet")
+
+ROOT = Path(__file__).resolve().parents[3]
+FIXTURES = ROOT / "tests" / "fixtures" / "projects"
+PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
+CC_ARG = f"CC={ROOT / 'bin' / 'libcare-cc'}"
+BUILD_OUTPUTS = re.compile(r"(^|/)(lpmake|\.lpmaketmp|patchroot)(/|$)|\.o$|\.so$|\.d$|(^|/)\.kpatch_|^demo$|^nonpie$")
+
+
+@pytest.fixture
+def libdemo(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / "libdemo", tmp_path / "libdemo"))
+
+
+@pytest.fixture
+def nonpie(tmp_path) -> Path:
+    return Path(shutil.copytree(FIXTURES / "nonpie", tmp_path / "nonpie"))
+
+
+def _patch_make(project: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([PATCH_MAKE, "-m", CC_ARG, *args], cwd=project, capture_output=True, text=True,
+                          check=False)
+
+
+def _sources(directory: Path) -> dict[str, bytes]:
+    found = {}
+    for path in directory.rglob("*"):
+        relative = path.relative_to(directory).as_posix()
+        if path.is_file() and not BUILD_OUTPUTS.search(relative):
+            found[relative] = path.read_bytes()
+    return found
+
+
+def _readelf_build_id(path: Path) -> str:
+    notes = subprocess.run(["readelf", "-n", str(path)], capture_output=True, text=True, check=True).stdout
+    return re.search(r"Build ID: ([0-9a-f]+)", notes).group(1)
+
+
+def _patches(project: Path) -> dict[str, patchfile.PatchSummary]:
+    summaries = {}
+    for path in sorted((project / "patchroot").glob("*.kpatch")):
+        summaries[path.name[: -len(".kpatch")]] = patchfile.summarize(patchfile.load_patch(str(path)))
+    return summaries
+
+
+def _assert_tree_restored(project: Path, fixture: str) -> None:
+    assert _sources(project) == _sources(FIXTURES / fixture)
+    leftovers = [p.name for p in project.rglob("*") if p.suffix in (".orig", ".rej") or "lpmakeorig" in p.name]
+    assert leftovers == []
+
+
+def _assert_patch_for(summary: patchfile.PatchSummary, obj: Path, replaced: set[str]) -> None:
+    assert summary.build_id == _readelf_build_id(obj)
+    assert {f.name for f in summary.functions} >= replaced
+    assert all(f.orig_size >= 5 and f.new_size > 0 for f in summary.functions)
+    assert summary.level == 0
+    assert summary.sections[".kpatch.text"] > 0
+    assert summary.sections[".kpatch.info"] == (len(summary.functions) + len(summary.new_functions)) * 48 + 24
+
+
+def test_libdemo_gets_one_patch_per_changed_object(libdemo):
+    result = _patch_make(libdemo, "fix.patch")
+    assert result.returncode == 0, result.stderr
+    for stage in ("stage original: make", "stage original: make install", "stage patched: make",
+                  "stage patched: make install", "reverting the patches"):
+        assert stage in result.stderr
+    patches = _patches(libdemo)
+    program = libdemo / "lpmake" / "usr" / "local" / "bin" / "demo"
+    library = libdemo / "lpmake" / "usr" / "local" / "lib" / "libdemo.so"
+    assert set(patches) == {_readelf_build_id(program), _readelf_build_id(library)}
+    _assert_patch_for(patches[_readelf_build_id(program)], program, {"app_report"})
+    library_patch = patches[_readelf_build_id(library)]
+    _assert_patch_for(library_patch, library, {"demo_report"})
+    assert "demo_twice" in library_patch.new_functions
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_unchanged_object_gets_no_patch(libdemo):
+    result = _patch_make(libdemo, "lib-only.patch")
+    assert result.returncode == 0, result.stderr
+    library = libdemo / "lpmake" / "usr" / "local" / "lib" / "libdemo.so"
+    assert list(_patches(libdemo)) == [_readelf_build_id(library)]
+    patched_log = (libdemo / ".lpmaketmp" / "patched-all.log").read_text()
+    assert "libdemo.c" in patched_log and "main.c" not in patched_log   # only what the patch touches
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_nonpie_string_literal_and_static_local(nonpie):
+    result = _patch_make(nonpie, "fix.patch")
+    assert result.returncode == 0, result.stderr
+    program = nonpie / "lpmake" / "usr" / "local" / "bin" / "nonpie"
+    patches = _patches(nonpie)
+    assert list(patches) == [_readelf_build_id(program)]
+    summary = patches[_readelf_build_id(program)]
+    _assert_patch_for(summary, program, {"report"})
+    _assert_tree_restored(nonpie, "nonpie")
+
+
+def test_failing_patched_build_shows_the_error_and_restores_the_tree(libdemo):
+    broken = (libdemo / "broken.patch")
+    broken.write_text(
+        "--- a/main.c\n+++ b/main.c\n@@ -7,3 +7,3 @@\n {\n-\tprintf(\"demo UNPATCHED %d\\n\", counter);\n"
+        "+\tprintf(\"demo UNPATCHED %d\\n\", counter) no_such_token;\n }\n")
+    result = _patch_make(libdemo, "fix.patch", "broken.patch")
+    assert result.returncode != 0
+    assert "error" in result.stderr and "no_such_token" in result.stderr   # gcc's own message
+    assert "reverting the patches" in result.stderr
+    broken.unlink()
+    _assert_tree_restored(libdemo, "libdemo")
+    # The tree is usable again, and the next original build really is the original.
+    again = _patch_make(libdemo, "fix.patch")
+    assert again.returncode == 0, again.stderr
+    assert len(_patches(libdemo)) == 2
+
+
+def test_patch_that_does_not_apply_changes_nothing(libdemo):
+    (libdemo / "stale.patch").write_text("--- a/main.c\n+++ b/main.c\n@@ -1,1 +1,1 @@\n-no such line\n+x\n")
+    result = _patch_make(libdemo, "lib-only.patch", "stale.patch")
+    assert result.returncode != 0 and "does not apply" in result.stderr
+    (libdemo / "stale.patch").unlink()
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_build_patches_api_installs_levels(libdemo, tmp_path):
+    store = tmp_path / "store"
+    first = api.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
+    assert len(first.patches) == 2
+    for built in first.patches:
+        assert built.level == 1
+        assert os.path.isfile(built.stored_path) and os.path.isfile(built.path)
+        assert os.readlink(store / built.build_id / "latest") == "1"
+        assert built.object.startswith(str(libdemo / "lpmake"))
+        assert built.functions
+        assert patchfile.load_patch(built.stored_path).level == 1
+    again = api.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
+    assert [p.level for p in again.patches] == [1, 1]          # same patch, same level
+    (tmp_path / "value.patch").write_text(
+        "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -5,3 +5,3 @@\n {\n-\treturn counter + 1;\n+\treturn counter + 2;\n }\n")
+    other = api.build_patches(str(libdemo), [str(tmp_path / "value.patch")], dest=str(store),
+                              make_args=[CC_ARG])
+    assert [p.level for p in other.patches] == [2]              # another patch for the library
+    assert "demo_value" in other.patches[0].functions
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_build_patches_refuses_missing_project(tmp_path):
+    with pytest.raises(BuildError):
+        api.build_patches(str(tmp_path / "missing"), ["x.patch"])
