@@ -41,6 +41,9 @@ options:
   make_args:
     description:
       - Extra arguments for C(make), for example V(PREFIX=/usr).
+      - Unless one of them sets C(CC=), C(CC) is set to the engine's compiler wrapper (C(libcare-cc)),
+        run with the module's interpreter; a project configured by C(configure) should be configured
+        with C(CC) set to a C(libcare-cc) (or pass V(CC=...) here).
     type: list
     elements: str
     default: []
@@ -92,6 +95,10 @@ patches:
       description: Build-id of the object the patch applies to.
       type: str
       sample: 8e1f0a2c5b7d4e6f9a0b1c2d3e4f5a6b7c8d9e0f
+    level:
+      description: Patch level of the patch in the store.
+      type: int
+      sample: 1
     path:
       description: Path of the patch file in the store.
       type: str
@@ -120,6 +127,8 @@ digest:
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import shlex  # noqa: E402
+import sys  # noqa: E402
 import traceback  # noqa: E402
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
@@ -130,6 +139,7 @@ REQUIRED_LIBS = {"elftools": "pyelftools", "ptrace": "python-ptrace", "capstone"
 ENGINE_IMPORT_ERROR = None
 ENGINE_MISSING_LIB = None
 try:
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build import compiler
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
@@ -223,13 +233,35 @@ def write_manifest(path, manifest):
 
 
 def built_patch_json(patch):
+    stored_path = getattr(patch, "stored_path", None)
     return {
         "build_id": patch.build_id,
-        "path": patch.path,
+        "path": stored_path or patch.path,
+        "level": getattr(patch, "level", None),
         "object": patch.object,
         "functions": list(patch.functions),
         "new_functions": list(patch.new_functions),
     }
+
+
+def compiler_wrapper(directory):
+    """Write a ``libcare-cc`` for this host into ``directory``; return its path.
+
+    The engine's compiler wrapper must be an executable for make. On a managed host the
+    engine only exists inside this module's payload, so the wrapper runs it from there,
+    with this interpreter (which has the engine's dependencies).
+    """
+    package_file = os.path.abspath(compiler.__file__)
+    marker = os.sep + os.path.join("ansible_collections", "libcare", "livepatch") + os.sep
+    payload_root = package_file[: package_file.rindex(marker)]
+    code = (f"import sys; sys.path.insert(0, {payload_root!r}); "
+            "from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.compiler import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    path = os.path.join(directory, "libcare-cc")
+    with open(path, "w") as stream:
+        stream.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n')
+    os.chmod(path, 0o755)
+    return path
 
 
 def run_module():
@@ -275,9 +307,12 @@ def run_module():
         module.exit_json(changed=True, patches=[], digest=digest)
 
     before = tree_files(src, previous_outputs, store_dir)
+    build_args = list(make_args)
+    if not any(argument.startswith("CC=") for argument in build_args):
+        build_args.append("CC=" + compiler_wrapper(module.tmpdir))
     try:
         os.makedirs(dest, exist_ok=True)
-        result = build_patches(src, patches, dest=dest, make_args=list(make_args),
+        result = build_patches(src, patches, dest=dest, make_args=build_args,
                                jobs=params["jobs"], clean=params["clean"])
     except CareError as exc:
         module.fail_json(msg=str(exc), exception=traceback.format_exc())
