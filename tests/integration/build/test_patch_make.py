@@ -117,7 +117,7 @@ def test_failing_patched_build_shows_the_error_and_restores_the_tree(libdemo):
     broken.write_text(
         "--- a/main.c\n+++ b/main.c\n@@ -7,3 +7,3 @@\n {\n-\tprintf(\"demo UNPATCHED %d\\n\", counter);\n"
         "+\tprintf(\"demo UNPATCHED %d\\n\", counter) no_such_token;\n }\n")
-    result = _patch_make(libdemo, "fix.patch", "broken.patch")
+    result = _patch_make(libdemo, "lib-only.patch", "broken.patch")
     assert result.returncode != 0
     assert "error" in result.stderr and "no_such_token" in result.stderr   # gcc's own message
     assert "reverting the patches" in result.stderr
@@ -150,12 +150,24 @@ def test_build_patches_api_installs_levels(libdemo, tmp_path):
         assert patchfile.load_patch(built.stored_path).level == 1
     again = api.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
     assert [p.level for p in again.patches] == [1, 1]          # same patch, same level
-    (tmp_path / "value.patch").write_text(
-        "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -5,3 +5,3 @@\n {\n-\treturn counter + 1;\n+\treturn counter + 2;\n }\n")
-    other = api.build_patches(str(libdemo), [str(tmp_path / "value.patch")], dest=str(store),
+    (tmp_path / "level2.patch").write_text(
+        "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -10,3 +10,3 @@\n {\n"
+        "-\tprintf(\"libdemo UNPATCHED %d\\n\", demo_value(counter));\n"
+        "+\tprintf(\"libdemo UNPATCHED %d\\n\", demo_value(counter) + 7);\n }\n")
+    other = api.build_patches(str(libdemo), [str(tmp_path / "level2.patch")], dest=str(store),
                               make_args=[CC_ARG])
     assert [p.level for p in other.patches] == [2]              # another patch for the library
-    assert "demo_value" in other.patches[0].functions
+    assert other.patches[0].functions == ("demo_report",)
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_too_small_function_is_refused(libdemo, tmp_path):
+    # demo_value compiles to 4 bytes (lea; ret): no room for a 5-byte jump.
+    (tmp_path / "small.patch").write_text(
+        "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -5,3 +5,3 @@\n {\n-\treturn counter + 1;\n"
+        "+\treturn counter + 2;\n }\n")
+    with pytest.raises(BuildError, match="demo_value is too small"):
+        api.build_patches(str(libdemo), [str(tmp_path / "small.patch")], make_args=[CC_ARG])
     _assert_tree_restored(libdemo, "libdemo")
 
 
