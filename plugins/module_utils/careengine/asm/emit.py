@@ -1,0 +1,247 @@
+"""Write the instrumented assembler file.
+
+Layout: the patched file's header; every original block verbatim and in order (so the
+patched link reproduces the original code and data layout byte for byte); after each
+changed function, its patched body in ``.kpatch.text`` plus a name in ``.kpatch.strtab``
+and a 48-byte ``.kpatch.info`` record; then new functions and new variables; then the
+patched file's footer.
+
+Section directives of re-emitted lines are written as explicit switches to the section
+they lead to, so dropping debug sections or mixing lines of two files never leaves a
+line in the wrong section.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from ..errors import AsmParseError, UnpatchableChange
+from .normalize import LOCAL_LABEL_PREFIX, rename_symbols
+from .parse import BARE_SECTIONS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
+
+KPATCH_TEXT = ".kpatch.text"
+KPATCH_DATA = ".kpatch.data"
+KPATCH_SUFFIX = ".kpatch"
+# Name -> argument string of the sections we add (flags as LibCare writes them).
+KPATCH_SECTIONS = {
+    KPATCH_TEXT: '.kpatch.text,"ax",@progbits',
+    KPATCH_DATA: '.kpatch.data,"aw",@progbits',
+    ".kpatch.strtab": '.kpatch.strtab,"a",@progbits',
+    ".kpatch.info": '.kpatch.info,"a",@progbits',
+}
+
+
+def end_label(name: str) -> str:
+    """Label marking the end of an original function (its size for ``dlen``)."""
+    return f"{name}.Lfe"
+
+
+def kpatch_name(name: str) -> str:
+    """The name a replaced or auto-named new symbol gets in the patch."""
+    return name + KPATCH_SUFFIX
+
+
+@dataclass(frozen=True)
+class PatchedFunction:
+    """A function body that goes into ``.kpatch.text``: changed (``original`` set) or new."""
+
+    block: Block
+    output_name: str
+    original: str | None
+
+
+class Output:
+    """Collects output lines and tracks the current section of what was written."""
+
+    def __init__(self, section_specs: dict[str, str]) -> None:
+        self.section_specs = section_specs
+        self.lines: list[str] = []
+        self.section = ".text"
+
+    def switch(self, section: str) -> None:
+        """Make ``section`` current (writing a directive only if it is not)."""
+        if section != self.section:
+            self.lines.append("\t" + switch_directive(section, self.section_specs))
+            self.section = section
+
+    def copy(self, lines: Iterable[Line], before_size: dict[str, str] | None = None) -> None:
+        """Re-emit original lines; ``before_size`` maps a symbol to a label put before its ``.size``."""
+        for line in lines:
+            if line.kind is Kind.SECTION:
+                self.switch(line.section_after)
+                continue
+            self.switch(line.section)
+            if before_size and line.kind is Kind.SIZE and line.first_arg() in before_size:
+                self.lines.append(before_size[line.first_arg()] + ":")
+            self.lines.append(format_statement(line.text, line.kind))
+
+    def raw(self, lines: Iterable[str]) -> None:
+        """Append generated lines that leave the current section as it was."""
+        self.lines.extend(lines)
+
+
+def switch_directive(section: str, section_specs: dict[str, str]) -> str:
+    """A directive that makes ``section`` current, with its flags if known."""
+    if section in BARE_SECTIONS:
+        return section
+    spec = KPATCH_SECTIONS.get(section) or section_specs.get(section)
+    return f".section\t{spec or section}"
+
+
+def format_statement(text: str, kind: Kind) -> str:
+    """A statement as an output line: labels in column 0, the rest indented."""
+    return text if kind in (Kind.LABEL, Kind.DEBUG_LABEL) else "\t" + text
+
+
+def patched_section(line_section: str, specs: dict[str, str], symbol: str) -> str:
+    """The ``.kpatch.*`` section that receives lines the patched file put in ``line_section``."""
+    spec = specs.get(line_section, "")
+    if section_is_tls(line_section, spec):
+        raise UnpatchableChange(f"{symbol}: new thread-local data cannot be added by a live patch")
+    return KPATCH_TEXT if section_is_code(line_section, spec) else KPATCH_DATA
+
+
+def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
+    own_labels = {line.head for line in block.lines if line.kind in (Kind.LABEL, Kind.DEBUG_LABEL)
+                  and line.head.startswith(LOCAL_LABEL_PREFIX)}
+
+    def rename(token: str) -> str:
+        if token in own_labels:
+            return kpatch_name(token)
+        mapped = names.get(token)
+        if mapped is not None:
+            return mapped
+        if token.startswith(LOCAL_LABEL_PREFIX):
+            raise AsmParseError(f"{block.name}: reference to local label {token} defined outside the function")
+        return token
+
+    return rename
+
+
+def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str], str], *,
+                      keep_attributes: bool, size_labels: dict[str, str], current: str) -> list[str]:
+    """Lines of a patched block with sections moved into ``.kpatch.*`` and symbols renamed."""
+    output: list[str] = []
+    for line in block.lines:
+        if line.kind in (Kind.SECTION, Kind.DEBUG_LABEL) or (line.kind is Kind.ATTRIBUTE and not keep_attributes):
+            continue
+        if line.kind is Kind.ATTRIBUTE and line.head == ".local":
+            continue
+        target = patched_section(line.section, specs, block.name) if line.kind is not Kind.COMM else KPATCH_DATA
+        if target != current:
+            output.append(f"\t.section\t{KPATCH_SECTIONS[target]}")
+            current = target
+        if line.kind is Kind.SIZE and line.first_arg() in size_labels:
+            output.append(size_labels[line.first_arg()] + ":")
+        if line.kind is Kind.COMM:
+            output.extend(_common_as_data(line, rename))
+        elif line.kind is Kind.LABEL:
+            output.append(rename(line.head) + ":")
+        else:
+            args = rename_symbols(line.args, rename) if line.args else ""
+            output.append(f"\t{line.head}\t{args}".rstrip())
+    return output
+
+
+def _common_as_data(line: Line, rename: Callable[[str], str]) -> list[str]:
+    """``.comm x,size,align`` / ``.lcomm x,size[,align]`` as an aligned label and zeros."""
+    fields = [part.strip() for part in line.args.split(",")]
+    if len(fields) < 2:
+        raise AsmParseError(f"line {line.number}: cannot read {line.text!r}")
+    alignment = fields[2] if len(fields) > 2 else "8"
+    return [f"\t.balign\t{alignment}", f"{rename(fields[0])}:", f"\t.zero\t{fields[1]}"]
+
+
+def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict[str, str],
+                   strtab_index: int) -> list[str]:
+    """The ``.kpatch.text`` body, strtab entry and info record of one changed or new function."""
+    block = function.block
+    output_name = function.output_name
+    end = (output_name if output_name.endswith(KPATCH_SUFFIX) else kpatch_name(output_name)) + "_end"
+    rename = _block_renamer(block, names)
+    body = _translated_lines(block, specs, rename, keep_attributes=function.original is None
+                             and output_name == block.name, size_labels={block.name: end},
+                             current=KPATCH_TEXT)
+    strtab_label = f"kpatch_strtab{strtab_index}"
+    if function.original is None:
+        original_address, original_length = "0", "0"
+    else:
+        original_address = function.original
+        original_length = f"{end_label(function.original)} - {function.original}"
+    return [
+        f"\t.pushsection\t{KPATCH_SECTIONS[KPATCH_TEXT]}",
+        *body,
+        "\t.popsection",
+        f"\t.pushsection\t{KPATCH_SECTIONS['.kpatch.strtab']}",
+        f"{strtab_label}:",
+        f'\t.string\t"{output_name}"',
+        "\t.popsection",
+        f"\t.pushsection\t{KPATCH_SECTIONS['.kpatch.info']}",
+        f"{(function.original or output_name)}.Lpi:",
+        f"\t.quad\t{original_address}",
+        f"\t.quad\t{output_name}",
+        f"\t.long\t{original_length}",
+        f"\t.long\t{end} - {output_name}",
+        f"\t.quad\t{strtab_label}",
+        "\t.quad\t0",
+        "\t.long\t0",
+        "\t.byte\t0, 0, 0, 0",
+        "\t.popsection",
+    ]
+
+
+def variable_patch(block: Block, specs: dict[str, str], names: dict[str, str]) -> list[str]:
+    """A new variable (or literal) placed in ``.kpatch.data``."""
+    rename = _block_renamer(block, names)
+    keep = names.get(block.name, block.name) == block.name
+    body = _translated_lines(block, specs, rename, keep_attributes=keep, size_labels={}, current=KPATCH_DATA)
+    return [f"\t.pushsection\t{KPATCH_SECTIONS[KPATCH_DATA]}", *body, "\t.popsection"]
+
+
+def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], new_functions: Iterable[Block],
+           new_variables: Iterable[Block], names: dict[str, str]) -> str:
+    """The instrumented assembler text.
+
+    ``changed`` maps an original function name to its patched block, ``names`` maps
+    every patched symbol to the name it has in the output.
+    """
+    specs = {**patched.section_specs, **original.section_specs}
+    output = Output(specs)
+    original_body = _body_blocks(original)
+    patched_head, patched_tail = _header_footer(patched)
+    strtab_index = 0
+    for block in patched_head:
+        output.copy(block.lines)
+    for block in original_body:
+        if block.kind == "function" and block.name in changed:
+            output.copy(block.lines, before_size={block.name: end_label(block.name)})
+            strtab_index += 1
+            function = PatchedFunction(changed[block.name], kpatch_name(block.name), block.name)
+            output.raw(function_patch(function, specs, names, strtab_index))
+        else:
+            output.copy(block.lines)
+    for block in new_functions:
+        strtab_index += 1
+        output.raw(function_patch(PatchedFunction(block, names[block.name], None), specs, names, strtab_index))
+    for block in new_variables:
+        output.raw(variable_patch(block, specs, names))
+    for block in patched_tail:
+        output.copy(block.lines)
+    return "\n".join(output.lines) + "\n"
+
+
+def _header_footer(asm: AsmFile) -> tuple[list[Block], list[Block]]:
+    """The leading and trailing "other" blocks of a file."""
+    kinds = [block.kind for block in asm.blocks]
+    if all(kind == "other" for kind in kinds):
+        return list(asm.blocks), []
+    first = min(index for index, kind in enumerate(kinds) if kind != "other")
+    last = max(index for index, kind in enumerate(kinds) if kind != "other")
+    return list(asm.blocks[:first]), list(asm.blocks[last + 1:])
+
+
+def _body_blocks(asm: AsmFile) -> list[Block]:
+    """The blocks between a file's header and footer."""
+    head, tail = _header_footer(asm)
+    return list(asm.blocks[len(head):len(asm.blocks) - len(tail)])
