@@ -215,6 +215,8 @@ def _compile(real: str, inv: Invocation, stage: str) -> int:
     """``-c``/``-S``: one C source handled, several done one by one, others passed through."""
     if inv.lto or not inv.sources or len(inv.sources) != len(inv.inputs):
         return _exec(real, inv.argv)
+    if inv.output is not None and (inv.output.startswith("/dev/") or inv.output == "-"):
+        return _exec(real, inv.argv)      # a probe: nothing to keep
     if any(not _is_c(lang, path) for lang, path in inv.sources):
         return _exec(real, inv.argv)
     if len(inv.sources) > 1:

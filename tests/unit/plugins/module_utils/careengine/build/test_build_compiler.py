@@ -148,3 +148,18 @@ def test_parse_invocation():
     assert compiler.parse_invocation(["-xc", "-c", "-"]).query
     assert compiler.parse_invocation(["--version"]).query
     assert compiler.kept_asm_path("out/x", "original").endswith("out/.kpatch_x.original.s")
+
+
+def test_output_to_dev_null_is_a_probe(project):
+    result = _run(["-O2", "-Wall", "-c", "a.c", "-o", "/dev/null"], project, "original")
+    assert result.returncode == 0 and result.stderr == b""
+    assert _kept(project) == []
+
+
+def test_patched_stage_without_original_assembler_treats_everything_as_new(project):
+    pytest.importorskip("plugins.module_utils.careengine.asm.gensrc")
+    result = _run(["-O2", "-c", "b.c", "-o", "b.o"], project, "patched")
+    assert result.returncode == 0, result.stderr
+    assert ".kpatch_b.s" in _kept(project)
+    with open(project / "b.o", "rb") as stream:
+        assert ELFFile(stream).get_section_by_name(".kpatch.text") is not None
