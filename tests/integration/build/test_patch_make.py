@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -9,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine import patchfile
 from plugins.module_utils.careengine.build import api
@@ -65,7 +67,26 @@ def _assert_tree_restored(project: Path, fixture: str) -> None:
     assert leftovers == []
 
 
+def _assert_symbols_designate_the_original(patch_path: Path, obj: Path) -> None:
+    """Every named symbol of a placeholder section lands on that symbol in the original."""
+    with open(obj, "rb") as stream:
+        original = {}
+        for symbol in ELFFile(stream).get_section_by_name(".symtab").iter_symbols():
+            original.setdefault(symbol.name, set()).add(symbol["st_value"])
+    image = ELFFile(io.BytesIO(patchfile.load_patch(str(patch_path)).elf_image))
+    checked = 0
+    for symbol in image.get_section_by_name(".symtab").iter_symbols():
+        if not symbol.name or not isinstance(symbol["st_shndx"], int):
+            continue
+        section = image.get_section(symbol["st_shndx"])
+        if section["sh_type"] == "SHT_NOBITS" and symbol["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT"):
+            assert section["sh_addr"] + symbol["st_value"] in original[symbol.name], symbol.name
+            checked += 1
+    assert checked >= 1
+
+
 def _assert_patch_for(summary: patchfile.PatchSummary, obj: Path, replaced: set[str]) -> None:
+    _assert_symbols_designate_the_original(obj.parents[4] / "patchroot" / f"{summary.build_id}.kpatch", obj)
     assert summary.build_id == _readelf_build_id(obj)
     assert {f.name for f in summary.functions} >= replaced
     assert all(f.orig_size >= 5 and f.new_size > 0 for f in summary.functions)
