@@ -1,0 +1,216 @@
+"""The ELF objects (executable, libraries) a process maps, read from its memory.
+
+Headers and build-ids come from the patient's memory, so they are right even when the
+file was deleted, replaced or lives in another mount namespace; the file is only a
+fallback (through ``/proc/PID/map_files`` or ``/proc/PID/root``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+from .. import elf
+from ..errors import CareError
+from .maps import Mapping, page_down, read_maps
+from .memory import read_ranges_lenient
+
+ELF_MAGIC = b"\x7fELF"
+ELFCLASS64 = 2
+ET_EXEC = 2
+ET_DYN = 3
+PT_LOAD = 1
+PT_NOTE = 4
+_ELF_TYPE_NAMES = {ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN"}
+# e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum
+_EHDR = struct.Struct("<HHIQQQIHHH")
+_EHDR_OFFSET = 16
+_PHDR = struct.Struct("<IIQQQQQQ")  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
+_HEADER_READ = 4096
+_MAX_NOTE_SIZE = 64 * 1024
+
+PATCH_MAGIC = b"KPATCH1\0"
+PATCH_HEADER_SIZE = 688
+
+
+@dataclass(frozen=True)
+class MappedObject:
+    """An ELF file mapped into a process, with where it was loaded."""
+
+    path: str
+    build_id: str | None
+    load_bias: int
+    start: int
+    end: int
+    mappings: tuple[Mapping, ...]
+    elf_type: str
+
+    def vaddr_to_address(self, vaddr: int) -> int:
+        """The patient address of the ELF virtual address ``vaddr``."""
+        return self.load_bias + vaddr
+
+    @property
+    def deleted(self) -> bool:
+        """The file the object was loaded from is gone or replaced."""
+        return any(mapping.deleted for mapping in self.mappings)
+
+
+@dataclass(frozen=True)
+class _Segment:
+    p_type: int
+    p_offset: int
+    p_vaddr: int
+    p_filesz: int
+    p_memsz: int
+
+
+def group_file_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
+    """File-backed mappings grouped by (dev, inode), groups in maps order."""
+    groups: dict[tuple[str, int], list[Mapping]] = {}
+    for mapping in mappings:
+        if mapping.is_file:
+            groups.setdefault((mapping.dev, mapping.inode), []).append(mapping)
+    return list(groups.values())
+
+
+def _parse_headers(header: bytes) -> tuple[int, int, int, int] | None:
+    """(e_type, e_phoff, e_phentsize, e_phnum) of a 64-bit little-endian ELF header, else None."""
+    if len(header) < 64 or header[:4] != ELF_MAGIC or header[4] != ELFCLASS64 or header[5] != 1:
+        return None
+    e_type, _, _, _, e_phoff, _, _, _, e_phentsize, e_phnum = _EHDR.unpack_from(header, _EHDR_OFFSET)
+    if e_type not in _ELF_TYPE_NAMES or e_phentsize < _PHDR.size:
+        return None
+    return e_type, e_phoff, e_phentsize, e_phnum
+
+
+def _parse_segments(table: bytes, entry_size: int, count: int) -> list[_Segment]:
+    segments = []
+    for index in range(count):
+        p_type, _, p_offset, p_vaddr, _, p_filesz, p_memsz, _ = _PHDR.unpack_from(table, index * entry_size)
+        segments.append(_Segment(p_type, p_offset, p_vaddr, p_filesz, p_memsz))
+    return segments
+
+
+def _file_for(pid: int, mapping: Mapping) -> str:
+    """A path through which this process's mapped file can be opened from here."""
+    return f"/proc/{pid}/map_files/{mapping.start:x}-{mapping.end:x}"
+
+
+def _build_id_from_file(pid: int, mapping: Mapping) -> str | None:
+    for candidate in (_file_for(pid, mapping), f"/proc/{pid}/root{mapping.clean_path}"):
+        try:
+            return elf.read_build_id(candidate)
+        except CareError:
+            continue
+    return None
+
+
+def _first_mapping(group: list[Mapping]) -> Mapping | None:
+    """The mapping of the file's start (offset 0), the one holding the ELF header."""
+    for mapping in group:
+        if mapping.offset == 0:
+            return mapping
+    return None
+
+
+def mapped_objects(pid: int, mappings: list[Mapping] | None = None) -> list[MappedObject]:
+    """The ELF objects mapped by process ``pid``, in maps order.
+
+    Two bulk reads of the patient's memory serve all objects: one for the first page of
+    every object (ELF and program headers), one for the notes holding the build-ids.
+    """
+    if mappings is None:
+        mappings = read_maps(pid)
+    candidates = []
+    for group in group_file_mappings(mappings):
+        first = _first_mapping(group)
+        if first is not None and first.readable and first.size >= 64:
+            candidates.append((group, first))
+    headers = read_ranges_lenient(pid, [(first.start, min(first.size, _HEADER_READ)) for _, first in candidates])
+
+    parsed = []  # (group, first, e_type, segments)
+    extra_reads = []
+    for (group, first), header in zip(candidates, headers, strict=True):
+        facts = _parse_headers(header) if header else None
+        if facts is None:
+            continue
+        e_type, e_phoff, e_phentsize, e_phnum = facts
+        table_end = e_phoff + e_phentsize * e_phnum
+        if table_end <= len(header):
+            segments = _parse_segments(header[e_phoff:table_end], e_phentsize, e_phnum)
+            parsed.append((group, first, e_type, segments))
+        else:
+            extra_reads.append((group, first, e_type, e_phoff, e_phentsize, e_phnum))
+    if extra_reads:
+        tables = read_ranges_lenient(
+            pid, [(first.start + phoff, size * num) for _, first, _, phoff, size, num in extra_reads]
+        )
+        for (group, first, e_type, _, size, num), table in zip(extra_reads, tables, strict=True):
+            if table is not None:
+                parsed.append((group, first, e_type, _parse_segments(table, size, num)))
+    # Keep maps order.
+    order = {id(first): index for index, (_, first) in enumerate(candidates)}
+    parsed.sort(key=lambda item: order[id(item[1])])
+
+    note_ranges: list[tuple[int, int]] = []
+    note_owner: list[int] = []
+    layouts = []
+    for index, (group, first, e_type, segments) in enumerate(parsed):
+        loads = [segment for segment in segments if segment.p_type == PT_LOAD]
+        if e_type == ET_EXEC or not loads:
+            load_bias = 0
+        else:
+            load_bias = first.start - page_down(min(segment.p_vaddr for segment in loads))
+        layouts.append(load_bias)
+        for segment in segments:
+            if segment.p_type == PT_NOTE and 0 < segment.p_filesz <= _MAX_NOTE_SIZE:
+                address = load_bias + segment.p_vaddr
+                if any(m.contains(address) and m.readable for m in group):
+                    note_ranges.append((address, segment.p_filesz))
+                    note_owner.append(index)
+    notes = read_ranges_lenient(pid, note_ranges) if note_ranges else []
+    build_ids: dict[int, str] = {}
+    for owner, note_bytes in zip(note_owner, notes, strict=True):
+        if owner not in build_ids and note_bytes:
+            found = elf.build_id_from_notes(note_bytes)
+            if found:
+                build_ids[owner] = found
+
+    objects = []
+    for index, (group, first, e_type, _) in enumerate(parsed):
+        build_id = build_ids.get(index)
+        if build_id is None:
+            build_id = _build_id_from_file(pid, first)
+        objects.append(
+            MappedObject(
+                path=first.clean_path,
+                build_id=build_id,
+                load_bias=layouts[index],
+                start=min(m.start for m in group),
+                end=max(m.end for m in group),
+                mappings=tuple(group),
+                elf_type=_ELF_TYPE_NAMES[e_type],
+            )
+        )
+    return objects
+
+
+def find_applied_patches(pid: int, mappings: list[Mapping]) -> list[tuple[Mapping, bytes]]:
+    """Anonymous mappings that hold an applied patch, with their 688 header bytes.
+
+    A patch mapping starts with the patch file magic ``KPATCH1\\0``; decode the header
+    with ``patchfile.decode_header``. One bulk read for all candidates.
+    """
+    candidates = [
+        mapping
+        for mapping in mappings
+        if mapping.inode == 0 and not mapping.path and mapping.readable and mapping.size >= PATCH_HEADER_SIZE
+    ]
+    if not candidates:
+        return []
+    headers = read_ranges_lenient(pid, [(mapping.start, PATCH_HEADER_SIZE) for mapping in candidates])
+    return [
+        (mapping, header)
+        for mapping, header in zip(candidates, headers, strict=True)
+        if header is not None and header.startswith(PATCH_MAGIC)
+    ]
