@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[3]
 FIXTURES = ROOT / "tests" / "fixtures" / "projects"
 PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
 CC_ARG = f"CC={ROOT / 'bin' / 'libcare-cc'}"
-BUILD_OUTPUTS = re.compile(r"(^|/)(lpmake|\.lpmaketmp|patchroot)(/|$)|\.o$|\.so$|\.d$|(^|/)\.kpatch_|^demo$|^nonpie$")
+BUILD_OUTPUTS = re.compile(r"(^|/)(lpmake|\.lpmaketmp|patchroot)(/|$)|\.o$|\.so$|\.d$|(^|/)\.kpatch_|^demo$|^nonpie$|^configured$")
 
 
 @pytest.fixture
@@ -131,6 +131,22 @@ def test_nonpie_string_literal_and_static_local(nonpie):
     summary = patches[_readelf_build_id(program)]
     _assert_patch_for(summary, program, {"report"})
     _assert_tree_restored(nonpie, "nonpie")
+
+
+def test_project_configured_with_libcare_cc(tmp_path):
+    project = Path(shutil.copytree(FIXTURES / "configured", tmp_path / "configured"))
+    environment = {k: v for k, v in os.environ.items() if k != "KPATCH_STAGE"}
+    environment["CC"] = CC_ARG[len("CC="):]
+    subprocess.run(["./configure"], cwd=project, env=environment, check=True, capture_output=True)
+    assert not list(project.glob(".kpatch_*")), "configure probes pass through"
+    configured_tree = _sources(project)
+    result = subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    program = project / "lpmake" / "usr" / "local" / "bin" / "configured"
+    summary = _patches(project)[_readelf_build_id(program)]
+    _assert_patch_for(summary, program, {"greeting_state"})
+    assert [f.name for f in summary.functions] == ["greeting_state"]
+    assert _sources(project) == configured_tree
 
 
 def test_failing_patched_build_shows_the_error_and_restores_the_tree(libdemo):
