@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import UnpatchableChange
-from .normalize import LOCAL_LABEL_PREFIX, block_signature
+from .normalize import LOCAL_LABEL_PREFIX, block_signature, symbol_tokens
 from .parse import AsmFile, Block
 
 # Original variables that may disappear from the patched file: compiler-made literals
@@ -55,6 +55,13 @@ class _Pairing:
         self.patched_to_original: dict[str, str] = {}
         self.paired_original: set[str] = set()
         self.function_pairs: dict[str, str] = {}
+        self.original_users = users_of_symbols(original)
+        self.patched_users = users_of_symbols(patched)
+
+    def same_users(self, original_name: str, patched_name: str) -> bool:
+        """True if the (paired) functions using both symbols are the same."""
+        users = {self.patched_to_original.get(user, user) for user in self.patched_users.get(patched_name, ())}
+        return users == self.original_users.get(original_name, set())
 
     def rename_patched(self, token: str) -> str:
         mapped = self.patched_to_original.get(token)
@@ -76,6 +83,19 @@ class _Pairing:
 
     def is_paired_patched(self, name: str) -> bool:
         return name in self.patched_to_original
+
+
+def users_of_symbols(asm: AsmFile) -> dict[str, set[str]]:
+    """Symbol -> names of the functions whose bodies mention it."""
+    users: dict[str, set[str]] = {}
+    for block in asm.blocks:
+        if block.kind != "function":
+            continue
+        for line in block.lines:
+            if line.args:
+                for token in symbol_tokens(line.args):
+                    users.setdefault(token, set()).add(block.name)
+    return users
 
 
 def _identity(token: str) -> str:
@@ -117,7 +137,8 @@ def _pair_by_content(state: _Pairing, tables, original_signatures: dict[str, tup
             candidates = [block for name, block in patched_blocks.items()
                           if is_auto_named(name) and not state.is_paired_patched(name)
                           and family(name) == family(original_name)]
-            candidates.sort(key=lambda block: block.name != original_name)
+            candidates.sort(key=lambda block: (not state.same_users(original_name, block.name),
+                                               block.name != original_name))
             for candidate in candidates:
                 if block_signature(candidate, state.rename_patched) == original_signatures[original_name]:
                     state.pair(original_block, candidate)

@@ -50,6 +50,13 @@ def rename_symbols(text: str, rename: Rename) -> str:
     return "".join(pieces)
 
 
+def symbol_tokens(text: str) -> list[str]:
+    """The symbol tokens ``rename_symbols`` would rename, in order."""
+    found: list[str] = []
+    rename_symbols(text, lambda token: found.append(token) or token)
+    return found
+
+
 def collapse_blanks(text: str) -> str:
     """Whitespace outside strings collapsed to single blanks (for comparisons)."""
     return "".join(" " if token.isspace() else token for token in TOKEN_RE.findall(text))
