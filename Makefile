@@ -5,9 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600
 
-.PHONY: setup setup-debian setup-python test lint unit integration bench demo clean
+.PHONY: setup setup-debian setup-python setup-containers test lint unit integration \
+        ansible-sanity ansible-lint molecule bench demo clean
 
-setup: setup-debian setup-python
+## setup: Debian packages, .venv/ with pinned packages, container image for molecule
+setup: setup-debian setup-python setup-containers
 
 setup-debian:
 	$(APT) update
@@ -18,7 +20,11 @@ setup-python:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 
-test: lint unit integration
+setup-containers:
+	tests/ansible/setup-containers.sh
+
+## test: everything; any failure fails the run
+test: lint unit integration ansible-sanity ansible-lint molecule
 
 lint:
 	$(VENV)/bin/ruff check .
@@ -28,6 +34,15 @@ unit:
 
 integration:
 	$(PY) -m pytest -q tests/integration
+
+ansible-sanity:
+	tests/ansible/run-sanity.sh
+
+ansible-lint:
+	tests/ansible/run-lint.sh
+
+molecule:
+	tests/ansible/run-molecule.sh default
 
 clean:
 	rm -rf build .pytest_cache tests/output
