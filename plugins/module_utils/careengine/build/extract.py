@@ -169,6 +169,7 @@ class _Extractor:
         self.patched_addr: dict[int, int] = {}  # patched section index -> its sh_addr
         self.symbols: dict[_Symbol, None] = {}  # insertion-ordered set
         self.original_sections = {s.name: s for s in original.iter_sections() if s["sh_flags"] & SH_FLAGS.SHF_ALLOC}
+        self._original_offsets: dict[tuple[str, str], set[int]] | None = None
 
     # -- sections ------------------------------------------------------------------
     def run(self) -> ExtractedPatch:
@@ -237,16 +238,64 @@ class _Extractor:
         if not isinstance(shndx, int):
             raise BuildError(f"{self.label}: {why}: symbol {symbol.name} in {shndx} is not supported")
         out_index = self._placeholder(shndx, why)
+        in_placeholder = not is_kpatch_section(self.sections[out_index].name)
         if sym_type == "STT_SECTION":
+            if in_placeholder:
+                self._require_same_layout(shndx, why)
             return self._section_symbol(out_index), addend
         offset = symbol["st_value"] - self.patched_addr[shndx]
         if sym_type == "STT_TLS":
             return _Symbol(symbol.name, symbol["st_value"], symbol["st_size"], bind, sym_type, out_index), addend
         if symbol.name.startswith(".") or sym_type == "STT_NOTYPE":
             # Local labels (.LC0, ...) and untyped labels: section symbol + offset.
+            if in_placeholder:
+                self._require_same_layout(shndx, why)
             return self._section_symbol(out_index), offset + addend
+        if in_placeholder:
+            offset = self._original_offset(symbol.name, shndx, offset, why)
         visibility = symbol["st_other"]["visibility"]
         return _Symbol(symbol.name, offset, symbol["st_size"], bind, sym_type, out_index, visibility), addend
+
+    def _require_same_layout(self, patched_index: int, why: str) -> None:
+        """Section-relative references need the section laid out as in the original."""
+        section = self.patched.get_section(patched_index)
+        original = self.original_sections.get(section.name)
+        if original is not None and original["sh_size"] != section["sh_size"]:
+            raise BuildError(
+                f"{self.label}: {why}: section {section.name} has {section['sh_size']} bytes in the patched link "
+                f"but {original['sh_size']} in the original (a new copy relocation?): cannot map the reference")
+
+    def _original_offset(self, name: str, patched_index: int, offset: int, why: str) -> int:
+        """The offset of symbol ``name`` in its section of the ORIGINAL object.
+
+        Normally equal to the patched offset; differs when the linker shifted the
+        section's contents (e.g. a new copy relocation in .bss), refused when the
+        original has no such symbol.
+        """
+        if self._original_offsets is None:
+            self._original_offsets = {}
+            symtab = self.original.get_section_by_name(".symtab")
+            if symtab is None:
+                return offset                 # stripped original: trust the layout
+            sections = list(self.original.iter_sections())
+            for symbol in symtab.iter_symbols():
+                shndx = symbol["st_shndx"]
+                if symbol.name and isinstance(shndx, int) and shndx < len(sections):
+                    section = sections[shndx]
+                    self._original_offsets.setdefault((symbol.name, section.name), set()).add(
+                        symbol["st_value"] - section["sh_addr"])
+        if not self._original_offsets:
+            return offset
+        section_name = self.patched.get_section(patched_index).name
+        offsets = self._original_offsets.get((name, section_name), set())
+        if offset in offsets:
+            return offset
+        if len(offsets) == 1:
+            return next(iter(offsets))
+        if not offsets:
+            raise BuildError(f"{self.label}: {why}: {name} is not in {section_name} of the original object "
+                             "(a new copy relocation or a changed layout?)")
+        raise BuildError(f"{self.label}: {why}: {name} moved in {section_name} and is ambiguous in the original")
 
     # -- relocations ---------------------------------------------------------------
     def _rewrite(self, rela_section, target: int) -> list[_Rela]:

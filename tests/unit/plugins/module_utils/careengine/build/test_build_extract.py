@@ -329,3 +329,27 @@ def test_binary_without_kpatch_sections_is_refused(tmp_path):
     assert not extract.has_patch_sections(str(tmp_path / "a"))
     with pytest.raises(BuildError, match="nothing to extract"):
         extract.extract_image(str(tmp_path / "a"), str(tmp_path / "a"))
+
+
+def test_new_copy_relocation_is_refused_not_misplaced(tmp_path):
+    # A direct (non-GOT) load of libc's stderr makes the patched link copy it into .bss,
+    # shifting .bss: the patch could not address the original's .bss correctly.
+    part = KPATCH_PART.replace("\tmovl\t(%rsi), %eax\n", "\tmovl\t(%rsi), %eax\n\tmovq\tstderr(%rip), %rax\n")
+    patched, original = _link_pair(tmp_path, ORIGINAL_C, part, cflags=("-O2", "-fno-pie"), ldflags=("-no-pie",))
+    with pytest.raises(BuildError, match="stderr|copy relocation"):
+        extract.extract_image(patched, original)
+
+
+def test_imported_variable_through_the_got_stays_undefined(tmp_path):
+    part = KPATCH_PART.replace("\tmovl\t(%rsi), %eax\n",
+                               "\tmovl\t(%rsi), %eax\n\tmovq\tstderr@GOTPCREL(%rip), %rax\n\tmovq\t(%rax), %rax\n")
+    patched, original = _link_pair(tmp_path, ORIGINAL_C, part, cflags=("-O2", "-fno-pie"), ldflags=("-no-pie",))
+    image = _elf(extract.extract_image(patched, original).elf_image)
+    symtab = image.get_section_by_name(".symtab")
+    found = [(symtab.get_symbol(r["r_info_sym"]), r["r_info_type"])
+             for r in image.get_section_by_name(".rela.kpatch.text").iter_relocations()
+             if symtab.get_symbol(r["r_info_sym"]).name.startswith("stderr")]
+    assert len(found) == 1
+    symbol, rtype = found[0]
+    assert symbol["st_shndx"] == "SHN_UNDEF" and symbol.name == "stderr@GLIBC_2.2.5"
+    assert rtype in (9, 41, 42)
