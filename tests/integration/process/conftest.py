@@ -139,6 +139,9 @@ def threads_program(programs, spawn):
         argv = [programs["threads"], str(count), mode] + (["reader"] if reader else [])
         running = spawn(argv)
         running.wait_for("ready")
+        if reader:
+            while "reader" not in running.values or running.values["reader"] == "none":
+                running.wait_for("reader")
         return running
 
     return start

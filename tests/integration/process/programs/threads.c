@@ -31,6 +31,12 @@ __attribute__((naked)) long entry_alignment(void)
 	__asm__("lea 8(%rsp), %rax\n\tand $15, %rax\n\tret\n");
 }
 
+__attribute__((noinline)) void spin_forever(void)
+{
+	for (;;)
+		__asm__ volatile("");
+}
+
 __attribute__((noinline)) int seven(void)
 {
 	return 7;
@@ -72,8 +78,8 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	busy = argc > 2 && strcmp(argv[2], "busy") == 0;
 	signal(SIGUSR1, on_usr1);
-	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\n",
-	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count);
+	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\nspin %p\n",
+	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count, (void *)spin_forever);
 	for (long index = 1; index < count; index++)
 		pthread_create(&thread, NULL, worker, (void *)index);
 	if (argc > 3 && strcmp(argv[3], "reader") == 0)

@@ -1,0 +1,167 @@
+"""Remote system calls and function calls in real, stopped processes."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from plugins.module_utils.careengine.errors import ProcessError
+from plugins.module_utils.careengine.process import StoppedProcess, find_syscall_instruction, read_maps
+
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
+PAGE = 4096
+
+
+def mapping_at(pid: int, address: int):
+    return next((m for m in read_maps(pid) if m.start == address), None)
+
+
+def counter0(running) -> int:
+    with open(f"/proc/{running.pid}/mem", "rb") as mem:
+        mem.seek(running.address("counters"))
+        return int.from_bytes(mem.read(8), "little")
+
+
+def make_trap(patient) -> int:
+    """A page in the patient holding an int3 at its start (as the apply step does)."""
+    page = patient.mmap(0, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS)
+    patient.write(page, b"\xcc")
+    return page
+
+
+def test_mmap_mprotect_munmap_are_visible_in_maps(threads_program):
+    running = threads_program(2)
+    with StoppedProcess(running.pid) as patient:
+        address = patient.mmap(0, 2 * PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS)
+        created = mapping_at(running.pid, address)
+        assert created is not None and created.perms == "rwxp" and created.size == 2 * PAGE
+        patient.mprotect(address, 2 * PAGE, PROT_READ | PROT_EXEC)
+        assert mapping_at(running.pid, address).perms == "r-xp"
+        patient.munmap(address, 2 * PAGE)
+        assert mapping_at(running.pid, address) is None
+    before = counter0(running)
+    time.sleep(0.03)
+    assert counter0(running) > before
+
+
+def test_remote_syscall_error_names_errno(threads_program):
+    running = threads_program(1)
+    with StoppedProcess(running.pid) as patient:
+        regs = patient.get_regs(running.pid)
+        with pytest.raises(ProcessError, match="EINVAL"):
+            patient.munmap(0x1001, PAGE)  # not page aligned
+        assert patient.get_regs(running.pid) == regs
+
+
+def test_remote_syscall_writes_nothing_into_code(threads_program):
+    running = threads_program(1)
+    with StoppedProcess(running.pid) as patient:
+        site = find_syscall_instruction(running.pid)
+        holder = next(m for m in read_maps(running.pid) if m.contains(site))
+        assert holder.executable and holder.is_file
+        text_before = patient.read(holder.start, holder.size)
+        assert text_before[site - holder.start:site - holder.start + 2] == b"\x0f\x05"
+        address = patient.mmap(0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)
+        patient.munmap(address, PAGE)
+        assert patient.read(holder.start, holder.size) == text_before
+
+
+def test_syscall_site_is_found_again_from_the_cache(threads_program):
+    first = threads_program(1)
+    second = threads_program(1)
+    sites = []
+    for running in (first, second):
+        site = find_syscall_instruction(running.pid)
+        holder = next(m for m in read_maps(running.pid) if m.contains(site))
+        sites.append((holder.clean_path, holder.offset + site - holder.start))
+    assert sites[0] == sites[1]
+
+
+def test_remote_syscall_in_thread_blocked_in_read(threads_program):
+    running = threads_program(2, reader=True)
+    reader = int(running.values["reader"])
+    time.sleep(0.02)  # let it block in read()
+    with open(f"/proc/{running.pid}/task/{reader}/syscall") as stream:
+        assert stream.read().split()[0] == "0"  # in read(2)
+    for _ in range(3):
+        with StoppedProcess(running.pid) as patient:
+            regs = patient.get_regs(reader)
+            address = patient.remote_syscall(9, 0, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                                             (1 << 64) - 1, 0, tid=reader)
+            assert mapping_at(running.pid, address) is not None
+            patient.remote_syscall(11, address, PAGE, tid=reader)
+            assert patient.get_regs(reader) == regs
+    # The interrupted read restarts and gets the data.
+    running.process.stdin.write(b"hello")
+    running.process.stdin.flush()
+    assert running.wait_for("read") == "read hello"
+    running.process.stdin.write(b"again")
+    running.process.stdin.flush()
+    assert running.wait_for("read") == "read again"
+
+
+def test_remote_syscall_in_sleeping_main_thread(threads_program):
+    running = threads_program(1)
+    for _ in range(20):
+        with StoppedProcess(running.pid) as patient:
+            address = patient.mmap(0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)
+            patient.munmap(address, PAGE)
+    before = counter0(running)
+    time.sleep(0.03)
+    assert counter0(running) > before
+
+
+def test_remote_call_returns_value_and_restores_registers(threads_program):
+    running = threads_program(2, reader=True)
+    reader = int(running.values["reader"])
+    time.sleep(0.02)
+    with StoppedProcess(running.pid) as patient:
+        trap = make_trap(patient)
+        for tid in patient.tids:
+            regs = patient.get_regs(tid)
+            assert patient.remote_call(running.address("resolver"), (3, 4), trap, tid=tid) == 3046
+            assert patient.remote_call(running.address("align"), (), trap, tid=tid) == 0
+            assert patient.get_regs(tid) == regs
+        patient.munmap(trap, PAGE)
+    running.process.stdin.write(b"after call")
+    running.process.stdin.flush()
+    assert running.wait_for("read") == "read after call"
+    assert str(reader) in os.listdir(f"/proc/{running.pid}/task")
+
+
+def test_write_into_readonly_text(threads_program):
+    running = threads_program(1)
+    seven = running.address("seven")
+    holder = next(m for m in read_maps(running.pid) if m.contains(seven))
+    assert not holder.writable
+    new_code = b"\xb8\x2a\x00\x00\x00\xc3"  # mov $42, %eax; ret
+    with StoppedProcess(running.pid) as patient:
+        trap = make_trap(patient)
+        original = patient.read(seven, len(new_code))
+        assert patient.remote_call(seven, (), trap) == 7
+        patient.write(seven, new_code)
+        assert patient.read(seven, len(new_code)) == new_code
+        assert patient.remote_call(seven, (), trap) == 42
+        patient.write(seven, original)
+        assert patient.remote_call(seven, (), trap) == 7
+        patient.munmap(trap, PAGE)
+
+
+def test_remote_call_that_never_returns_times_out(threads_program):
+    running = threads_program(1)
+    with StoppedProcess(running.pid, timeout=0.3) as patient:
+        trap = make_trap(patient)
+        regs = patient.get_regs(running.pid)
+        with pytest.raises(ProcessError, match="did not return"):
+            patient.remote_call(running.address("spin"), (), trap)
+        assert patient.get_regs(running.pid) == regs
+        with pytest.raises(ProcessError, match="SIGSEGV"):
+            patient.remote_call(0x10, (), trap)
+        assert patient.get_regs(running.pid) == regs
+        assert patient.remote_call(running.address("resolver"), (1, 2), trap) == 1044
+    before = counter0(running)
+    time.sleep(0.03)
+    assert counter0(running) > before
