@@ -112,6 +112,10 @@ def programs() -> dict[str, str]:
         output = os.path.join(build_dir, source.stem)
         subprocess.run(["gcc", "-O1", "-g", "-pthread", "-o", output, str(source)], check=True)
         built[source.stem] = output
+    # A non-PIE (ET_EXEC) build of the loop.
+    output = os.path.join(build_dir, "loop_nopie")
+    subprocess.run(["gcc", "-O1", "-g", "-no-pie", "-o", output, str(PROGRAMS / "loop.c")], check=True)
+    built["loop_nopie"] = output
     yield built
     shutil.rmtree(build_dir, ignore_errors=True)
 
