@@ -113,12 +113,27 @@ def test_libdemo_gets_one_patch_per_changed_object(libdemo):
 
 
 def test_unchanged_object_gets_no_patch(libdemo):
-    result = _patch_make(libdemo, "lib-only.patch")
+    result = _patch_make(libdemo, "-j", "2", "lib-only.patch")
     assert result.returncode == 0, result.stderr
     library = libdemo / "lpmake" / "usr" / "local" / "lib" / "libdemo.so"
     assert list(_patches(libdemo)) == [_readelf_build_id(library)]
     patched_log = (libdemo / ".lpmaketmp" / "patched-all.log").read_text()
     assert "libdemo.c" in patched_log and "main.c" not in patched_log   # only what the patch touches
+    _assert_tree_restored(libdemo, "libdemo")
+
+
+def test_update_and_clean(libdemo):
+    assert _patch_make(libdemo, "fix.patch").returncode == 0
+    first = {path.name: path.read_bytes()[400:] for path in (libdemo / "patchroot").glob("*.kpatch")}
+    update = _patch_make(libdemo, "--update")
+    assert update.returncode == 0, update.stderr
+    assert "stage" not in update.stderr                       # nothing built
+    updated = {path.name: path.read_bytes()[400:] for path in (libdemo / "patchroot").glob("*.kpatch")}
+    assert updated == first                                   # same patches (build time aside)
+    clean = _patch_make(libdemo, "--clean", "fix.patch")
+    assert clean.returncode == 0, clean.stderr
+    assert "cleaning" in clean.stderr and "stage original: make clean" in clean.stderr
+    assert sorted(p.name for p in (libdemo / "patchroot").glob("*.kpatch")) == sorted(first)
     _assert_tree_restored(libdemo, "libdemo")
 
 

@@ -288,9 +288,11 @@ def compile_unit(real: str, flags: list[str], source: str, output: str, mode: st
     stage_asm = kept_asm_path(unit, stage)
     stage_aux = kept_asm_path(unit, stage, ".aux")
     compile_flags = list(flags)
-    if any(flag in ("-MD", "-MMD") for flag in flags):
+    driver_deps = any(flag in ("-MD", "-MMD") for flag in flags)
+    preprocessor_deps = any(flag.startswith(("-Wp,-MD,", "-Wp,-MMD,")) for flag in flags)
+    if driver_deps or preprocessor_deps:
         # The dependency file and its target must name the real output, not our .s.
-        if "-MF" not in flags:
+        if driver_deps and "-MF" not in flags:
             compile_flags += ["-MF", os.path.splitext(output)[0] + ".d"]
         if "-MT" not in flags and "-MQ" not in flags:
             compile_flags += ["-MT", output]

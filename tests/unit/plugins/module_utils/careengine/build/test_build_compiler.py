@@ -106,6 +106,12 @@ def test_dependency_file_names_the_object(project):
     assert _kept(project / "obj") == [".kpatch_a.original.aux", ".kpatch_a.original.s"]
 
 
+def test_preprocessor_dependency_option_names_the_object(project):
+    result = _run(["-O2", "-Wp,-MD,a.dep", "-c", "a.c", "-o", "a.o"], project, "original")
+    assert result.returncode == 0 and result.stderr == b""
+    assert (project / "a.dep").read_text().startswith("a.o:")
+
+
 def test_dash_S_writes_the_assembler(project):
     result = _run(["-O2", "-S", "a.c", "-o", "a.s"], project, "original")
     assert result.returncode == 0
