@@ -98,13 +98,15 @@ def run(argv: list[str], cxx: bool = False) -> int:
         return _exec(real, argv)
     if invocation.compile_only:
         return _compile(real, invocation, stage)
-    if any(not _is_c(lang, path) for lang, path in invocation.sources) or invocation.sources and (
-        invocation.has_x or invocation.has_dependency_flags or invocation.lto
-    ):
-        return _exec(real, argv + _link_args(argv))
-    if invocation.sources:
+    if invocation.sources and _we_compile_before_linking(invocation):
         return _compile_and_link(real, invocation, stage)
     return _exec(real, argv + _link_args(argv))
+
+
+def _we_compile_before_linking(invocation: Invocation) -> bool:
+    """A compile and link we split: only C sources, no -x, no dependency output, no LTO."""
+    only_c = all(_is_c(lang, path) for lang, path in invocation.sources)
+    return only_c and not (invocation.has_x or invocation.has_dependency_flags or invocation.lto)
 
 
 class Invocation:
