@@ -169,3 +169,26 @@ def test_patched_stage_without_original_assembler_treats_everything_as_new(proje
     assert ".kpatch_b.s" in _kept(project)
     with open(project / "b.o", "rb") as stream:
         assert ELFFile(stream).get_section_by_name(".kpatch.text") is not None
+
+
+def test_patched_stage_adds_no_warnings_and_instruments(project):
+    pytest.importorskip("plugins.module_utils.careengine.asm.gensrc")
+    assert _run([*STRICT, "-c", "a.c", "-o", "a.o"], project, "original").returncode == 0
+    (project / "a.c").write_text(SOURCE.replace("return x + counter++;", "return 2 * x + counter++;"))
+    result = _run([*STRICT, "-c", "a.c", "-o", "a.o"], project, "patched")
+    assert result.returncode == 0 and result.stdout == result.stderr == b""
+    assert ".kpatch_a.s" in _kept(project) and ".kpatch_a.patched.s" in _kept(project)
+    with open(project / "a.o", "rb") as stream:
+        elf = ELFFile(stream)
+        assert elf.get_section_by_name(".kpatch.info") is not None
+        names = {s.name for s in elf.get_section_by_name(".symtab").iter_symbols()}
+    assert "bump.kpatch" in names
+
+
+def test_patched_stage_refuses_a_signature_change(project):
+    pytest.importorskip("plugins.module_utils.careengine.asm.gensrc")
+    assert _run(["-O2", "-c", "a.c", "-o", "a.o"], project, "original").returncode == 0
+    (project / "a.c").write_text(SOURCE.replace("int bump(int x)", "long bump(long x)"))
+    result = _run(["-O2", "-c", "a.c", "-o", "a.o"], project, "patched")
+    assert result.returncode != 0
+    assert b"bump" in result.stderr and b"libcare-cc" in result.stderr
