@@ -1,0 +1,154 @@
+"""The public apply API: patch, unpatch and report many processes.
+
+The Ansible modules and ``libcare-ctl`` call exactly these. One process failing (or
+exiting meanwhile) never stops the others and never raises out of here: it becomes a
+result whose ``error`` or object ``action == "failed"`` says why.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+
+from ..errors import CareError, NotApplicable, StoreError
+from ..process import mapped_objects, read_maps
+from ..results import ObjectResult, ProcessInfo, ProcessResult
+from ..storage import PatchSource
+from . import engine
+
+
+def all_pids() -> list[int]:
+    """Every process but ourselves and pid 1, ascending."""
+    own = os.getpid()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) not in (own, 1):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def _maps_object_with(pid: int, build_ids: set[str]) -> bool:
+    """True if process ``pid`` maps an object with one of ``build_ids`` (or has a patch for one)."""
+    try:
+        mappings = read_maps(pid)
+        objects = mapped_objects(pid, mappings)
+    except CareError:
+        return False
+    return any(mapped.build_id in build_ids for mapped in objects)
+
+
+def _failed_process(pid: int, message: str) -> ProcessResult:
+    return ProcessResult(pid, engine.read_comm(pid), (), message, None)
+
+
+def _safely(pid: int, action, *args, **kwargs):
+    try:
+        return action(pid, *args, **kwargs)
+    except CareError as exc:
+        return _failed_process(pid, str(exc))
+    except Exception as exc:  # a bug must not stop the other processes
+        return _failed_process(pid, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def patch_processes(source: str, pids: list[int] | None = None, *, level: int | None = None,
+                    timeout: float = 5.0, retries: int = 0, check: bool = False) -> list[ProcessResult]:
+    """Apply the patches of ``source`` (store directory or patch file) to processes.
+
+    ``pids`` None: every process (but ourselves and pid 1) mapping an object the source
+    has a patch for. ``check``: read memory only and report what would happen
+    (``paused_us`` None). ``retries``: extra whole attempts after a busy refusal.
+    """
+    patch_source = PatchSource(source)
+    explicit = pids is not None
+    if pids is None:
+        build_ids = set(patch_source.build_ids())
+        pids = [pid for pid in all_pids() if _maps_object_with(pid, build_ids)]
+    results = []
+    for pid in pids:
+        result = _safely(pid, engine.patch_process, patch_source, level=level, timeout=timeout, retries=retries,
+                         check=check)
+        if explicit and not result.objects and not result.error and patch_source.store is None:
+            result = ProcessResult(pid, result.comm, (), str(NotApplicable(
+                f"no object in process {pid} has build-id {patch_source.build_ids()[0]}, "
+                f"the one {source} was made for")), None)
+        results.append(result)
+    return results
+
+
+def unpatch_processes(pids: list[int] | None = None, build_ids: list[str] | None = None, *,
+                      timeout: float = 5.0, check: bool = False) -> list[ProcessResult]:
+    """Remove applied patches (all, or those for ``build_ids``) from processes.
+
+    ``pids`` None: every process that has an applied patch.
+    """
+    if pids is None:
+        pids = [pid for pid in all_pids() if _has_applied_patch(pid)]
+    return [_safely(pid, engine.unpatch_process, build_ids, timeout=timeout, check=check) for pid in pids]
+
+
+def _has_applied_patch(pid: int) -> bool:
+    try:
+        return bool(engine.read_applied_patches(pid, read_maps(pid)))
+    except CareError:
+        return False
+
+
+def info_processes(pids: list[int] | None = None, source: str | None = None) -> list[ProcessInfo]:
+    """What each process maps and has applied, and what ``source`` offers (read-only)."""
+    patch_source = None
+    if source:
+        if not os.path.exists(source):
+            raise StoreError(f"patch source {source} does not exist")
+        patch_source = PatchSource(source)
+    explicit = pids is not None
+    if pids is None:
+        pids = all_pids()
+    infos = []
+    for pid in pids:
+        try:
+            infos.append(engine.info_process(pid, patch_source))
+        except CareError as exc:
+            if explicit:
+                infos.append(ProcessInfo(pid, engine.read_comm(pid), (), str(exc)))
+        except Exception as exc:
+            infos.append(ProcessInfo(pid, engine.read_comm(pid), (), f"internal error: {type(exc).__name__}: {exc}"))
+    return infos
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as stream:
+            return stream.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def select_pids(*, pid: int | None = None, pids: list[int] | None = None, exe: str | None = None,
+                name: str | None = None) -> list[int] | None:
+    """The processes matching every given filter; None when no filter is given.
+
+    ``exe``: the real path of ``/proc/PID/exe`` equals it; ``name``: a regular
+    expression searched in the process name (comm) or its command line.
+    """
+    if pid is None and not pids and not exe and not name:
+        return None
+    candidates = sorted({*(pids or []), *([pid] if pid is not None else [])}) if (pid is not None or pids) \
+        else all_pids()
+    selected = []
+    wanted_exe = os.path.realpath(exe) if exe else None
+    pattern = re.compile(name) if name else None
+    for candidate in candidates:
+        if wanted_exe is not None:
+            try:
+                if os.path.realpath(f"/proc/{candidate}/exe") != wanted_exe:
+                    continue
+            except OSError:
+                continue
+        if pattern is not None:
+            if not (pattern.search(engine.read_comm(candidate)) or pattern.search(_cmdline(candidate))):
+                continue
+        selected.append(candidate)
+    return selected
+
+
+__all__ = ["ObjectResult", "info_processes", "patch_processes", "select_pids", "unpatch_processes"]

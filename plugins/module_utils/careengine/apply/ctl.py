@@ -1,0 +1,188 @@
+"""``libcare-ctl``: patch, unpatch and info on running processes.
+
+Text output follows LibCare's lines; ``--json`` prints
+``{"processes": [...], "summary": {...}}``. The exit status is 0 when everything asked
+was done or already so (``unpatch`` too, unlike LibCare), 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from ..results import ProcessInfo, ProcessResult, summarize_results
+from ..storage import DEFAULT_STORE
+from . import api
+
+COMMAND_ALIASES = {"patch-user": "patch", "unpatch-user": "unpatch", "info-user": "info"}
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def _pid_argument(text: str) -> int | None:
+    if text == "all":
+        return None
+    try:
+        pid = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a process id or 'all', not {text!r}") from None
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"invalid process id {pid}")
+    return pid
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="libcare-ctl", description="Live-patch running processes.")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="say more")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    patch = commands.add_parser("patch", aliases=["patch-user"], help="apply patches to processes")
+    patch.add_argument("-p", "--pid", type=_pid_argument, required=True, help="PID or 'all'")
+    patch.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for busy functions (5)")
+    patch.add_argument("--retries", type=int, default=0, help="extra attempts after a busy refusal (0)")
+    patch.add_argument("--level", type=int, default=None, help="patch level to apply (default: latest)")
+    patch.add_argument("--check", action="store_true", help="only report what would be done")
+    patch.add_argument("--json", action="store_true", help="print one JSON object")
+    patch.add_argument("source", metavar="FILE|DIR", help="a patch file or a patch store directory")
+
+    unpatch = commands.add_parser("unpatch", aliases=["unpatch-user"], help="remove applied patches")
+    unpatch.add_argument("-p", "--pid", type=_pid_argument, required=True, help="PID or 'all'")
+    unpatch.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for busy code (5)")
+    unpatch.add_argument("--check", action="store_true", help="only report what would be done")
+    unpatch.add_argument("--json", action="store_true", help="print one JSON object")
+    unpatch.add_argument("build_ids", nargs="*", metavar="BUILD-ID", help="only these objects (default: all)")
+
+    info = commands.add_parser("info", aliases=["info-user"], help="show objects and applied patches")
+    info.add_argument("-p", "--pid", type=_pid_argument, default=None, help="PID or 'all' (default)")
+    info.add_argument("-s", "--store", default=None,
+                      help=f"patch store or file to compare with (default {DEFAULT_STORE} if it exists; '' for none)")
+    info.add_argument("-b", "--build-id", default=None, help="only processes mapping this build-id")
+    info.add_argument("--json", action="store_true", help="print one JSON object")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    """Run ``libcare-ctl`` with ``argv``; the exit status."""
+    args = build_parser().parse_args(argv)
+    command = COMMAND_ALIASES.get(args.command, args.command)
+    return {"patch": _patch, "unpatch": _unpatch, "info": _info}[command](args)
+
+
+def _pids(args) -> list[int] | None:
+    return None if args.pid is None else [args.pid]
+
+
+def _print_json(results: list[ProcessResult]) -> None:
+    print(json.dumps({"processes": [r.to_json() for r in results], "summary": summarize_results(results)},
+                     indent=2))
+
+
+def _patch(args) -> int:
+    results = api.patch_processes(args.source, _pids(args), level=args.level, timeout=args.timeout,
+                                  retries=args.retries, check=args.check)
+    ok = all(result.ok for result in results)
+    if args.json:
+        _print_json(results)
+        return EXIT_OK if ok else EXIT_FAILED
+    for result in results:
+        _report_patch(result, args)
+    if args.pid is None and not results:
+        print(f"No patch(es) in '{args.source}' match a running process")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _report_patch(result: ProcessResult, args) -> None:
+    if result.error:
+        print(f"Failed to apply patch '{args.source}' to PID '{result.pid}': {result.error}", file=sys.stderr)
+        return
+    applied = [o for o in result.objects if o.action == "applied"]
+    failed = [o for o in result.objects if o.action == "failed"]
+    for obj in result.objects:
+        line = f"{obj.path}: {obj.action}: {obj.reason}"
+        if obj.action == "failed":
+            print(f"PID '{result.pid}': {line}", file=sys.stderr)
+        elif args.verbose or obj.action == "skipped":
+            extra = f" (paused {obj.paused_us} us)" if obj.paused_us is not None else ""
+            print(line + extra)
+    if failed:
+        print(f"Failed to apply patch '{args.source}' to PID '{result.pid}'", file=sys.stderr)
+    elif applied:
+        verb = "would be" if args.check else "have been"
+        print(f"{len(applied)} patch hunk(s) {verb} successfully applied to PID '{result.pid}'")
+    elif not result.objects:
+        print(f"No patch(es) applicable to PID '{result.pid}' have been found")
+
+
+def _unpatch(args) -> int:
+    results = api.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check)
+    ok = all(result.ok for result in results)
+    if args.json:
+        _print_json(results)
+        return EXIT_OK if ok else EXIT_FAILED
+    for result in results:
+        if result.error:
+            print(f"Failed to cancel patches for {result.pid}: {result.error}", file=sys.stderr)
+            continue
+        failed = [o for o in result.objects if o.action == "failed"]
+        removed = [o for o in result.objects if o.action == "removed"]
+        if args.verbose:
+            for obj in result.objects:
+                print(f"{obj.path}: {obj.action}: {obj.reason}")
+        if failed:
+            print(f"Failed to cancel patches for {result.pid}: {failed[0].reason}", file=sys.stderr)
+        elif removed:
+            verb = "would be" if args.check else "were"
+            print(f"{len(removed)} patch hunk(s) {verb} successfully cancelled from PID '{result.pid}'")
+        else:
+            print(f"No patch(es) cancellable from PID '{result.pid}' were found")
+    return EXIT_OK if ok else EXIT_FAILED
+
+
+def _info_source(args) -> str | None:
+    if args.store is None:
+        return DEFAULT_STORE if os.path.exists(DEFAULT_STORE) else None
+    if args.store in ("", "/dev/null"):
+        return None
+    return args.store
+
+
+def _info(args) -> int:
+    infos = api.info_processes(_pids(args), _info_source(args))
+    if args.build_id:
+        wanted = args.build_id.lower()
+        infos = [ProcessInfo(i.pid, i.comm, tuple(o for o in i.objects if o.build_id == wanted), i.unpatchable)
+                 for i in infos if any(o.build_id == wanted for o in i.objects)]
+    failed = [i for i in infos if i.unpatchable and not i.objects]
+    if args.json:
+        print(json.dumps({"processes": [i.to_json() for i in infos]}, indent=2))
+        return EXIT_FAILED if failed and args.pid is not None else EXIT_OK
+    for info in infos:
+        if info.unpatchable and not info.objects:
+            print(f"pid={info.pid}: {info.unpatchable}", file=sys.stderr)
+            continue
+        if args.build_id:
+            print(f"pid={info.pid} comm={info.comm}")
+            for obj in info.objects:
+                print(f"{os.path.basename(obj.path)} {obj.build_id}")
+            continue
+        shown = [o for o in info.objects
+                 if args.verbose or args.pid is not None or o.applied_level is not None
+                 or o.available_level is not None]
+        if not shown:
+            continue
+        print(f"pid={info.pid} comm={info.comm}")
+        for obj in shown:
+            line = f"{os.path.basename(obj.path)} buildid={obj.build_id or '-'}"
+            if obj.applied_level is not None:
+                line += f" patchlvl={obj.applied_level}"
+            if obj.available_level is not None:
+                line += f" latest={obj.available_level}"
+                if obj.applied_level is None or obj.applied_level < obj.available_level:
+                    line += " VULNERABLE"
+            if obj.functions:
+                line += " functions=" + ",".join(obj.functions)
+            print(line)
+    return EXIT_FAILED if failed and args.pid is not None else EXIT_OK

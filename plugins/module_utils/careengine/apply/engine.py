@@ -1,0 +1,652 @@
+"""Patch, unpatch and report one process: the steps of the algorithm, in order.
+
+Patch (:func:`patch_process`):
+
+1. :func:`read_patient`         maps, mapped objects (build-ids from memory), applied patches;
+2. :func:`match_patches`        objects whose build-id the source has a patch for;
+3. :func:`decide_level`         apply, replace a lower level, or skip/fail (levels);
+4. :func:`plan_object`          resolve imports, choose the address, link the image —
+                                all before the patient is stopped;
+5. :func:`apply_plans`          stop the patient, then: map, write, resolve IFUNCs,
+                                save original bytes, :func:`wait_until_safe`, remove a
+                                replaced level, write the jumps, resume. Any error
+                                rolls everything back (:class:`Journal`).
+
+Unpatch (:func:`unpatch_process`) checks that no thread is anywhere in the patch
+mapping (new functions and the jump table included), restores the saved bytes and
+unmaps. Info (:func:`info_process`) only reads memory: it never stops the patient.
+
+Memory protection: the patch mapping stays read-write-execute, as LibCare's does. Its
+ELF image interleaves ``.kpatch.text`` and ``.kpatch.data`` within pages, so splitting
+protections would mean re-laying out the image; one RWX anonymous mapping is what
+``info``/``unpatch`` (ours and LibCare's) recognise.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+from dataclasses import dataclass, field
+
+from ..errors import BuildIdMismatch, CareError, ProcessError, SymbolNotFound, UnsafeToPatch
+from ..patchfile import (
+    JUMP_SIZE,
+    NEW_SYMBOL_SUFFIX,
+    InfoEntry,
+    PatchFile,
+    PatchHeader,
+    decode_header,
+    decode_info_table,
+)
+from ..process import (
+    MappedObject,
+    Mapping,
+    StoppedProcess,
+    find_applied_patches,
+    free_holes,
+    mapped_objects,
+    read_maps,
+    read_ranges,
+    read_ranges_lenient,
+)
+from ..results import ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
+from ..storage import PatchSource
+from .image import IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
+from .layout import (
+    JUMP_ENTRY_SLOT,
+    PlacementError,
+    choose_address,
+    jump_instruction,
+    reach_window,
+)
+from .objects import ObjectFile, object_file, search_order
+from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder
+
+PROT_RWX = 0x7
+MAP_PRIVATE = 0x02
+MAP_ANONYMOUS = 0x20
+MAP_FIXED_NOREPLACE = 0x100000
+HEAP_RESERVE = 64 << 20          # leave room above [heap] for brk to grow
+_FIRST_RETRY_DELAY = 0.005
+_MAX_RETRY_DELAY = 0.1
+
+
+# ---------------------------------------------------------------------------- facts
+@dataclass(frozen=True)
+class AppliedPatch:
+    """A patch found applied in a patient, reconstructed from its memory alone."""
+
+    mapping: Mapping
+    header: PatchHeader
+    identity: int
+    entries: tuple[InfoEntry, ...]
+    undo: tuple[bytes, ...]          # the saved original bytes, per entry
+    names: tuple[str, ...]           # per entry: the function's name
+
+    @property
+    def build_id(self) -> str:
+        return self.header.build_id
+
+    @property
+    def level(self) -> int:
+        return self.header.level
+
+    @property
+    def replaced_functions(self) -> tuple[str, ...]:
+        return tuple(name for name, entry in zip(self.names, self.entries, strict=True) if not entry.is_new)
+
+
+@dataclass
+class Patient:
+    """What we know of a process before stopping it."""
+
+    pid: int
+    comm: str
+    mappings: list[Mapping]
+    objects: list[MappedObject]
+    applied: dict[str, AppliedPatch]
+    files: dict[int, ObjectFile] = field(default_factory=dict)   # id(MappedObject) -> parsed file
+
+    def file_of(self, mapped: MappedObject) -> ObjectFile:
+        parsed = self.files.get(id(mapped))
+        if parsed is None:
+            parsed = object_file(self.pid, mapped)
+            self.files[id(mapped)] = parsed
+        return parsed
+
+    def executable(self) -> MappedObject | None:
+        try:
+            exe = os.path.realpath(f"/proc/{self.pid}/exe")
+        except OSError:
+            exe = ""
+        for mapped in self.objects:
+            if mapped.path == exe:
+                return mapped
+        return self.objects[0] if self.objects else None
+
+
+@dataclass
+class ObjectPlan:
+    """One object to patch in one process, prepared before stopping it."""
+
+    mapped: MappedObject
+    image: PatchImage
+    linked: LinkedPatch
+    ifuncs: dict[str, int]               # import name -> resolver address
+    import_addresses: dict[str, int]
+    replaces: AppliedPatch | None = None
+
+
+def read_comm(pid: int) -> str:
+    """The process name, or '' when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8", errors="replace") as stream:
+            return stream.read().strip()
+    except OSError:
+        return ""
+
+
+def _strip_new_suffix(name: str) -> str:
+    return name[: -len(NEW_SYMBOL_SUFFIX)] if name.endswith(NEW_SYMBOL_SUFFIX) else name
+
+
+def decode_applied(mapping: Mapping, header_bytes: bytes, contents: bytes | None) -> AppliedPatch:
+    """An applied patch from its mapping's bytes (header, info table, undo area, names)."""
+    header = decode_header(header_bytes)
+    identity = struct.unpack_from("<I", header_bytes, IDENTITY_FIELD)[0]
+    entries: list[InfoEntry] = []
+    undo: list[bytes] = []
+    names: list[str] = []
+    if contents is not None and 0 < header.user_info < len(contents):
+        entries = decode_info_table(contents[header.user_info:])
+        for index, entry in enumerate(entries):
+            start = header.user_undo + JUMP_SIZE * index
+            undo.append(contents[start:start + JUMP_SIZE])
+            offset = entry.symstr - mapping.start
+            name = ""
+            if 0 <= offset < len(contents):
+                name = contents[offset:contents.find(b"\0", offset)].decode("utf-8", "replace")
+            names.append(_strip_new_suffix(name) or f"<function at {entry.daddr or entry.saddr:#x}>")
+    return AppliedPatch(mapping, header, identity, tuple(entries), tuple(undo), tuple(names))
+
+
+def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, AppliedPatch]:
+    """Applied patches by target build-id (one bulk read of their mappings)."""
+    found = find_applied_patches(pid, mappings)
+    contents = read_ranges_lenient(pid, [(mapping.start, mapping.size) for mapping, _ in found]) if found else []
+    applied = {}
+    for (mapping, header_bytes), data in zip(found, contents, strict=True):
+        try:
+            patch = decode_applied(mapping, header_bytes, data)
+        except CareError:
+            continue
+        applied[patch.build_id] = patch
+    return applied
+
+
+def read_patient(pid: int) -> Patient:
+    """Step 1: maps, mapped objects and applied patches (no stopping)."""
+    comm = read_comm(pid)
+    mappings = read_maps(pid)
+    objects = mapped_objects(pid, mappings)
+    return Patient(pid, comm, mappings, objects, read_applied_patches(pid, mappings))
+
+
+# ---------------------------------------------------------------------------- matching
+def match_patches(patient: Patient, source: PatchSource, level: int | None) -> list[tuple[MappedObject, PatchFile]]:
+    """Step 2: the mapped objects the source has a patch for, with that patch."""
+    matches = []
+    seen: set[str] = set()
+    for mapped in patient.objects:
+        if not mapped.build_id or mapped.build_id in seen:
+            continue
+        if source.store is not None:
+            found = source.store.find(mapped.build_id, level)
+        else:
+            found = source.find(mapped.build_id)
+        if found is None:
+            continue
+        seen.add(mapped.build_id)
+        patch = source.load(found)
+        if level is not None and source.store is None:
+            patch = patch.with_level(level)
+        if patch.build_id != mapped.build_id:
+            raise BuildIdMismatch(f"patch {found.path} is for build-id {patch.build_id}, not {mapped.build_id}")
+        matches.append((mapped, patch))
+    return matches
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with one object: apply, replace, skipped or failed."""
+
+    action: str
+    reason: str = ""
+
+
+def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
+    """Step 3: the patch-level rules."""
+    if applied is None:
+        return Decision("apply")
+    requested = image.level
+    if applied.level == requested:
+        same = applied.identity == image.identity if applied.identity else (
+            applied.header.csum != 0 and applied.header.csum == image.patch.header.csum)
+        if same:
+            return Decision("skipped", f"level {requested} is already applied")
+        return Decision("failed", f"a different patch is already applied at level {requested}; "
+                                  "give the new patch a higher level")
+    if requested > applied.level:
+        return Decision("replace", f"replacing level {applied.level} with level {requested}")
+    return Decision("skipped", f"level {applied.level} is applied, newer than the requested level {requested}")
+
+
+# ---------------------------------------------------------------------------- planning
+def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -> tuple[dict[str, int], dict[str, int]]:
+    """Addresses of the symbols the patch imports, as the dynamic linker would bind them.
+
+    Search order: the executable, its DT_NEEDED libraries breadth first, other objects;
+    a versioned name (``puts@GLIBC_2.2.5``) binds to that version only. The first
+    definition wins, weak or strong (glibc's rule, so the patch binds as the process
+    does); an undefined weak reference that nothing defines is 0; the target's own
+    ``.symtab`` (locals too) is the last resort. Returns (addresses, IFUNC resolvers).
+    """
+    if not image.imports:
+        return {}, {}
+    for mapped in patient.objects:
+        patient.file_of(mapped)
+    order = search_order(patient.objects, patient.executable(), patient.files)
+    weak_imports = {s.name for s in image.symbols if s.is_import and s.bind == 2}
+    addresses: dict[str, int] = {}
+    ifuncs: dict[str, int] = {}
+    for name in image.imports:
+        base, version = split_import(name)
+        found = None
+        for mapped in order:
+            symbol = patient.file_of(mapped).lookup_dynamic(base, version)
+            if symbol is not None:
+                found = (mapped, symbol)
+                break
+        if found is None:
+            symbol = patient.file_of(target).lookup_local(base)
+            if symbol is not None:
+                found = (target, symbol)
+        if found is None:
+            if name in weak_imports:
+                addresses[name] = 0
+                continue
+            raise SymbolNotFound(f"symbol {name} needed by the patch for {target.path} is defined in none of "
+                                 f"the objects loaded in process {patient.pid}")
+        mapped, symbol = found
+        address = mapped.load_bias + symbol.vaddr
+        addresses[name] = address
+        if symbol.is_ifunc:
+            ifuncs[name] = address
+    return addresses, ifuncs
+
+
+def choose_patch_address(mappings: list[Mapping], target: MappedObject, size: int,
+                         taken: list[tuple[int, int]]) -> int:
+    """Step 4b: a free range within ±2 GiB of the object (see layout.choose_address)."""
+    occupied = list(mappings) + [Mapping(start, end, "---p", 0, "00:00", 0, "") for start, end in taken]
+    holes = free_holes(occupied)
+    avoid = [(m.end, m.end + HEAP_RESERVE) for m in mappings if m.path == "[heap]"]
+    return choose_address(holes, target.start, target.end, size, avoid)
+
+
+def plan_object(patient: Patient, mapped: MappedObject, image: PatchImage, taken: list[tuple[int, int]],
+                replaces: AppliedPatch | None) -> ObjectPlan:
+    """Step 4: everything for one object that needs no stopped patient."""
+    import_addresses, ifuncs = resolve_imports(patient, image, mapped)
+    size = image.layout().mapping_size
+    address = choose_patch_address(patient.mappings, mapped, size, taken)
+    taken.append((address, address + size))
+    linked = link_patch(image, address, mapped.load_bias, import_addresses)
+    _check_entries(linked, mapped)
+    return ObjectPlan(mapped, image, linked, ifuncs, import_addresses, replaces)
+
+
+def _check_entries(linked: LinkedPatch, mapped: MappedObject) -> None:
+    for entry in linked.entries:
+        if entry.is_new:
+            continue
+        if not any(m.contains(entry.daddr) and m.contains(entry.daddr + JUMP_SIZE - 1) and m.executable
+                   for m in mapped.mappings):
+            raise BuildIdMismatch(f"the patch for {mapped.path} replaces code at {entry.daddr:#x}, which is not "
+                                  "in its executable mappings: wrong patch for this object")
+
+
+# ---------------------------------------------------------------------------- the stop
+class Journal:
+    """Every change made to a stopped patient, so any failure can undo all of them."""
+
+    def __init__(self, patient: StoppedProcess) -> None:
+        self.patient = patient
+        self.writes: list[tuple[int, bytes]] = []     # (address, bytes before)
+        self.mappings: list[tuple[int, int]] = []     # (address, size) mapped by us
+
+    def write(self, address: int, data: bytes, before: bytes) -> None:
+        self.writes.append((address, before))
+        self.patient.write(address, data)
+
+    def rollback(self) -> None:
+        for address, before in reversed(self.writes):
+            try:
+                self.patient.write(address, before)
+            except CareError:
+                pass
+        for address, size in reversed(self.mappings):
+            try:
+                self.patient.munmap(address, size)
+            except CareError:
+                pass
+        self.writes.clear()
+        self.mappings.clear()
+
+
+def map_patch(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> None:
+    """Step 5a: mmap the planned range in the patient (relink if it lands elsewhere)."""
+    size = plan.linked.layout.mapping_size
+    wanted = plan.linked.address
+    try:
+        address = stopped.mmap(wanted, size, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+    except ProcessError:
+        # The range was taken since we read the maps: plan again from the current ones.
+        mappings = read_maps(stopped.pid)
+        wanted = choose_patch_address(mappings, plan.mapped, size, [])
+        address = stopped.mmap(wanted, size, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+    journal.mappings.append((address, size))
+    if address != plan.linked.address:
+        low, high = reach_window(plan.mapped.start, plan.mapped.end, size)
+        if not low <= address <= high - size:
+            raise PlacementError(f"the kernel placed the patch for {plan.mapped.path} at {address:#x}, out of reach")
+        plan.linked = link_patch(plan.image, address, plan.mapped.load_bias, plan.import_addresses)
+
+
+def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
+    """Step 5c: call IFUNC resolvers in the patient; point their jump entries at the result."""
+    layout = plan.linked.layout
+    trap = plan.linked.address + layout.trap_offset
+    for index, name in enumerate(plan.image.imports):
+        resolver = plan.ifuncs.get(name)
+        if resolver is None:
+            continue
+        target = stopped.remote_call(resolver, (), trap)
+        slot = plan.linked.address + layout.jump_entry_offset(index) + JUMP_ENTRY_SLOT
+        stopped.write(slot, struct.pack("<Q", target))
+
+
+def save_original_bytes(stopped: StoppedProcess, plan: ObjectPlan) -> list[bytes]:
+    """Step 5d: the original 5 bytes of every replaced function, kept in the undo area."""
+    entries = plan.linked.entries
+    originals: list[bytes] = [b"\0" * JUMP_SIZE] * len(entries)
+    saved_before: dict[int, bytes] = {}
+    if plan.replaces is not None:
+        for entry, undo in zip(plan.replaces.entries, plan.replaces.undo, strict=False):
+            if not entry.is_new:
+                saved_before[entry.daddr] = undo
+    wanted = [(i, e.daddr) for i, e in enumerate(entries) if not e.is_new and e.daddr not in saved_before]
+    current = read_ranges(stopped.pid, [(address, JUMP_SIZE) for _, address in wanted]) if wanted else []
+    for (index, _), data in zip(wanted, current, strict=True):
+        originals[index] = data
+    for index, entry in enumerate(entries):
+        if entry.daddr in saved_before and not entry.is_new:
+            originals[index] = saved_before[entry.daddr]
+    undo_area = b"".join(originals)
+    stopped.write(plan.linked.address + plan.linked.layout.user_undo, undo_area)
+    return originals
+
+
+def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
+    """Code no thread may be in while ``plan`` is applied."""
+    ranges = [GuardedRange(entry.daddr, entry.dlen, name)
+              for entry, name, new in zip(plan.linked.entries, plan.image.entry_names, plan.image.entry_is_new,
+                                          strict=False)
+              if not new and not entry.is_new]
+    if plan.replaces is not None:
+        ranges.append(guarded_patch_range(plan.replaces))
+    return ranges
+
+
+def guarded_patch_range(applied: AppliedPatch) -> GuardedRange:
+    """The whole mapping of an applied patch: new code, new functions, jump table."""
+    functions = ", ".join(applied.replaced_functions) or "new functions"
+    return GuardedRange(applied.mapping.start, applied.mapping.size,
+                        f"the level-{applied.level} patch code ({functions})")
+
+
+def _merge(ranges: list[GuardedRange]) -> list[GuardedRange]:
+    """Drop overlapping ranges (keep the first) so the index stays bisectable."""
+    merged: list[GuardedRange] = []
+    for guarded in sorted(ranges, key=lambda r: r.start):
+        if merged and guarded.start < merged[-1].start + merged[-1].size:
+            continue
+        merged.append(guarded)
+    return merged
+
+
+def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[GuardedRange], timeout: float,
+                    action: str) -> None:
+    """Step 5e: no thread inside ``ranges``; else let the patient run a little and look
+    again, until ``timeout``; then UnsafeToPatch naming the thread and the function."""
+    ranges = _merge([r for r in ranges if r.size > 0])
+    if not ranges:
+        return
+    for mapped in patient.objects:
+        try:
+            patient.file_of(mapped)
+        except CareError:
+            pass
+    rule_at = make_rule_finder(patient.objects, patient.files)
+    deadline = time.monotonic() + timeout
+    delay = _FIRST_RETRY_DELAY
+    mappings = patient.mappings
+    fresh = False
+    while True:
+        threads = [ThreadState(tid, _registers(stopped, tid)) for tid in stopped.tids]
+        if not fresh and not _stacks_known(threads, mappings):
+            mappings = read_maps(patient.pid)
+            fresh = True
+        busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at)
+        if not busy:
+            return
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise UnsafeToPatch(f"cannot {action} process {patient.pid}: {busy[0].describe()} "
+                                f"for {timeout:g}s; try again later or raise the timeout")
+        stopped.run_for(min(delay, remaining))
+        delay = min(delay * 2, _MAX_RETRY_DELAY)
+        fresh = False
+
+
+def _registers(stopped: StoppedProcess, tid: int) -> dict[str, int]:
+    regs = stopped.get_regs(tid)
+    return {name: getattr(regs, name) for name in ("rip", "rsp", "rbp", "rbx", "r12", "r13", "r14", "r15")}
+
+
+def _stacks_known(threads: list[ThreadState], mappings: list[Mapping]) -> bool:
+    return all(any(m.contains(t.registers["rsp"]) for m in mappings) for t in threads)
+
+
+def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes], journal: Journal) -> None:
+    """Step 5g: ``jmp rel32`` at every replaced function, to its new code."""
+    for entry, original in zip(plan.linked.entries, originals, strict=True):
+        if entry.is_new:
+            continue
+        journal.write(entry.daddr, jump_instruction(entry.daddr, entry.saddr), original)
+
+
+def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Journal) -> None:
+    """Put back the original bytes of every function ``applied`` replaced."""
+    for entry, undo in zip(applied.entries, applied.undo, strict=True):
+        if entry.is_new:
+            continue
+        current = stopped.read(entry.daddr, JUMP_SIZE)
+        if current != jump_instruction(entry.daddr, entry.saddr):
+            raise ProcessError(f"the code at {entry.daddr:#x} is not the jump this patch wrote; "
+                               "something else changed it: refusing to restore it")
+        journal.write(entry.daddr, undo, current)
+
+
+def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
+    """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns."""
+    with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
+        journal = Journal(stopped)
+        try:
+            for plan in plans:
+                map_patch(stopped, plan, journal)
+                stopped.write(plan.linked.address, plan.linked.mapping)
+                if plan.ifuncs:
+                    resolve_ifuncs(stopped, plan)
+            originals = [save_original_bytes(stopped, plan) for plan in plans]
+            ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
+            wait_until_safe(stopped, patient, ranges, timeout, "patch")
+            for plan in plans:
+                if plan.replaces is not None:
+                    remove_applied(stopped, plan.replaces, journal)
+            for plan, saved in zip(plans, originals, strict=True):
+                write_jumps(stopped, plan, saved, journal)
+        except BaseException:
+            journal.rollback()
+            raise
+        for plan in plans:
+            if plan.replaces is not None:
+                try:
+                    stopped.munmap(plan.replaces.mapping.start, plan.replaces.mapping.size)
+                except CareError:
+                    pass    # unreferenced now; only memory is lost
+    return stopped.paused_ns
+
+
+# ---------------------------------------------------------------------------- patch
+def patch_process(pid: int, source: PatchSource, *, level: int | None = None, timeout: float = 5.0,
+                  retries: int = 0, check: bool = False) -> ProcessResult:
+    """Apply the source's patches to every matching object of process ``pid``.
+
+    ``retries``: further whole attempts (stop, check, resume) after a busy refusal.
+    """
+    patient = read_patient(pid)
+    matches = match_patches(patient, source, level)
+    results: dict[int, ObjectResult] = {}
+    plans: list[ObjectPlan] = []
+    taken: list[tuple[int, int]] = []
+    for mapped, patch in matches:
+        applied = patient.applied.get(mapped.build_id or "")
+        previous = applied.level if applied else None
+        try:
+            image = read_patch_image(patch)
+            decision = decide_level(image, applied)
+            if decision.action in ("apply", "replace"):
+                plans.append(plan_object(patient, mapped, image, taken,
+                                         applied if decision.action == "replace" else None))
+                continue
+            results[id(mapped)] = ObjectResult(
+                mapped.path, mapped.build_id or "", decision.action,
+                applied_level=previous, previous_level=previous, reason=decision.reason,
+                functions=applied.replaced_functions if applied else image.replaced_functions)
+        except CareError as exc:
+            results[id(mapped)] = ObjectResult(mapped.path, mapped.build_id or "", "failed", previous, previous,
+                                               str(exc))
+    paused_us = None
+    failure = ""
+    if plans and not check:
+        for attempt in range(retries + 1):
+            try:
+                paused_us = apply_plans(pid, patient, plans, timeout) // 1000
+                break
+            except UnsafeToPatch as exc:
+                failure = str(exc)
+                if attempt == retries:
+                    break
+                failure = ""
+            except CareError as exc:
+                failure = str(exc)
+                break
+    for plan in plans:
+        previous = plan.replaces.level if plan.replaces else None
+        if failure:
+            result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "failed", previous, previous,
+                                  failure, None, plan.image.replaced_functions)
+        else:
+            reason = (f"replaced level {previous} with level {plan.image.level}" if plan.replaces
+                      else f"level {plan.image.level} applied")
+            if check:
+                reason = "would have " + reason
+            result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "applied", plan.image.level,
+                                  previous, reason, paused_us, plan.image.replaced_functions)
+        results[id(plan.mapped)] = result
+    ordered = [results[id(m)] for m, _ in matches if id(m) in results]
+    return ProcessResult(pid, patient.comm, tuple(ordered), "", paused_us)
+
+
+# ---------------------------------------------------------------------------- unpatch
+def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: float = 5.0,
+                    check: bool = False) -> ProcessResult:
+    """Remove applied patches (all, or those for ``build_ids``) from process ``pid``."""
+    patient = read_patient(pid)
+    wanted = {b.lower() for b in build_ids} if build_ids else None
+    paths = {m.build_id: m.path for m in patient.objects if m.build_id}
+    selected = [a for a in patient.applied.values() if wanted is None or a.build_id in wanted
+                or os.path.basename(paths.get(a.build_id, "")) in wanted]
+    if not selected:
+        return ProcessResult(pid, patient.comm, (), "", None)
+    paused_us = None
+    failure = ""
+    if not check:
+        try:
+            with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
+                journal = Journal(stopped)
+                try:
+                    wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in selected], timeout, "unpatch")
+                    for applied in selected:
+                        remove_applied(stopped, applied, journal)
+                    for applied in selected:
+                        stopped.munmap(applied.mapping.start, applied.mapping.size)
+                except BaseException:
+                    journal.mappings.clear()      # never unmap a patch we did not finish removing
+                    journal.rollback()
+                    raise
+            paused_us = stopped.paused_ns // 1000
+        except CareError as exc:
+            failure = str(exc)
+    results = []
+    for applied in selected:
+        path = paths.get(applied.build_id, f"[kpatch-{applied.build_id}]")
+        if failure:
+            results.append(ObjectResult(path, applied.build_id, "failed", applied.level, applied.level, failure,
+                                        None, applied.replaced_functions))
+        else:
+            reason = f"level {applied.level} {'would be ' if check else ''}removed"
+            results.append(ObjectResult(path, applied.build_id, "removed", None, applied.level, reason,
+                                        paused_us, applied.replaced_functions))
+    return ProcessResult(pid, patient.comm, tuple(results), "", paused_us)
+
+
+# ---------------------------------------------------------------------------- info
+def info_process(pid: int, source: PatchSource | None = None) -> ProcessInfo:
+    """What is mapped and applied in process ``pid`` (memory reads only, never ptrace)."""
+    patient = read_patient(pid)
+    objects = []
+    seen_ids: set[str] = set()
+    for mapped in patient.objects:
+        applied = patient.applied.get(mapped.build_id or "")
+        available = None
+        if source is not None and mapped.build_id:
+            try:
+                found = source.find(mapped.build_id)
+            except CareError:
+                found = None
+            available = found.level if found is not None else None
+        if mapped.build_id:
+            seen_ids.add(mapped.build_id)
+        objects.append(ObjectInfo(mapped.path, mapped.build_id, applied.level if applied else None, available,
+                                  applied.replaced_functions if applied else ()))
+    for build_id, applied in patient.applied.items():
+        if build_id not in seen_ids:
+            objects.append(ObjectInfo(f"[kpatch-{build_id}]", build_id, applied.level, None,
+                                      applied.replaced_functions))
+    unpatchable = ""
+    if not any(m.build_id for m in patient.objects):
+        unpatchable = "no mapped object has a GNU build-id"
+    return ProcessInfo(pid, patient.comm, tuple(objects), unpatchable)

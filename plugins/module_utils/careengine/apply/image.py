@@ -1,0 +1,286 @@
+"""The patch's relocatable ELF: read once, then linked for one address in one process.
+
+:func:`read_patch_image` parses sections, symbols and relocations (pure, cached by the
+patch's bytes). :func:`link_patch` produces the bytes of the whole patch mapping for a
+given mapping address, load bias and resolved imports — pure too, so everything except
+IFUNC targets is computed before the patient is stopped.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from ..errors import PatchFormatError
+from ..patchfile import (
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    INFO_ENTRY_SIZE,
+    SECTION_INFO,
+    InfoEntry,
+    PatchFile,
+    decode_info_table,
+    summarize,
+)
+from .layout import TRAP_BYTE, PatchLayout, jump_table_bytes, plan_layout
+from .objects import split_version
+from .relocate import Relocation, RelocationError, RelocationInput, apply_relocations, relocation_name
+
+SHN_UNDEF = 0
+SHN_ABS = 0xFFF1
+STT_SECTION = 3
+STT_TLS = 6
+STB_LOCAL = 0
+STB_WEAK = 2
+# Apply-time identity of the patch: CRC-32 of the file's (unrelocated) ELF image, kept in
+# the header's entries[3] in the patient copy, so "the same patch at the same level" is
+# recognised from memory alone.
+IDENTITY_FIELD = HEADER_OFFSETS["_entries_rest"]
+
+
+@dataclass(frozen=True)
+class ImageSection:
+    index: int
+    name: str
+    nobits: bool
+    sh_addr: int
+    sh_offset: int
+    size: int
+
+
+@dataclass(frozen=True)
+class ImageSymbol:
+    name: str
+    value: int
+    shndx: int
+    sym_type: int
+    bind: int
+
+    @property
+    def is_import(self) -> bool:
+        """An undefined, non-local, non-TLS symbol: found in the patient's libraries."""
+        return self.shndx == SHN_UNDEF and self.bind != STB_LOCAL and self.sym_type != STT_TLS and bool(self.name)
+
+
+@dataclass(frozen=True)
+class ImageRelocation:
+    section: int         # index of the section the place is in
+    offset: int          # place, relative to that section
+    symbol: int
+    rtype: int
+    addend: int
+
+
+@dataclass(frozen=True)
+class PatchImage:
+    """A patch's ELF image, parsed."""
+
+    patch: PatchFile
+    sections: tuple[ImageSection, ...]
+    symbols: tuple[ImageSymbol, ...]
+    relocations: tuple[ImageRelocation, ...]
+    info_offset: int                    # of .kpatch.info in the ELF image
+    info_count: int
+    imports: tuple[str, ...]            # undefined symbol names, jump-table order
+    entry_names: tuple[str, ...]        # per info record: the function's name
+    entry_is_new: tuple[bool, ...]
+    identity: int
+
+    @property
+    def build_id(self) -> str:
+        return self.patch.build_id
+
+    @property
+    def level(self) -> int:
+        return self.patch.level
+
+    @property
+    def replaced_functions(self) -> tuple[str, ...]:
+        return tuple(name for name, new in zip(self.entry_names, self.entry_is_new, strict=True) if not new)
+
+    def layout(self) -> PatchLayout:
+        return plan_layout(self.patch.header.total_size, len(self.imports), self.info_count)
+
+
+_images: dict[tuple[int, int, int], PatchImage] = {}
+
+
+def patch_identity(patch: PatchFile) -> int:
+    """What tells two patches apart: CRC-32 of the ELF image (never 0)."""
+    return zlib.crc32(patch.elf_image) or 1
+
+
+def read_patch_image(patch: PatchFile) -> PatchImage:
+    """Parse the patch's ELF image (cached by content)."""
+    identity = patch_identity(patch)
+    key = (identity, len(patch.elf_image), patch.level)
+    cached = _images.get(key)
+    if cached is not None:
+        return cached
+    try:
+        image = _parse(patch, identity)
+    except PatchFormatError:
+        raise
+    except (ELFError, ValueError, KeyError, struct.error, IndexError) as exc:
+        raise PatchFormatError(f"patch for {patch.build_id}: ELF image is corrupt: {exc}") from None
+    if len(_images) > 64:
+        _images.clear()
+    _images[key] = image
+    return image
+
+
+def _number(value, table: dict[str, int]) -> int:
+    return value if isinstance(value, int) else table.get(value, 0)
+
+
+_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4, "STT_TLS": 6,
+          "STT_LOOS": 10, "STT_GNU_IFUNC": 10}
+_BINDS = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2}
+_SHNDX = {"SHN_UNDEF": SHN_UNDEF, "SHN_ABS": SHN_ABS, "SHN_COMMON": 0xFFF2}
+
+
+def _parse(patch: PatchFile, identity: int) -> PatchImage:
+    elf = ELFFile(io.BytesIO(patch.elf_image))
+    sections = []
+    for index, section in enumerate(elf.iter_sections()):
+        sections.append(ImageSection(index, section.name, section["sh_type"] == "SHT_NOBITS", section["sh_addr"],
+                                     section["sh_offset"], section["sh_size"]))
+    symtab = elf.get_section_by_name(".symtab")
+    if symtab is None:
+        raise PatchFormatError(f"patch for {patch.build_id} has no symbol table")
+    symbols = tuple(
+        ImageSymbol(symbol.name, symbol["st_value"], _number(symbol["st_shndx"], _SHNDX),
+                    _number(symbol["st_info"]["type"], _TYPES), _number(symbol["st_info"]["bind"], _BINDS))
+        for symbol in symtab.iter_symbols()
+    )
+    relocations = []
+    for section in elf.iter_sections():
+        if section["sh_type"] == "SHT_REL":
+            raise PatchFormatError(f"patch for {patch.build_id}: SHT_REL section {section.name} is not supported")
+        if section["sh_type"] != "SHT_RELA":
+            continue
+        target = sections[section["sh_info"]]
+        entries = list(section.iter_relocations())
+        if target.nobits:
+            # binutils 2.40 leaves .rela.* of stripped sections full of R_X86_64_NONE.
+            if any(entry["r_info_type"] != 0 for entry in entries):
+                raise PatchFormatError(
+                    f"patch for {patch.build_id}: {section.name} relocates {target.name}, which has no contents"
+                )
+            continue
+        for entry in entries:
+            relocations.append(ImageRelocation(target.index, entry["r_offset"], entry["r_info_sym"],
+                                               entry["r_info_type"], entry["r_addend"]))
+    info = next((s for s in sections if s.name == SECTION_INFO and not s.nobits), None)
+    if info is None:
+        raise PatchFormatError(f"patch for {patch.build_id} has no {SECTION_INFO} section")
+    entries = decode_info_table(patch.elf_image[info.sh_offset:info.sh_offset + info.size])
+    summary = summarize(patch)
+    names_iter = iter(summary.functions)
+    new_iter = iter(summary.new_functions)
+    entry_names = []
+    entry_is_new = []
+    info_relocated = {r.offset for r in relocations if r.section == info.index and r.rtype != 0}
+    for number, entry in enumerate(entries):
+        is_new = entry.dlen == 0 and (number * INFO_ENTRY_SIZE) not in info_relocated
+        entry_is_new.append(is_new)
+        entry_names.append(next(new_iter, f"<new {number}>") if is_new else next(names_iter, f"<entry {number}>"))
+    imports = []
+    for relocation in relocations:
+        symbol = symbols[relocation.symbol]
+        if symbol.is_import and symbol.name not in imports:
+            imports.append(symbol.name)
+    return PatchImage(patch, tuple(sections), symbols, tuple(relocations), info.sh_offset, len(entries),
+                      tuple(imports), tuple(entry_names), tuple(entry_is_new), identity)
+
+
+@dataclass(frozen=True)
+class LinkedPatch:
+    """The bytes of a patch mapping for one address, and its info records (absolute)."""
+
+    address: int
+    layout: PatchLayout
+    mapping: bytes               # header + image + jump table + (zero) undo area + trap
+    entries: tuple[InfoEntry, ...]
+
+
+def section_addresses(image: PatchImage, address: int, load_bias: int) -> dict[int, int]:
+    """Patient address of each section: contents live in the mapping; placeholders
+    (original sections) at their link address plus the object's load bias."""
+    kpatch_offset = image.patch.header.kpatch_offset
+    addresses = {}
+    for section in image.sections:
+        if not section.nobits and section.size:
+            addresses[section.index] = address + kpatch_offset + section.sh_offset
+        elif section.sh_addr:
+            addresses[section.index] = section.sh_addr + load_bias
+        else:
+            addresses[section.index] = 0
+    return addresses
+
+
+def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses: dict[str, int]) -> LinkedPatch:
+    """Relocate ``image`` for a mapping at ``address`` in an object loaded at ``load_bias``.
+
+    ``import_addresses`` maps every name of ``image.imports`` to its address in the
+    patient (an IFUNC's resolver may be given for now and the jump table fixed later).
+    """
+    layout = image.layout()
+    kpatch_offset = image.patch.header.kpatch_offset
+    addresses = section_addresses(image, address, load_bias)
+    jump_entry = {name: address + layout.jump_entry_offset(i) for i, name in enumerate(image.imports)}
+    elf_bytes = bytearray(image.patch.elf_image)
+    relocations = []
+    for relocation in image.relocations:
+        symbol = image.symbols[relocation.symbol]
+        entry = None
+        if symbol.is_import:
+            if symbol.name not in import_addresses:
+                raise RelocationError(f"symbol {symbol.name} was not resolved")
+            value = import_addresses[symbol.name]
+            entry = jump_entry[symbol.name]
+        elif symbol.sym_type == STT_SECTION:
+            value = addresses.get(symbol.shndx, 0)
+        elif symbol.shndx == SHN_ABS or symbol.sym_type == STT_TLS:
+            value = symbol.value
+        elif symbol.shndx == SHN_UNDEF:
+            if symbol.bind == STB_WEAK or not symbol.name:
+                value = 0
+            else:
+                raise RelocationError(f"undefined local symbol {symbol.name!r} in the patch")
+        else:
+            value = addresses.get(symbol.shndx, 0) + symbol.value
+        section = image.sections[relocation.section]
+        place_in_elf = section.sh_offset + relocation.offset
+        place = address + kpatch_offset + place_in_elf
+        where = f"{section.name}+{relocation.offset:#x} ({relocation_name(relocation.rtype)} {symbol.name or '?'})"
+        relocations.append(Relocation(place_in_elf, relocation.rtype,
+                                      RelocationInput(value, relocation.addend, place, entry, load_bias), where))
+    apply_relocations(elf_bytes, relocations)
+
+    header = bytearray(image.patch.to_bytes()[:HEADER_SIZE])
+    for name, value in (("jmp_offset", layout.jmp_offset), ("user_undo", layout.user_undo),
+                        ("user_info", kpatch_offset + image.info_offset), ("user_level", image.level),
+                        ("csum", image.patch.header.csum)):
+        struct.pack_into("<I", header, HEADER_OFFSETS[name], value & 0xFFFFFFFF)
+    struct.pack_into("<I", header, IDENTITY_FIELD, image.identity)
+    mapping = bytearray(layout.mapping_size)
+    mapping[:HEADER_SIZE] = header
+    mapping[kpatch_offset:kpatch_offset + len(elf_bytes)] = elf_bytes
+    if image.imports:
+        table = jump_table_bytes([import_addresses[name] for name in image.imports])
+        mapping[layout.jmp_offset:layout.jmp_offset + len(table)] = table
+    mapping[layout.trap_offset:layout.trap_offset + 1] = TRAP_BYTE
+    info_start = kpatch_offset + image.info_offset
+    entries = tuple(decode_info_table(bytes(mapping[info_start:info_start + image.info_count * INFO_ENTRY_SIZE + 24])))
+    return LinkedPatch(address, layout, bytes(mapping), entries)
+
+
+def split_import(name: str) -> tuple[str, str | None]:
+    """An import's name and required version."""
+    return split_version(name)

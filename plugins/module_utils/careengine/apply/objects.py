@@ -1,0 +1,366 @@
+"""ELF facts of the objects a patient maps, parsed once per build-id.
+
+What apply needs from an object's file: its dynamic symbols (looked up by name through
+the GNU hash table, honouring symbol versions), its ``.symtab`` (locals too, built only
+for objects being patched), ``DT_NEEDED``/``DT_SONAME`` (the dynamic linker's search
+order), and its call frame information (an FDE found through ``.eh_frame_hdr``'s sorted
+table and decoded alone). Nothing here iterates all of libc's symbols or CFI: see
+DESIGN.md section 8.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import os
+import struct
+from dataclasses import dataclass
+
+from elftools.common.exceptions import ELFError
+from elftools.dwarf.callframe import FDE, CallFrameInfo
+from elftools.dwarf.structs import DWARFStructs
+from elftools.elf.elffile import ELFFile
+
+from ..errors import CareError
+from ..process import MappedObject
+
+SHN_UNDEF = 0
+VERSYM_HIDDEN = 0x8000
+VERSYM_INDEX_MASK = 0x7FFF
+STT_GNU_IFUNC = 10
+_SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
+                 "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10, "STT_GNU_IFUNC": 10}
+_SYMBOL_BINDS = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10, "STB_GNU_UNIQUE": 10}
+DW_EH_PE_datarel_sdata4 = 0x3B
+
+
+class ObjectFileError(CareError):
+    """The file of a mapped object cannot be read."""
+
+
+@dataclass(frozen=True)
+class SymbolDef:
+    """A symbol defined in an object, by ELF virtual address (add the load bias)."""
+
+    name: str
+    vaddr: int
+    size: int
+    sym_type: int        # STT_* number
+    bind: int            # STB_* number
+    version: str | None = None
+
+    @property
+    def is_ifunc(self) -> bool:
+        return self.sym_type == STT_GNU_IFUNC
+
+    @property
+    def is_weak(self) -> bool:
+        return self.bind == _SYMBOL_BINDS["STB_WEAK"]
+
+
+@dataclass(frozen=True)
+class FrameRule:
+    """How to find the caller's frame at one pc: CFA = reg + offset; saved registers."""
+
+    cfa_register: int | None          # DWARF register number; None: an expression (unsupported)
+    cfa_offset: int
+    saved: tuple[tuple[int, int], ...]   # (DWARF register, offset from CFA) of registers saved on the stack
+
+
+def split_version(name: str) -> tuple[str, str | None]:
+    """``puts@GLIBC_2.2.5`` -> (``puts``, ``GLIBC_2.2.5``); ``foo@@V`` too; ``foo`` -> (foo, None)."""
+    base, at, version = name.partition("@")
+    if not at:
+        return name, None
+    return base, version.lstrip("@") or None
+
+
+def gnu_hash(name: bytes) -> int:
+    """The GNU hash of a symbol name."""
+    value = 5381
+    for byte in name:
+        value = (value * 33 + byte) & 0xFFFFFFFF
+    return value
+
+
+class ObjectFile:
+    """One ELF file, opened once; lookups parse only what they need."""
+
+    def __init__(self, path: str, stream) -> None:
+        self.path = path
+        self._stream = stream
+        self.elf = ELFFile(stream)
+        self.dynsym = self.elf.get_section_by_name(".dynsym")
+        self._versym = self._section_bytes(".gnu.version")
+        self._version_names = self._read_version_names()
+        self._gnu_hash = self._parse_gnu_hash()
+        self._names_without_hash: dict[str, list[int]] | None = None
+        self._symtab_by_name: dict[str, list[SymbolDef]] | None = None
+        self.soname, self.needed = self._read_dynamic()
+        self._fde_table: tuple[list[int], list[int]] | None = None
+        self._cfi: CallFrameInfo | None = None
+        self._eh_frame_addr = 0
+        self._rules: dict[int, FrameRule | None] = {}
+
+    # ------------------------------------------------------------------ basics
+    def _section_bytes(self, name: str) -> bytes | None:
+        section = self.elf.get_section_by_name(name)
+        if section is None or section["sh_type"] == "SHT_NOBITS":
+            return None
+        return section.data()
+
+    def _read_version_names(self) -> dict[int, str]:
+        section = self.elf.get_section_by_name(".gnu.version_d")
+        names: dict[int, str] = {}
+        if section is None:
+            return names
+        for version, auxiliaries in section.iter_versions():
+            auxiliaries = list(auxiliaries)
+            if auxiliaries:
+                names[version["vd_ndx"]] = auxiliaries[0].name
+        return names
+
+    def _read_dynamic(self) -> tuple[str | None, tuple[str, ...]]:
+        section = self.elf.get_section_by_name(".dynamic")
+        if section is None:
+            return None, ()
+        soname = None
+        needed = []
+        for tag in section.iter_tags():
+            if tag.entry.d_tag == "DT_NEEDED":
+                needed.append(tag.needed)
+            elif tag.entry.d_tag == "DT_SONAME":
+                soname = tag.soname
+        return soname, tuple(needed)
+
+    def _parse_gnu_hash(self) -> tuple[int, int, tuple[int, ...], bytes, int] | None:
+        raw = self._section_bytes(".gnu.hash")
+        if raw is None or len(raw) < 16:
+            return None
+        nbuckets, symoffset, bloom_size, _ = struct.unpack_from("<4I", raw, 0)
+        buckets_at = 16 + bloom_size * 8
+        buckets = struct.unpack_from(f"<{nbuckets}I", raw, buckets_at)
+        chains_at = buckets_at + nbuckets * 4
+        return nbuckets, symoffset, buckets, raw, chains_at
+
+    # ------------------------------------------------------------------ dynamic symbols
+    def _indices_named(self, name: str) -> list[int]:
+        """Indices of ``.dynsym`` entries named ``name`` (through the hash table)."""
+        if self.dynsym is None:
+            return []
+        encoded = name.encode()
+        if self._gnu_hash is not None:
+            nbuckets, symoffset, buckets, raw, chains_at = self._gnu_hash
+            wanted = gnu_hash(encoded)
+            index = buckets[wanted % nbuckets] if nbuckets else 0
+            found = []
+            if index < symoffset:
+                return found
+            while True:
+                position = chains_at + (index - symoffset) * 4
+                if position + 4 > len(raw):
+                    break
+                chain_hash = struct.unpack_from("<I", raw, position)[0]
+                if chain_hash | 1 == wanted | 1 and self.dynsym.get_symbol(index).name == name:
+                    found.append(index)
+                if chain_hash & 1:
+                    break
+                index += 1
+            return found
+        if self._names_without_hash is None:
+            # No GNU hash table (rare): one pass, cached with the object.
+            names: dict[str, list[int]] = {}
+            for index, symbol in enumerate(self.dynsym.iter_symbols()):
+                names.setdefault(symbol.name, []).append(index)
+            self._names_without_hash = names
+        return self._names_without_hash.get(name, [])
+
+    def _version_of(self, index: int) -> tuple[int, bool]:
+        if self._versym is None or 2 * index + 2 > len(self._versym):
+            return 1, False
+        value = struct.unpack_from("<H", self._versym, 2 * index)[0]
+        return value & VERSYM_INDEX_MASK, bool(value & VERSYM_HIDDEN)
+
+    def lookup_dynamic(self, name: str, version: str | None) -> SymbolDef | None:
+        """The definition of ``name`` this object exports for a reference with ``version``.
+
+        A versioned reference binds to the definition of exactly that version (hidden,
+        i.e. non-default, versions included) or to an unversioned object's symbol; an
+        unversioned reference binds to the base or default version.
+        """
+        for index in self._indices_named(name):
+            symbol = self.dynsym.get_symbol(index)
+            if symbol["st_shndx"] == "SHN_UNDEF" or symbol["st_shndx"] == SHN_UNDEF:
+                continue
+            version_index, hidden = self._version_of(index)
+            version_name = self._version_names.get(version_index)
+            if version is not None:
+                if self._versym is not None and version_index > 1 and version_name != version:
+                    continue
+            elif hidden:
+                continue
+            return _symbol_def(symbol, version_name if version_index > 1 else None)
+        return None
+
+    # ------------------------------------------------------------------ .symtab
+    def lookup_local(self, name: str) -> SymbolDef | None:
+        """``name`` in ``.symtab`` (locals too), else ``.dynsym``; built once per object."""
+        if self._symtab_by_name is None:
+            table: dict[str, list[SymbolDef]] = {}
+            symtab = self.elf.get_section_by_name(".symtab")
+            if symtab is not None:
+                for symbol in symtab.iter_symbols():
+                    if symbol.name and symbol["st_shndx"] not in ("SHN_UNDEF", SHN_UNDEF):
+                        table.setdefault(symbol.name, []).append(_symbol_def(symbol, None))
+            self._symtab_by_name = table
+        found = self._symtab_by_name.get(name)
+        if found:
+            # A global definition wins over a local of the same name.
+            return sorted(found, key=lambda s: s.bind == _SYMBOL_BINDS["STB_LOCAL"])[0]
+        return self.lookup_dynamic(name, None)
+
+    # ------------------------------------------------------------------ CFI
+    def _load_fde_table(self) -> tuple[list[int], list[int]]:
+        if self._fde_table is not None:
+            return self._fde_table
+        starts: list[int] = []
+        fdes: list[int] = []
+        header = self.elf.get_section_by_name(".eh_frame_hdr")
+        eh_frame = self.elf.get_section_by_name(".eh_frame")
+        if header is not None and eh_frame is not None and eh_frame["sh_type"] != "SHT_NOBITS":
+            raw = header.data()
+            if len(raw) >= 12 and raw[0] == 1 and raw[3] == DW_EH_PE_datarel_sdata4 and raw[2] == 0x03:
+                count = struct.unpack_from("<I", raw, 8)[0]
+                pairs = struct.unpack_from(f"<{2 * count}i", raw, 12)
+                base = header["sh_addr"]
+                starts = [base + value for value in pairs[0::2]]
+                fdes = [base + value for value in pairs[1::2]]
+            self._eh_frame_addr = eh_frame["sh_addr"]
+            structs = DWARFStructs(little_endian=True, dwarf_format=32, address_size=8)
+            self._cfi = CallFrameInfo(io.BytesIO(eh_frame.data()), eh_frame["sh_size"], eh_frame["sh_addr"],
+                                      structs, for_eh_frame=True)
+        self._fde_table = (starts, fdes)
+        return self._fde_table
+
+    def frame_rule(self, vaddr: int) -> FrameRule | None:
+        """The unwind rule at link address ``vaddr``, or None if no CFI covers it."""
+        if vaddr in self._rules:
+            return self._rules[vaddr]
+        rule = None
+        starts, fdes = self._load_fde_table()
+        position = bisect.bisect_right(starts, vaddr) - 1
+        if position >= 0 and self._cfi is not None:
+            try:
+                entry = self._cfi._parse_entry_at(fdes[position] - self._eh_frame_addr)
+            except (ELFError, ValueError, KeyError, struct.error, AttributeError):
+                entry = None
+            if isinstance(entry, FDE):
+                begin = entry.header["initial_location"]
+                if begin <= vaddr < begin + entry.header["address_range"]:
+                    rule = _rule_at(entry, vaddr)
+        if len(self._rules) > 4096:
+            self._rules.clear()
+        self._rules[vaddr] = rule
+        return rule
+
+
+def _rule_at(entry: FDE, vaddr: int) -> FrameRule | None:
+    table = entry.get_decoded().table
+    row = None
+    for candidate in table:
+        if candidate["pc"] <= vaddr:
+            row = candidate
+        else:
+            break
+    if row is None:
+        return None
+    cfa = row["cfa"]
+    if cfa.expr is not None or cfa.reg is None:
+        return FrameRule(None, 0, ())
+    saved = []
+    for register, register_rule in row.items():
+        if isinstance(register, int) and getattr(register_rule, "type", None) == "OFFSET":
+            saved.append((register, register_rule.arg))
+        elif isinstance(register, int) and getattr(register_rule, "type", None) in ("EXPRESSION", "VAL_EXPRESSION"):
+            return FrameRule(None, 0, ())
+    return FrameRule(cfa.reg, cfa.offset, tuple(saved))
+
+
+def _symbol_def(symbol, version: str | None) -> SymbolDef:
+    info = symbol["st_info"]
+    sym_type = info["type"] if isinstance(info["type"], int) else _SYMBOL_TYPES.get(info["type"], 0)
+    bind = info["bind"] if isinstance(info["bind"], int) else _SYMBOL_BINDS.get(info["bind"], 0)
+    return SymbolDef(symbol.name, symbol["st_value"], symbol["st_size"], sym_type, bind, version)
+
+
+# build-id (or file identity) -> parsed object; one parse serves every process.
+_cache: dict[str, ObjectFile] = {}
+
+
+def _cache_key(mapped: MappedObject) -> str:
+    if mapped.build_id:
+        return mapped.build_id
+    first = mapped.mappings[0]
+    return f"{mapped.path}:{first.dev}:{first.inode}"
+
+
+def object_file(pid: int, mapped: MappedObject) -> ObjectFile:
+    """The parsed file of ``mapped`` (cached by build-id); opened through the patient's
+    ``/proc/PID/map_files`` so a deleted or replaced file is still the right one."""
+    key = _cache_key(mapped)
+    cached = _cache.get(key)
+    if cached is not None:
+        return cached
+    first = min(mapped.mappings, key=lambda m: m.offset)
+    candidates = [f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}", f"/proc/{pid}/root{mapped.path}",
+                  mapped.path]
+    last_error = ""
+    for candidate in candidates:
+        try:
+            stream = open(candidate, "rb")  # noqa: SIM115 - kept open with the cached object
+        except OSError as exc:
+            last_error = exc.strerror or str(exc)
+            continue
+        try:
+            parsed = ObjectFile(mapped.path, stream)
+        except (ELFError, ValueError, struct.error) as exc:
+            stream.close()
+            last_error = str(exc)
+            continue
+        _cache[key] = parsed
+        return parsed
+    raise ObjectFileError(f"cannot read the ELF file of {mapped.path}: {last_error}")
+
+
+def forget_objects() -> None:
+    """Drop every cached object (tests)."""
+    _cache.clear()
+
+
+def search_order(objects: list[MappedObject], executable: MappedObject | None,
+                 files: dict[int, ObjectFile]) -> list[MappedObject]:
+    """The dynamic linker's symbol search order: the executable, then its DT_NEEDED
+    libraries breadth first (by soname or file name), then any other loaded object in
+    maps order (dlopen'ed libraries, the dynamic linker)."""
+    by_name: dict[str, MappedObject] = {}
+    for mapped in objects:
+        parsed = files.get(id(mapped))
+        if parsed is not None and parsed.soname:
+            by_name.setdefault(parsed.soname, mapped)
+        by_name.setdefault(os.path.basename(mapped.path), mapped)
+    order: list[MappedObject] = []
+    seen: set[int] = set()
+    queue = [executable] if executable is not None else []
+    while queue:
+        mapped = queue.pop(0)
+        if id(mapped) in seen:
+            continue
+        seen.add(id(mapped))
+        order.append(mapped)
+        parsed = files.get(id(mapped))
+        for name in parsed.needed if parsed is not None else ():
+            dependency = by_name.get(name)
+            if dependency is not None and id(dependency) not in seen:
+                queue.append(dependency)
+    order.extend(mapped for mapped in objects if id(mapped) not in seen)
+    return order
