@@ -164,6 +164,19 @@ def test_project_configured_with_libcare_cc(tmp_path):
     assert _sources(project) == configured_tree
 
 
+def test_stripping_install_uses_the_build_tree(nonpie):
+    makefile = nonpie / "Makefile"
+    makefile.write_text(makefile.read_text().replace("install -D -m 755", "install -s -D -m 755"))
+    tree = _sources(nonpie)
+    result = _patch_make(nonpie, "fix.patch")
+    assert result.returncode == 0, result.stderr
+    program = nonpie / "lpmake" / "usr" / "local" / "bin" / "nonpie"
+    assert b".symtab" not in program.read_bytes()          # the install really stripped it
+    summary = _patches(nonpie)[_readelf_build_id(program)]
+    assert [f.name for f in summary.functions] == ["report"]
+    assert _sources(nonpie) == tree
+
+
 def test_failing_patched_build_shows_the_error_and_restores_the_tree(libdemo):
     broken = (libdemo / "broken.patch")
     broken.write_text(

@@ -233,8 +233,9 @@ def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
     """Step 6: one patch per object of the patched install that has changes."""
     from ..elf import is_elf, read_build_id
     from ..patchfile import save_patch
-    from .extract import extract_patch, has_patch_sections
+    from .extract import extract_patch, has_patch_sections, has_symbol_table
 
+    build_tree = _BuildTree(build.project)
     patched_root = build.path(PATCHED_DIR)
     original_root = build.path(ORIGINAL_DIR)
     if not os.path.isdir(patched_root) or not os.path.isdir(original_root):
@@ -261,11 +262,60 @@ def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
             if build_id in built:
                 continue
             build.progress(f"extracting the patch for {relative} (build-id {build_id})")
+            if not has_symbol_table(patched):
+                patched = build_tree.unstripped(patched)
             patch, extracted = extract_patch(patched, original, build_id)
             path = os.path.join(patchroot, f"{build_id}.kpatch")
             save_patch(patch, path)
             built[build_id] = BuiltPatch(build_id, path, original, extracted.functions, extracted.new_functions)
     return list(built.values())
+
+
+class _BuildTree:
+    """The project's own build outputs by build-id, for installs that strip (``install -s``).
+
+    A stripped install lost ``.symtab`` and the relocations kept by ``-Wl,-q``; the
+    unstripped file with the same build-id is still in the build tree.
+    """
+
+    def __init__(self, project: str) -> None:
+        self.project = project
+        self._by_build_id: dict[str, str] | None = None
+
+    def _index(self) -> dict[str, str]:
+        from ..elf import ElfError, is_elf, read_build_id
+        from .extract import has_symbol_table
+
+        found: dict[str, str] = {}
+        skipped = {ORIGINAL_DIR, WORK_DIR, PATCHROOT_DIR}
+        for directory, subdirs, files in os.walk(self.project):
+            if directory == self.project:
+                subdirs[:] = [d for d in subdirs if d not in skipped]
+            subdirs.sort()
+            for name in sorted(files):
+                path = os.path.join(directory, name)
+                if os.path.islink(path) or not is_elf(path):
+                    continue
+                try:
+                    build_id = read_build_id(path)
+                    if build_id and build_id not in found and has_symbol_table(path):
+                        found[build_id] = path
+                except ElfError:
+                    continue
+        return found
+
+    def unstripped(self, installed: str) -> str:
+        """The build-tree file with the build-id of ``installed`` (which was stripped)."""
+        from ..elf import read_build_id
+
+        if self._by_build_id is None:
+            self._by_build_id = self._index()
+        build_id = read_build_id(installed)
+        twin = self._by_build_id.get(build_id or "")
+        if twin is None:
+            raise BuildError(f"{installed} was stripped on install and the build tree has no unstripped copy "
+                             f"(build-id {build_id}): install unstripped binaries")
+        return twin
 
 
 def install_into_store(built: BuiltPatch, store_root: str) -> BuiltPatch:

@@ -131,6 +131,12 @@ def has_patch_sections(path: str) -> bool:
         return info is not None and bool(patchfile.decode_info_table(info.data()))
 
 
+def has_symbol_table(path: str) -> bool:
+    """True if the ELF file at ``path`` still has its ``.symtab`` (was not stripped)."""
+    with open(path, "rb") as stream:
+        return ELFFile(stream).get_section_by_name(".symtab") is not None
+
+
 def extract_image(patched_path: str, original_path: str) -> ExtractedPatch:
     """The patch's ELF image from the patched binary and its original twin."""
     with open(patched_path, "rb") as patched_stream, open(original_path, "rb") as original_stream:
