@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import errno
+import os
 from dataclasses import dataclass
 
 from ..errors import PermissionDenied, ProcessError, ProcessGone
@@ -122,12 +123,39 @@ def read_proc_text(pid: int, name: str) -> str:
         raise ProcessError(f"cannot read /proc/{pid}/{name}: {exc.strerror}") from None
 
 
+def live_thread(pid: int) -> int | None:
+    """A thread of ``pid`` that still has the address space, when the main thread exited.
+
+    A process whose main thread called ``pthread_exit`` keeps running in its other
+    threads, but ``/proc/PID/maps`` and ``/proc/PID/mem`` of the (zombie) leader are empty.
+    """
+    try:
+        tids = sorted(int(name) for name in os.listdir(f"/proc/{pid}/task"))
+    except OSError:
+        return None
+    for tid in tids:
+        if tid == pid:
+            continue
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as stream:
+                stat = stream.read()
+        except OSError:
+            continue
+        if stat[stat.rfind(b")") + 2:][:1] not in (b"Z", b"X"):
+            return tid
+    return None
+
+
 def read_maps(pid: int) -> list[Mapping]:
     """The current mappings of process ``pid``."""
     text = read_proc_text(pid, "maps")
     if not text:
-        # A zombie (or kernel thread) has no address space left.
-        raise ProcessGone(f"process {pid} has no address space (it exited)")
+        # The main thread exited (the others may run on) or the whole process is a zombie.
+        tid = live_thread(pid)
+        if tid is not None:
+            text = read_proc_text(pid, f"task/{tid}/maps")
+        if not text:
+            raise ProcessGone(f"process {pid} has no address space (it exited)")
     return parse_maps(text)
 
 

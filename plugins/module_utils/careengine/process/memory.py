@@ -13,6 +13,7 @@ import os
 from collections import OrderedDict
 
 from ..errors import PermissionDenied, ProcessError, ProcessGone
+from .maps import live_thread
 
 IOV_MAX = 1024
 _MEM_FD_CACHE_SIZE = 64
@@ -36,6 +37,26 @@ _process_vm_readv.restype = ctypes.c_ssize_t
 
 # pid -> (fd of /proc/PID/mem opened read-write); least recently used first.
 _mem_fds: OrderedDict[int, int] = OrderedDict()
+# pid -> a live thread to address the memory through, for processes whose main thread exited.
+_task_for_pid: dict[int, int] = {}
+
+
+def _target(pid: int) -> int:
+    return _task_for_pid.get(pid, pid)
+
+
+def _switch_to_live_thread(pid: int) -> bool:
+    """After the main thread of ``pid`` is found gone: use another thread; False if none."""
+    if pid in _task_for_pid:
+        return False
+    tid = live_thread(pid)
+    if tid is None:
+        return False
+    fd = _mem_fds.pop(pid, None)
+    if fd is not None:
+        os.close(fd)
+    _task_for_pid[pid] = tid
+    return True
 
 
 def _raise_for_errno(pid: int, code: int, what: str) -> None:
@@ -56,9 +77,12 @@ def _vm_readv(pid: int, ranges: list[tuple[int, int]], buffers: list[ctypes.Arra
         local[index].iov_len = size
         remote[index].iov_base = address
         remote[index].iov_len = size
-    done = _process_vm_readv(pid, local, count, remote, count, 0)
+    done = _process_vm_readv(_target(pid), local, count, remote, count, 0)
     if done < 0:
-        return -ctypes.get_errno()
+        code = ctypes.get_errno()
+        if code == errno.ESRCH and _switch_to_live_thread(pid):
+            return _vm_readv(pid, ranges, buffers)
+        return -code
     return done
 
 
@@ -72,8 +96,11 @@ def _read_proc_mem(pid: int, address: int, size: int) -> bytes | None:
             return None
         _raise_for_errno(pid, exc.errno or 0, f"reading {size} bytes at {address:#x}")
     if len(data) != size:
-        if not data and not os.path.exists(f"/proc/{pid}"):
-            raise ProcessGone(f"process {pid} does not exist")
+        if not data:
+            if not os.path.exists(f"/proc/{pid}"):
+                raise ProcessGone(f"process {pid} does not exist")
+            if _switch_to_live_thread(pid):
+                return _read_proc_mem(pid, address, size)
         return None
     return data
 
@@ -149,7 +176,7 @@ def read_memory(pid: int, address: int, size: int) -> bytes:
 
 def _open_mem(pid: int) -> int:
     try:
-        return os.open(f"/proc/{pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        return os.open(f"/proc/{_target(pid)}/mem", os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
         raise ProcessGone(f"process {pid} does not exist") from None
     except PermissionError:
@@ -176,6 +203,7 @@ def _mem_fd(pid: int) -> int:
 
 def forget_process(pid: int) -> None:
     """Close the cached ``/proc/PID/mem`` descriptor of ``pid`` (if any)."""
+    _task_for_pid.pop(pid, None)
     fd = _mem_fds.pop(pid, None)
     if fd is not None:
         os.close(fd)
@@ -199,9 +227,10 @@ def write_memory(pid: int, address: int, data: bytes) -> None:
         if written == len(data):
             return
         # 0 bytes: the cached descriptor belongs to an address space that is gone
-        # (the pid was reused, or the process exec'd). Reopen once.
+        # (the pid was reused, the process exec'd, or its main thread exited). Reopen once.
         forget_process(pid)
         if attempt == 0 and written == 0:
+            _switch_to_live_thread(pid)
             continue
         if not os.path.exists(f"/proc/{pid}"):
             raise ProcessGone(f"process {pid} does not exist")

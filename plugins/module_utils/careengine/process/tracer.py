@@ -35,6 +35,7 @@ WALL = 0x40000000  # __WALL: wait for threads (clones) too
 _SEIZE_OPTIONS = ptrace_func.PTRACE_O_TRACECLONE
 _MAX_CATCH_UP_ROUNDS = 16
 _POLL_CAP = 0.01  # longest sleep between checks when SIGCHLD might go to another thread
+_GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
 _SYSCALL_INSN = b"\x0f\x05"
 _SCAN_CHUNK = 64 * 1024
@@ -107,6 +108,8 @@ class StoppedProcess:
         self._pending: dict[int, list[int]] = {}
         # tid -> the signal whose delivery-stop the thread sits in (0: another kind of stop).
         self._stop_signal: dict[int, int] = {}
+        # tid -> True while the thread sits in a job-control (group) stop.
+        self._group_stopped: dict[int, bool] = {}
         self._stopped = False
         self._seized: set[int] = set()  # threads we are tracing
         self._paused_ns = 0
@@ -280,6 +283,7 @@ class StoppedProcess:
         self._seized.discard(tid)
         self._pending.pop(tid, None)
         self._stop_signal.pop(tid, None)
+        self._group_stopped.pop(tid, None)
 
     def _note_stop(self, tid: int, status: int) -> int | None:
         """Record a stop of ``tid``; return a newly cloned thread to wait for, if any."""
@@ -291,6 +295,7 @@ class StoppedProcess:
             self._pending.setdefault(tid, []).append(stop_signal)
             return None
         self._stop_signal[tid] = 0
+        self._group_stopped[tid] = event == PTRACE_EVENT_STOP and stop_signal in _GROUP_STOP_SIGNALS
         if event == ptrace_func.PTRACE_EVENT_CLONE:
             new_tid = ptrace_func.ptrace_geteventmsg(tid)
             if new_tid and new_tid not in self._seized:
@@ -313,6 +318,7 @@ class StoppedProcess:
             self._seized.clear()
             self._pending.clear()
             self._stop_signal.clear()
+            self._group_stopped.clear()
             self._stopped = False
             self._end_stop_period()
             self._syscall_address = None
@@ -349,22 +355,34 @@ class StoppedProcess:
         except PtraceError as exc:
             if _errno_of(exc) != errno.ESRCH:
                 raise ProcessError(f"cannot detach from thread {tid} of process {self.pid}: {exc}") from None
-        # ESRCH: the thread is gone, or it is running (an error interrupted a remote call).
+        # ESRCH: the thread is gone, or it is running (an error interrupted a remote call
+        # or it never stopped): stop it so that it can be detached.
         try:
             ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
         except PtraceError:
             return
-        if self._waitpid(tid) not in (None, -1):
-            try:
-                ptrace_func.ptrace_detach(tid, 0)
-            except PtraceError:
-                pass
+        try:
+            self._wait_thread(tid, time.monotonic() + self.timeout)
+        except (TimeoutError, ProcessGone):
+            return  # the kernel detaches it when we exit; nothing else is possible
+        try:
+            ptrace_func.ptrace_detach(tid, 0)
+        except PtraceError:
+            pass
 
     def run_for(self, seconds: float) -> None:
-        """Let all threads run for ``seconds``, then stop them all again (new threads too)."""
+        """Let all threads run for ``seconds``, then stop them all again (new threads too).
+
+        Signals arriving meanwhile are delivered at once; a job-control stop (someone
+        sent SIGSTOP) is respected: such threads stay stopped.
+        """
         if not self._stopped:
             raise ProcessError(f"process {self.pid} is not stopped")
+        parked: set[int] = set()  # threads in a group-stop: not resumed, not interrupted
         for tid in list(self._seized):
+            if self._stop_signal.get(tid, 0) == 0 and self._group_stopped.get(tid):
+                parked.add(tid)
+                continue
             self._cont(tid, self._signal_to_inject(tid))
         self._stop_signal.clear()
         self._end_stop_period()
@@ -373,10 +391,13 @@ class StoppedProcess:
         try:
             while True:
                 for tid in list(self._seized):
+                    if tid in parked:
+                        continue
                     status = self._waitpid(tid, os.WNOHANG)
                     if status is None or status < 0:
                         continue
-                    self._service_running_stop(tid, status)
+                    if self._service_running_stop(tid, status):
+                        parked.add(tid)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
@@ -385,7 +406,7 @@ class StoppedProcess:
             if signal.SIGCHLD not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         self._stop_started = time.perf_counter_ns()
-        running = list(self._seized)
+        running = [tid for tid in self._seized if tid not in parked]
         gone: set[int] = set()
         for tid in running:
             try:
@@ -396,16 +417,21 @@ class StoppedProcess:
         self._wait_stopped(running, gone)
         self._catch_all_threads()
 
-    def _service_running_stop(self, tid: int, status: int) -> None:
-        """A running thread stopped (signal, clone, stray interrupt): let it go on."""
+    def _service_running_stop(self, tid: int, status: int) -> bool:
+        """A running thread stopped (signal, clone, group-stop): True if it stays stopped."""
         event = status >> 16
-        signo = os.WSTOPSIG(status) if event == 0 else 0
+        signo = os.WSTOPSIG(status)
+        if event == PTRACE_EVENT_STOP and signo in _GROUP_STOP_SIGNALS:
+            self._stop_signal[tid] = 0
+            self._group_stopped[tid] = True
+            return True
         if event == ptrace_func.PTRACE_EVENT_CLONE:
             new_tid = ptrace_func.ptrace_geteventmsg(tid)
             if new_tid and new_tid not in self._seized:
                 # Its first stop is serviced (and continued) by the same loop.
                 self._seized.add(new_tid)
-        self._cont(tid, signo)
+        self._cont(tid, signo if event == 0 else 0)
+        return False
 
     def _cont(self, tid: int, signo: int = 0) -> None:
         try:

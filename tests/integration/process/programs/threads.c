@@ -1,5 +1,5 @@
 /* N threads counting, an optional thread blocked in read(0), functions to call remotely.
- * usage: threads N busy|sleep [reader]
+ * usage: threads N busy|sleep|orphan [reader]   (orphan: the main thread exits, workers sleep)
  * Prints the addresses the tests need, then "ready". */
 #define _GNU_SOURCE
 #include <pthread.h>
@@ -12,12 +12,19 @@
 
 volatile long counters[64];
 volatile long usr1_count;
+volatile long rt_count;
 static int busy;
 
 static void on_usr1(int signo)
 {
 	(void)signo;
 	usr1_count++;
+}
+
+static void on_rt(int signo)
+{
+	(void)signo;
+	rt_count++;
 }
 
 __attribute__((noinline)) long resolver_like(long a, long b)
@@ -78,8 +85,9 @@ int main(int argc, char **argv)
 	setvbuf(stdout, NULL, _IOLBF, 0);
 	busy = argc > 2 && strcmp(argv[2], "busy") == 0;
 	signal(SIGUSR1, on_usr1);
-	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\nspin %p\n",
-	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count, (void *)spin_forever);
+	signal(SIGRTMIN, on_rt);
+	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\nspin %p\nrt %p\n",
+	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count, (void *)spin_forever, (void *)&rt_count);
 	for (long index = 1; index < count; index++)
 		pthread_create(&thread, NULL, worker, (void *)index);
 	if (argc > 3 && strcmp(argv[3], "reader") == 0)
@@ -87,6 +95,8 @@ int main(int argc, char **argv)
 	else
 		printf("reader none\n");
 	printf("ready\n");
+	if (strcmp(argv[2], "orphan") == 0)
+		pthread_exit(NULL);
 	for (;;) {
 		counters[0]++;
 		usleep(1000);
