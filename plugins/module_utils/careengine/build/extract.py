@@ -408,6 +408,9 @@ class _Extractor:
             if new_rela is None:
                 raise BuildError(f"{self.label}: {patchfile.SECTION_INFO} record {number} names no new function")
             new_symbol = self._as_function(new_rela, f"record {number} new function")
+            if not self._in_kpatch_section(new_symbol):
+                raise BuildError(f"{self.label}: {patchfile.SECTION_INFO} record {number}: new function "
+                                 f"{new_symbol.name} is not in a .kpatch section")
             old_rela = by_offset.get(base + patchfile.INFO_FIELD_OFFSETS["daddr"])
             if old_rela is None:
                 if entry.dlen:
@@ -416,11 +419,17 @@ class _Extractor:
                 continue
             old_symbol = self._as_function(old_rela, f"record {number} original function",
                                            preferred=_strip_suffix(new_symbol.name))
+            if not isinstance(old_symbol.shndx, int) or self._in_kpatch_section(old_symbol):
+                raise BuildError(f"{self.label}: {patchfile.SECTION_INFO} record {number}: original function "
+                                 f"{old_symbol.name} is not in the original code")
             if entry.dlen < MIN_FUNCTION_SIZE:
                 raise BuildError(f"function {old_symbol.name} is too small to patch "
                                  f"({entry.dlen} bytes, a jump needs {MIN_FUNCTION_SIZE})")
             functions.append(old_symbol.name)
         return tuple(functions), tuple(new_functions)
+
+    def _in_kpatch_section(self, symbol: _Symbol) -> bool:
+        return isinstance(symbol.shndx, int) and is_kpatch_section(self.sections[symbol.shndx].name)
 
     def _as_function(self, rela: _Rela, why: str, preferred: str = "") -> _Symbol:
         """Make ``rela`` refer to a FUNC symbol (gas often writes section + offset)."""
