@@ -267,6 +267,9 @@ def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
             patch, extracted = extract_patch(patched, original, build_id)
             path = os.path.join(patchroot, f"{build_id}.kpatch")
             save_patch(patch, path)
+            if not extracted.functions:
+                build.progress(f"warning: the patch for {relative} replaces no function, it only adds new ones "
+                               "(was the tree built without libcare-cc before? then use --clean)")
             built[build_id] = BuiltPatch(build_id, path, original, extracted.functions, extracted.new_functions)
     return list(built.values())
 
