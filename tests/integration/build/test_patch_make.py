@@ -137,6 +137,17 @@ def test_update_and_clean(libdemo):
     _assert_tree_restored(libdemo, "libdemo")
 
 
+def test_tree_built_without_the_wrapper_needs_clean(nonpie):
+    subprocess.run(["make", "-s"], cwd=nonpie, check=True, capture_output=True)   # plain gcc build
+    stale = _patch_make(nonpie, "fix.patch")
+    assert stale.returncode == 0, stale.stderr
+    assert "replaces no function" in stale.stderr and "--clean" in stale.stderr
+    clean = _patch_make(nonpie, "--clean", "fix.patch")
+    assert clean.returncode == 0, clean.stderr
+    assert "replaces no function" not in clean.stderr
+    assert [f.name for f in next(iter(_patches(nonpie).values())).functions] == ["report"]
+
+
 def test_nonpie_string_literal_and_static_local(nonpie):
     result = _patch_make(nonpie, "fix.patch")
     assert result.returncode == 0, result.stderr
