@@ -209,3 +209,81 @@ def test_pause_of_four_thread_process(threads_program):
     median_ms = statistics.median(pauses) / 1e6
     print(f"\nstop->resume of a 4-thread process: median {median_ms:.3f} ms, max {max(pauses) / 1e6:.3f} ms")
     assert median_ms < 20  # generous: the machine is shared; the target is 2 ms
+
+
+def test_queued_signals_are_neither_lost_nor_doubled(threads_program):
+    """Real-time signals queue: each one sent must run the handler exactly once."""
+    running = threads_program(4)
+    rt_count = running.address("rt")
+    sent = 0
+    for round_number in range(150):
+        with StoppedProcess(running.pid) as patient:
+            if round_number % 3 == 0:
+                patient.run_for(0.001)
+        for _ in range(2):
+            os.kill(running.pid, signal.SIGRTMIN)
+            sent += 1
+    deadline = time.monotonic() + 5
+    while int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") < sent and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    assert int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") == sent
+
+
+def test_signals_arriving_during_stop_cycles(threads_program):
+    """A sender races our stops; signals caught in a delivery-stop are handed back."""
+    running = threads_program(4)
+    rt_count = running.address("rt")
+    sender = subprocess.Popen(
+        [sys.executable, "-c",
+         "import os, signal, sys, time\n"
+         "for _ in range(400):\n"
+         f"    os.kill({running.pid}, signal.SIGRTMIN)\n"
+         "    time.sleep(0.0002)\n"],
+    )
+    try:
+        while sender.poll() is None:
+            with StoppedProcess(running.pid) as patient:
+                patient.mmap(0, 4096, 3, 0x22)
+    finally:
+        sender.wait(timeout=30)
+    assert sender.returncode == 0
+    deadline = time.monotonic() + 5
+    while int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") < 400 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    time.sleep(0.02)
+    assert int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") == 400
+
+
+def test_main_thread_exited_process(threads_program):
+    running = threads_program(3, "orphan")
+    deadline = time.monotonic() + 5
+    while running.state() != "Z" and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert running.state() == "Z"  # the leader is a zombie, the workers run on
+    with StoppedProcess(running.pid) as patient:
+        assert running.pid not in patient.tids and len(patient.tids) == 2
+        address = patient.mmap(0, 4096, 3, 0x22)
+        patient.write(address, b"still here")
+        assert patient.read(address, 10) == b"still here"
+        patient.munmap(address, 4096)
+    before = counters(running, 3)
+    time.sleep(0.03)
+    after = counters(running, 3)
+    assert after[1] > before[1] and after[2] > before[2]
+
+
+def test_job_control_stop_during_run_for_is_kept(threads_program):
+    running = threads_program(3)
+    with StoppedProcess(running.pid) as patient:
+        os.kill(running.pid, signal.SIGSTOP)
+        patient.run_for(0.05)
+        assert set(patient.tids) == task_ids(running.pid)
+    time.sleep(0.02)
+    assert running.state() == "T"
+    before = counters(running, 3)
+    time.sleep(0.02)
+    assert counters(running, 3) == before
+    os.kill(running.pid, signal.SIGCONT)
+    time.sleep(0.03)
+    assert all(a > b for a, b in zip(counters(running, 3), before, strict=True))

@@ -31,12 +31,19 @@ from .objects import group_file_mappings, mapped_objects
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
 PTRACE_EVENT_STOP = 128
+PTRACE_GETSIGMASK = 0x420A
+PTRACE_SETSIGMASK = 0x420B
 WALL = 0x40000000  # __WALL: wait for threads (clones) too
 _SEIZE_OPTIONS = ptrace_func.PTRACE_O_TRACECLONE
 _MAX_CATCH_UP_ROUNDS = 16
 _POLL_CAP = 0.01  # longest sleep between checks when SIGCHLD might go to another thread
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
+# Signals blocked in a thread while it runs our code: all but SIGTRAP (single-step and
+# int3 report through it) and the faults (a blocked fault would reset the patient's handler).
+_BLOCK_DURING_REMOTE = (1 << 64) - 1
+for _signo in (signal.SIGTRAP, *(_FAULT_SIGNALS)):
+    _BLOCK_DURING_REMOTE &= ~(1 << (_signo - 1))
 _SYSCALL_INSN = b"\x0f\x05"
 _SCAN_CHUNK = 64 * 1024
 _ARG_REGISTERS_SYSCALL = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
@@ -486,7 +493,33 @@ class StoppedProcess:
             return tid
         if not self._seized:
             raise ProcessGone(f"process {self.pid} has no threads left")
+        # Prefer a thread not sitting in a signal's delivery-stop: running our code there
+        # would make us re-send that signal instead of letting the kernel deliver it.
+        for candidate in self.tids:
+            if not self._pending.get(candidate):
+                return candidate
         return self.tids[0]
+
+    def _block_signals(self, tid: int) -> int:
+        """Block asynchronous signals in ``tid`` while it runs our code; its old mask.
+
+        Signals sent meanwhile stay queued in the kernel with their siginfo instead of
+        being caught (and re-sent) by us.
+        """
+        mask = ctypes.c_uint64()
+        try:
+            ptrace_func.ptrace(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "read the signal mask of")
+        self._set_sigmask(tid, mask.value | _BLOCK_DURING_REMOTE)
+        return mask.value
+
+    def _set_sigmask(self, tid: int, value: int) -> None:
+        mask = ctypes.c_uint64(value)
+        try:
+            ptrace_func.ptrace(PTRACE_SETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "set the signal mask of")
 
     def _hold_signal(self, tid: int, signo: int) -> None:
         self._pending.setdefault(tid, []).append(signo)
@@ -536,12 +569,14 @@ class StoppedProcess:
         regs.orig_rax = _U64  # -1: not in a syscall, so nothing is "restarted" into ours
         for name, value in zip(_ARG_REGISTERS_SYSCALL, args, strict=False):
             setattr(regs, name, value & _U64)
-        self.set_regs(tid, regs)
+        saved_mask = self._block_signals(tid)
         try:
+            self.set_regs(tid, regs)
             result = self._step_over_syscall(tid, site)
         finally:
             if tid in self._seized:
                 self.set_regs(tid, saved)
+                self._set_sigmask(tid, saved_mask)
         value = signed64(result)
         if -4095 < value < 0:
             code = -value
@@ -610,12 +645,14 @@ class StoppedProcess:
         regs.orig_rax = _U64
         for name, value in zip(_ARG_REGISTERS_CALL, args, strict=False):
             setattr(regs, name, value & _U64)
-        self.set_regs(tid, regs)
+        saved_mask = self._block_signals(tid)
         try:
+            self.set_regs(tid, regs)
             return self._run_until_trap(tid, trap_address + 1, time.monotonic() + self.timeout)
         finally:
             if tid in self._seized:
                 self.set_regs(tid, saved)
+                self._set_sigmask(tid, saved_mask)
 
     def _run_until_trap(self, tid: int, expected_rip: int, deadline: float) -> int:
         signo = 0
