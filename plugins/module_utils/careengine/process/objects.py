@@ -65,12 +65,24 @@ class _Segment:
 
 
 def group_file_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
-    """File-backed mappings grouped by (dev, inode), groups in maps order."""
-    groups: dict[tuple[str, int], list[Mapping]] = {}
+    """File-backed mappings grouped by (dev, inode), groups in maps order.
+
+    A second mapping of a file's start (offset 0) after the first load of that file
+    begins a new group: the same library loaded twice (``dlmopen``) is two objects.
+    """
+    groups: list[list[Mapping]] = []
+    current: dict[tuple[str, int], list[Mapping]] = {}
     for mapping in mappings:
-        if mapping.is_file:
-            groups.setdefault((mapping.dev, mapping.inode), []).append(mapping)
-    return list(groups.values())
+        if not mapping.is_file:
+            continue
+        key = (mapping.dev, mapping.inode)
+        group = current.get(key)
+        if group is None or (mapping.offset == 0 and any(m.offset == 0 for m in group)):
+            group = []
+            current[key] = group
+            groups.append(group)
+        group.append(mapping)
+    return groups
 
 
 def _parse_headers(header: bytes) -> tuple[int, int, int, int] | None:

@@ -160,6 +160,12 @@ class StoppedProcess:
         """Stop every thread of the process, including threads created meanwhile."""
         if self._stopped:
             return
+        if self._syscall_address is None:
+            # Found before stopping anything: it costs the patient no pause.
+            try:
+                self._syscall_address = find_syscall_instruction(self.pid)
+            except ProcessError:
+                pass  # no usable instruction: remote_syscall will say so if it is needed
         self._stop_started = time.perf_counter_ns()
         try:
             self._catch_all_threads()
@@ -468,7 +474,7 @@ class StoppedProcess:
 
     def _raise_thread_error(self, tid: int, exc: PtraceError, action: str) -> None:
         if _errno_of(exc) == errno.ESRCH:
-            if not os.path.exists(f"/proc/{self.pid}/task/{tid}"):
+            if self._is_zombie(tid):
                 self._forget_thread(tid)
                 raise ProcessGone(f"thread {tid} of process {self.pid} exited") from None
             raise ProcessError(f"cannot {action} thread {tid} of process {self.pid}: it is not stopped") from None
@@ -699,12 +705,12 @@ class StoppedProcess:
                 self._hold_signal(tid, os.WSTOPSIG(status))
 
 
-def _syscall_cache_key(pid: int, group: list[Mapping]) -> str:
+def _build_id_key(pid: int, group: list[Mapping]) -> str:
     objects = mapped_objects(pid, group)
     if objects and objects[0].build_id:
-        return objects[0].build_id
+        return "build-id:" + objects[0].build_id
     first = group[0]
-    return f"{first.dev}:{first.inode}:{first.clean_path}"
+    return f"file:{first.dev}:{first.inode}:{first.clean_path}"
 
 
 def _candidate_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
@@ -722,29 +728,46 @@ def _candidate_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
     return sorted(groups, key=rank)
 
 
+def _confirm_site(pid: int, executable: list[Mapping], file_offset: int | None) -> int | None:
+    """The address of ``file_offset`` in these mappings if it holds ``syscall`` there."""
+    if file_offset is None:
+        return None
+    for mapping in executable:
+        address = mapping.start + file_offset - mapping.offset
+        if mapping.start <= address and address + len(_SYSCALL_INSN) <= mapping.end:
+            if memory.read_memory(pid, address, len(_SYSCALL_INSN)) == _SYSCALL_INSN:
+                return address
+    return None
+
+
 def find_syscall_instruction(pid: int, mappings: list[Mapping] | None = None) -> int:
     """Address of a ``syscall`` instruction in an executable mapping of process ``pid``.
 
-    Its offset in the file is cached per build-id, so a process mapping the same libc
-    only needs a 2-byte read to confirm it.
+    Its file offset is cached per build-id (and per file identity, the fast path), so a
+    process mapping the same libc only needs a 2-byte read to confirm it. Nothing is
+    written into the patient.
     """
     if mappings is None:
         mappings = read_maps(pid)
     for group in _candidate_mappings(mappings):
-        key = _syscall_cache_key(pid, group)
         executable = [m for m in group if m.executable and m.readable]
-        cached = _syscall_site_cache.get(key)
-        if cached is not None:
+        file_key = f"inode:{group[0].dev}:{group[0].inode}"
+        address = _confirm_site(pid, executable, _syscall_site_cache.get(file_key))
+        if address is not None:
+            return address
+        build_key = _build_id_key(pid, group)
+        address = _confirm_site(pid, executable, _syscall_site_cache.get(build_key))
+        if address is None:
             for mapping in executable:
-                address = mapping.start + cached - mapping.offset
-                if mapping.contains(address) and address + 2 <= mapping.end:
-                    if memory.read_memory(pid, address, 2) == _SYSCALL_INSN:
-                        return address
-        for mapping in executable:
-            address = _scan_for_syscall(pid, mapping)
-            if address is not None:
-                _syscall_site_cache[key] = mapping.offset + address - mapping.start
-                return address
+                address = _scan_for_syscall(pid, mapping)
+                if address is not None:
+                    break
+        if address is not None:
+            holder = next(m for m in executable if m.contains(address))
+            file_offset = holder.offset + address - holder.start
+            _syscall_site_cache[build_key] = file_offset
+            _syscall_site_cache[file_key] = file_offset
+            return address
     raise ProcessError(f"no syscall instruction found in the executable mappings of process {pid}")
 
 

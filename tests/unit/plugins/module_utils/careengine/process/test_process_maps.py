@@ -140,3 +140,17 @@ def test_signed64():
     assert signed64((1 << 64) - 1) == -1
     assert signed64((1 << 64) - 22) == -22
     assert signed64(0x7FFF_FFFF_FFFF_FFFF) == 0x7FFF_FFFF_FFFF_FFFF
+
+
+def test_same_file_loaded_twice_is_two_objects():
+    text = (
+        "7f0000000000-7f0000001000 r--p 00000000 fe:01 99 /lib/libx.so\n"
+        "7f0000001000-7f0000002000 r-xp 00001000 fe:01 99 /lib/libx.so\n"
+        "7f0000010000-7f0000011000 r--p 00000000 fe:01 99 /lib/libx.so\n"
+        "7f0000011000-7f0000012000 r-xp 00001000 fe:01 99 /lib/libx.so\n"
+    )
+    groups = group_file_mappings(parse_maps(text))
+    assert [[m.start for m in group] for group in groups] == [
+        [0x7F0000000000, 0x7F0000001000],
+        [0x7F0000010000, 0x7F0000011000],
+    ]
