@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,11 @@ def test_patched_stage_refuses_a_signature_change(project):
     result = _run(["-O2", "-c", "a.c", "-o", "a.o"], project, "patched")
     assert result.returncode != 0
     assert b"bump" in result.stderr and b"libcare-cc" in result.stderr
+
+
+def test_pass_through_path_imports_no_elf_reader():
+    code = ("import sys; from plugins.module_utils.careengine import cli; "
+            "from plugins.module_utils.careengine.build import compiler; "
+            "print(sorted(m for m in sys.modules if m.startswith(('elftools', 'subprocess'))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
