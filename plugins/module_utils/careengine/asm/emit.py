@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from ..errors import AsmParseError, UnpatchableChange
 from .normalize import LOCAL_LABEL_PREFIX, rename_symbols
-from .parse import BARE_SECTIONS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
+from .parse import BARE_SECTIONS, SECTIONLESS_KINDS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
 
 KPATCH_TEXT = ".kpatch.text"
 KPATCH_DATA = ".kpatch.data"
@@ -128,7 +128,7 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             continue
         if line.kind is Kind.ATTRIBUTE and line.head == ".local":
             continue
-        target = patched_section(line.section, specs, block.name) if line.kind is not Kind.COMM else KPATCH_DATA
+        target = KPATCH_DATA if line.kind in SECTIONLESS_KINDS else patched_section(line.section, specs, block.name)
         if target != current:
             output.append(f"\t.section\t{KPATCH_SECTIONS[target]}")
             current = target

@@ -129,21 +129,28 @@ def match(original: AsmFile, patched: AsmFile) -> Matching:
 
 
 def _pair_by_content(state: _Pairing, tables, original_signatures: dict[str, tuple[str, ...]]) -> bool:
+    """One pass of pairing auto-named blocks whose content is equal; True if any paired."""
     progress = False
     for original_blocks, patched_blocks in tables:
+        by_content: dict[tuple[str, tuple[str, ...]], list[Block]] = {}
+        for name, block in patched_blocks.items():
+            if is_auto_named(name) and not state.is_paired_patched(name):
+                key = (family(name), block_signature(block, state.rename_patched))
+                by_content.setdefault(key, []).append(block)
+        if not by_content:
+            continue
         for original_name, original_block in original_blocks.items():
             if original_name in state.paired_original or not is_auto_named(original_name):
                 continue
-            candidates = [block for name, block in patched_blocks.items()
-                          if is_auto_named(name) and not state.is_paired_patched(name)
-                          and family(name) == family(original_name)]
+            candidates = [block for block in by_content.get((family(original_name),
+                                                            original_signatures[original_name]), ())
+                          if not state.is_paired_patched(block.name)]
+            if not candidates:
+                continue
             candidates.sort(key=lambda block: (not state.same_users(original_name, block.name),
                                                block.name != original_name))
-            for candidate in candidates:
-                if block_signature(candidate, state.rename_patched) == original_signatures[original_name]:
-                    state.pair(original_block, candidate)
-                    progress = True
-                    break
+            state.pair(original_block, candidates[0])
+            progress = True
     return progress
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from .parse import Block, Kind, Line
+from .parse import SECTIONLESS_KINDS, Block, Kind, Line
 
 # A quoted string, a number (kept whole so '0x1f' is not read as a symbol), a symbol,
 # blanks, or any other single character.
@@ -97,7 +97,7 @@ def block_signature(block: Block, rename: Rename) -> tuple[str, ...]:
     for line in block.lines:
         if line.kind in IGNORED_KINDS or line.kind is Kind.SECTION:
             continue
-        if line.kind is not Kind.COMM and line.section != section:
+        if line.kind not in SECTIONLESS_KINDS and line.section != section:
             section = line.section
             signature.append("@section " + rename_section(section, rename_in_block))
         signature.append(collapse_blanks(statement_text(line, rename_in_block)))

@@ -73,6 +73,10 @@ NUMERIC_LABEL_RE = re.compile(r"^\d+$")
 CODE_SECTIONS = frozenset((".text", ".text.unlikely", ".text.hot", ".text.startup", ".text.exit", ".init", ".fini",
                            ".kpatch.text"))
 COMMON_SECTION = "*COM*"
+# Statements that define a symbol without placing bytes in the current section.
+SECTIONLESS_KINDS = frozenset((Kind.COMM, Kind.SET))
+# Sections whose contents only describe the code (debug info, hand-written unwind tables).
+DROPPED_SECTION_PREFIXES = (".debug_", ".eh_frame", ".gnu.debuglto")
 BARE_SECTIONS = frozenset((".text", ".data", ".bss"))
 
 
@@ -111,7 +115,7 @@ class Block:
     def section(self) -> str:
         """Section of the block's first label defining its name (where its bytes live)."""
         for line in self.lines:
-            if line.kind is Kind.COMM and line.first_arg() == self.name:
+            if line.kind in SECTIONLESS_KINDS and line.first_arg() == self.name:
                 return COMMON_SECTION
             if line.label == self.name:
                 return line.section
@@ -262,7 +266,7 @@ def parse_lines(text: str) -> tuple[list[Line], dict[str, str]]:
                 state.apply(head, args)
                 if head in (".section", ".pushsection") and "," in args:
                     specs.setdefault(section_name(args), args)
-            if kind is Kind.DEBUG or (state.current.startswith(".debug_") and kind is not Kind.IDENT):
+            if kind is Kind.DEBUG or (state.current.startswith(DROPPED_SECTION_PREFIXES) and kind is not Kind.IDENT):
                 continue
             lines.append(Line(number, statement, kind, head, args, before, state.current))
     if state.stack:
@@ -316,15 +320,25 @@ def _anchor(lines: list[Line], index: int, specs: dict[str, str]) -> tuple[str, 
     if line.kind is Kind.TYPE:
         name, sym_type = symbol_type(line)
         if sym_type in ("function", "gnu_indirect_function"):
-            return "function", name
+            return ("function", name) if _has_body(lines, index, name) else None
         if sym_type in ("object", "tls_object"):
             return "variable", name
-    if line.kind is Kind.COMM:
+    if line.kind in (Kind.COMM, Kind.SET):
         return "variable", line.first_arg()
     if line.kind is Kind.LABEL and SYMBOL_RE.match(line.head):
         if not section_is_code(line.section, specs.get(line.section, "")):
             return "variable", line.head
     return None
+
+
+def _has_body(lines: list[Line], index: int, name: str) -> bool:
+    """False for a function symbol defined by ``.set`` (an ifunc or alias), not by a label."""
+    for line in lines[index + 1:]:
+        if line.label == name:
+            return True
+        if line.kind is Kind.SET and line.first_arg() == name:
+            return False
+    return False
 
 
 def _preamble_start(lines: list[Line], owner: list[bool], index: int, name: str) -> int:
@@ -371,7 +385,7 @@ def _absorb_trailer(lines: list[Line], end: int) -> int:
 
 def _variable_end(lines: list[Line], index: int, name: str) -> int:
     position = index
-    if lines[index].kind is Kind.COMM:
+    if lines[index].kind in SECTIONLESS_KINDS:
         return index
     if lines[index].label != name:
         position = index + 1
