@@ -112,6 +112,15 @@ def test_libdemo_gets_one_patch_per_changed_object(libdemo):
     _assert_tree_restored(libdemo, "libdemo")
 
 
+def test_section_garbage_collection_keeps_the_patch(libdemo):
+    result = _patch_make(libdemo, "-m", "CFLAGS=-O2 -g -ffunction-sections -fdata-sections",
+                         "-m", "LDFLAGS=-Wl,--gc-sections", "fix.patch")
+    assert result.returncode == 0, result.stderr
+    assert len(_patches(libdemo)) == 2
+    library = libdemo / "lpmake" / "usr" / "local" / "lib" / "libdemo.so"
+    _assert_patch_for(_patches(libdemo)[_readelf_build_id(library)], library, {"demo_report"})
+
+
 def test_unchanged_object_gets_no_patch(libdemo):
     result = _patch_make(libdemo, "-j", "2", "lib-only.patch")
     assert result.returncode == 0, result.stderr

@@ -24,7 +24,8 @@ DIR/.kpatch_BASE.<stage>.aux`` and the same other flags, then
 ``-c`` with several C sources and no ``-o`` is done one source at a time. A compile and
 link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
 temporary object beside the output and links those. Links get ``-Wl,-q`` (keep
-relocations, needed for extraction) and ``-Wl,--build-id``. Everything else
+relocations, needed for extraction), ``-Wl,--build-id`` and ``-Wl,--no-gc-sections``
+(a project's ``--gc-sections`` would drop the unreferenced ``.kpatch`` sections). Everything else
 (``-E``, ``-M``/``-MM``, ``-v``, ``--version``, ``-print-*``, ``-dump*``, non-C sources,
 ``-x`` in a compile and link, ``-flto``, reading from stdin) passes through unchanged.
 The wrapper adds no diagnostics of its own to a successful compile.
@@ -42,7 +43,10 @@ STAGES = ("original", "patched")
 DEFAULT_CC = "/usr/bin/gcc"
 DEFAULT_CXX = "/usr/bin/g++"
 DEFAULT_PREFIX = ".kpatch_"
-LINK_ARGS = ("-Wl,-q", "-Wl,--build-id")
+# Keep relocations (extraction reads them), a build-id (patches are bound to it), and
+# no section garbage collection: nothing references the .kpatch sections, and both
+# stages must keep the same sections for the original layout to be reproduced.
+LINK_ARGS = ("-Wl,-q", "-Wl,--build-id", "-Wl,--no-gc-sections")
 
 # Options whose argument is the next word when given alone ("-o out", "-I dir").
 _OPTIONS_WITH_ARGUMENT = frozenset({
