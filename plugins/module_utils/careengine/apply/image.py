@@ -181,7 +181,7 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
         raise PatchFormatError(f"patch for {patch.build_id} has no {SECTION_INFO} section")
     entries = decode_info_table(patch.elf_image[info.sh_offset:info.sh_offset + info.size])
     summary = summarize(patch)
-    names_iter = iter(summary.functions)
+    names_iter = iter(function.name for function in summary.functions)
     new_iter = iter(summary.new_functions)
     entry_names = []
     entry_is_new = []
