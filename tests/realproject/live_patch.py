@@ -1,0 +1,384 @@
+#!/usr/bin/env python3
+"""Apply the real project's fix live to a redis-server under client load.
+
+    tests/realproject/live_patch.py [--cache DIR] [--clients N] [--seconds S]
+
+Needs the outputs of ``build_patch.sh`` in ``$CACHE/work``: the pre-fix server
+``lpmake/bin/redis-server`` and its patch ``patchroot/<build-id>.kpatch``.
+
+1. start the pre-fix server on 127.0.0.1 (a free port; no persistence);
+2. the bug (CVE-2025-67733): ``FUNCTION LIST "X\\r\\n+INJECTED"`` followed by ``PING``
+   on one connection. Pre-fix, the error reply carries the client's CR/LF verbatim,
+   so the server sends THREE replies for two commands::
+
+       -ERR Unknown argument X\\r\\n+INJECTED\\r\\n+PONG\\r\\n
+
+   (a client reads ``+INJECTED`` as the answer to its ``PING``: the stream is out of
+   step). Fixed, CR and LF are replaced by spaces: two replies::
+
+       -ERR Unknown argument X  +INJECTED\\r\\n+PONG\\r\\n
+3. a bounded client load (N connections, each SET/GET/INCR with checked answers,
+   at most --requests requests and --seconds seconds each) plus one connection
+   that keeps sending the probe of 2 and classifies every answer as old/new;
+4. during the load: ``libcare-ctl patch -p PID --json patchroot/``, then the probe must
+   answer the fixed way; ``libcare-ctl info``; ``libcare-ctl unpatch -p PID --json``,
+   then the probe must answer the old way again;
+5. zero failed client requests (error replies, wrong values, timeouts, lost
+   connections), the INCR counter equal to the INCRs acknowledged, every probe answer
+   exactly one of the two forms, and never the new form outside the patched window.
+
+Prints JSON lines (the steps' results, the bench figures) and exits 0 when every check
+holds, 1 otherwise. Everything started here is stopped on the way out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CTL = os.path.join(ROOT, "bin", "libcare-ctl")
+
+OLD_ANSWER = b"-ERR Unknown argument X\r\n+INJECTED\r\n+PONG\r\n"
+NEW_ANSWER = b"-ERR Unknown argument X  +INJECTED\r\n+PONG\r\n"
+
+
+def emit(record: dict) -> None:
+    print(json.dumps(record), flush=True)
+
+
+def note(message: str) -> None:
+    print(f"realproject: {message}", file=sys.stderr, flush=True)
+
+
+def command(*args: bytes | str) -> bytes:
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg.encode() if isinstance(arg, str) else arg
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+class Connection:
+    """A minimal RESP2 client over one TCP connection."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buffer = b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _fill(self) -> None:
+        data = self.sock.recv(65536)
+        if not data:
+            raise ConnectionError("server closed the connection")
+        self.buffer += data
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self.buffer:
+            self._fill()
+        line, self.buffer = self.buffer.split(b"\r\n", 1)
+        return line
+
+    def reply(self) -> object:
+        """One reply: bytes (status/bulk), int, None, list, or an Exception for errors."""
+        line = self._line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"+":
+            return rest
+        if kind == b"-":
+            return RuntimeError(rest.decode(errors="replace"))
+        if kind == b":":
+            return int(rest)
+        if kind == b"$":
+            size = int(rest)
+            if size < 0:
+                return None
+            while len(self.buffer) < size + 2:
+                self._fill()
+            data, self.buffer = self.buffer[:size], self.buffer[size + 2:]
+            return data
+        if kind == b"*":
+            return [self.reply() for _ in range(int(rest))]
+        raise ValueError(f"bad reply line {line!r}")
+
+    def call(self, *args: bytes | str) -> object:
+        self.sock.sendall(command(*args))
+        return self.reply()
+
+    def raw(self, request: bytes, until: bytes) -> bytes:
+        """Send raw bytes and read until the received data ends with ``until``."""
+        self.sock.sendall(request)
+        while not self.buffer.endswith(until):
+            self._fill()
+        data, self.buffer = self.buffer, b""
+        return data
+
+
+PROBE = command("FUNCTION", "LIST", "X\r\n+INJECTED") + command("PING")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class LoadStats:
+    requests: int = 0
+    failures: list[str] = field(default_factory=list)
+    incr_acked: int = 0
+    max_latency: float = 0.0
+
+
+@dataclass
+class ProbeStats:
+    # (sent, received, old|new|other): a request sent after the patch returned must be
+    # answered the new way; an answer received before the patch started, the old way.
+    answers: list[tuple[float, float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def load_client(port: int, index: int, stop: threading.Event, max_requests: int, deadline: float,
+                stats: LoadStats, lock: threading.Lock) -> None:
+    done = failed = incr = 0
+    worst = 0.0
+    errors: list[str] = []
+    try:
+        conn = Connection(port)
+    except OSError as exc:
+        with lock:
+            stats.failures.append(f"client {index}: connect: {exc}")
+        return
+    try:
+        n = 0
+        while not stop.is_set() and done < max_requests and time.monotonic() < deadline:
+            key, value = f"key:{index}:{n % 64}", f"value-{index}-{n}"
+            for request, check in (
+                (("SET", key, value), lambda r: r == b"OK"),
+                (("GET", key), lambda r, v=value: r == v.encode()),
+                (("INCR", "counter"), lambda r: isinstance(r, int)),
+            ):
+                start = time.monotonic()
+                try:
+                    answer = conn.call(*request)
+                except (OSError, ValueError, ConnectionError) as exc:
+                    errors.append(f"client {index}: {request[0]}: {exc!r}")
+                    failed += 1
+                    raise
+                worst = max(worst, time.monotonic() - start)
+                done += 1
+                if not check(answer):
+                    failed += 1
+                    if len(errors) < 5:
+                        errors.append(f"client {index}: {request[0]} answered {answer!r}")
+                elif request[0] == "INCR":
+                    incr += 1
+            n += 1
+    except (OSError, ValueError, ConnectionError):
+        pass
+    finally:
+        conn.close()
+        with lock:
+            stats.requests += done
+            stats.incr_acked += incr
+            stats.max_latency = max(stats.max_latency, worst)
+            stats.failures.extend(errors)
+
+
+def probe_client(port: int, stop: threading.Event, deadline: float, stats: ProbeStats) -> None:
+    try:
+        conn = Connection(port)
+    except OSError as exc:
+        stats.failures.append(f"probe: connect: {exc}")
+        return
+    try:
+        while not stop.is_set() and time.monotonic() < deadline:
+            sent = time.monotonic()
+            answer = conn.raw(PROBE, b"+PONG\r\n")
+            kind = "old" if answer == OLD_ANSWER else "new" if answer == NEW_ANSWER else "other"
+            if kind == "other":
+                stats.failures.append(f"probe: unexpected answer {answer!r}")
+            stats.answers.append((sent, time.monotonic(), kind))
+            time.sleep(0.002)
+    except (OSError, ConnectionError) as exc:
+        stats.failures.append(f"probe: {exc!r}")
+    finally:
+        conn.close()
+
+
+def probe_once(port: int) -> str:
+    conn = Connection(port)
+    try:
+        answer = conn.raw(PROBE, b"+PONG\r\n")
+    finally:
+        conn.close()
+    return "old" if answer == OLD_ANSWER else "new" if answer == NEW_ANSWER else f"other: {answer!r}"
+
+
+def ctl(*args: str, timeout: float = 120) -> tuple[int, dict | None, str, float]:
+    start = time.monotonic()
+    run = subprocess.run([CTL, *args], capture_output=True, text=True, timeout=timeout, check=False)
+    elapsed = time.monotonic() - start
+    try:
+        data = json.loads(run.stdout) if run.stdout.strip() else None
+    except json.JSONDecodeError:
+        data = None
+    return run.returncode, data, (run.stdout + run.stderr).strip(), elapsed
+
+
+def wait_ready(port: int, server: subprocess.Popen, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"redis-server exited with {server.returncode}")
+        try:
+            conn = Connection(port, timeout=1)
+            try:
+                if conn.call("PING") == b"PONG":
+                    return
+            finally:
+                conn.close()
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError("redis-server did not answer PING")
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cache", default=os.environ.get("LIBCARE_REALPROJECT_CACHE",
+                                                          os.path.join(ROOT, ".cache", "realproject")))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--requests", type=int, default=300000, help="at most this many per client")
+    parser.add_argument("--seconds", type=float, default=40, help="the load stops after this long at most")
+    args = parser.parse_args(argv)
+
+    work = os.path.join(args.cache, "work")
+    server_path = os.path.join(work, "lpmake", "bin", "redis-server")
+    patchroot = os.path.join(work, "patchroot")
+    if not os.access(server_path, os.X_OK) or not os.path.isdir(patchroot):
+        note(f"no {server_path} or {patchroot}: run tests/realproject/build_patch.sh first")
+        return 1
+
+    checks: list[tuple[str, bool, str]] = []
+
+    def check(name: str, ok: bool, detail: str = "") -> bool:
+        checks.append((name, ok, detail))
+        if ok and (len(detail) > 200 or "\n" in detail):
+            detail = ""
+        note(f"{'ok  ' if ok else 'FAIL'} {name}{': ' + detail if detail else ''}")
+        return ok
+
+    port = free_port()
+    rundir = tempfile.mkdtemp(prefix="realproject-redis-")
+    server = subprocess.Popen(
+        [server_path, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--daemonize", "no", "--dir", rundir, "--logfile", os.path.join(rundir, "redis.log")],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    stop = threading.Event()
+    threads: list[threading.Thread] = []
+    try:
+        wait_ready(port, server)
+        pid = server.pid
+        note(f"redis-server pid {pid} on 127.0.0.1:{port}")
+        before = probe_once(port)
+        check("bug present before the patch", before == "old", before)
+
+        load, probe, lock = LoadStats(), ProbeStats(), threading.Lock()
+        deadline = time.monotonic() + args.seconds
+        for index in range(args.clients):
+            threads.append(threading.Thread(target=load_client, daemon=True,
+                                            args=(port, index, stop, args.requests, deadline, load, lock)))
+        threads.append(threading.Thread(target=probe_client, daemon=True, args=(port, stop, deadline, probe)))
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+
+        patched_at = time.monotonic()
+        status, result, output, elapsed = ctl("patch", "-p", str(pid), "--json", patchroot)
+        patch_done = time.monotonic()
+        emit({"step": "patch", "status": status, "seconds": round(elapsed, 3), "result": result})
+        ok = check("libcare-ctl patch succeeded", status == 0 and result is not None
+                   and result.get("summary", {}).get("failed", 0) == 0, output[-2000:])
+        applied = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])
+                   if o.get("action") == "applied"]
+        check("the patch was applied to redis-server", bool(applied), json.dumps(applied)[:500])
+        paused = [p.get("paused_us") for p in (result or {}).get("processes", []) if p.get("paused_us")]
+        if paused:
+            emit({"bench": "realproject_patch_pause", "value": max(paused), "unit": "us"})
+        after = probe_once(port)
+        check("fixed behaviour after the patch", ok and after == "new", after)
+
+        status, info, output, _ = ctl("info", "-p", str(pid), "--json")
+        emit({"step": "info", "status": status, "result": info})
+        check("libcare-ctl info succeeded", status == 0, output[-1000:])
+
+        time.sleep(1.0)
+        unpatch_at = time.monotonic()
+        status, result, output, elapsed = ctl("unpatch", "-p", str(pid), "--json")
+        unpatch_done = time.monotonic()
+        emit({"step": "unpatch", "status": status, "seconds": round(elapsed, 3), "result": result})
+        check("libcare-ctl unpatch succeeded", status == 0 and result is not None
+              and result.get("summary", {}).get("failed", 0) == 0, output[-2000:])
+        restored = probe_once(port)
+        check("old behaviour back after unpatch", restored == "old", restored)
+        time.sleep(0.5)
+
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        check("load threads finished", not any(t.is_alive() for t in threads))
+        check("client requests during the patch", load.requests > 0, f"{load.requests} requests")
+        check("zero failed client requests", not load.failures, "; ".join(load.failures[:5]))
+        counter = Connection(port).call("GET", "counter")
+        check("INCR counter equals the INCRs acknowledged",
+              counter == str(load.incr_acked).encode(), f"{counter!r} vs {load.incr_acked}")
+        check("probe answers all well-formed", not probe.failures, "; ".join(probe.failures[:3]))
+        misplaced = [k for sent, received, k in probe.answers
+                     if (k == "new" and (received < patched_at or sent > unpatch_done))
+                     or (k == "old" and patch_done < sent and received < unpatch_at)]
+        kinds = {k: sum(1 for _, _, x in probe.answers if x == k) for k in ("old", "new")}
+        check("probe: new answers only while patched, old ones only outside", not misplaced,
+              f"{kinds}, misplaced {len(misplaced)}")
+        check("probe saw both behaviours under load", kinds["old"] > 0 and kinds["new"] > 0, str(kinds))
+        check("redis-server still running", server.poll() is None)
+        emit({"bench": "realproject_load", "value": load.requests, "unit": "requests",
+              "failed": len(load.failures), "max_latency_ms": round(load.max_latency * 1000, 1),
+              "clients": args.clients})
+    except Exception as exc:  # noqa: BLE001 - reported as a failed check, then cleaned up
+        check("harness", False, f"{type(exc).__name__}: {exc}")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=10)
+        if server.poll() is None:
+            server.send_signal(signal.SIGTERM)
+            try:
+                server.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                server.kill()
+                server.wait()
+        log = os.path.join(rundir, "redis.log")
+        if os.path.exists(log) and any(not ok for _, ok, _ in checks):
+            with open(log, encoding="utf-8", errors="replace") as stream:
+                note("redis log tail:\n" + "".join(stream.readlines()[-20:]))
+        subprocess.run(["rm", "-rf", rundir], check=False)
+    failed = [name for name, ok, _ in checks if not ok]
+    emit({"step": "result", "ok": not failed, "failed": failed})
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
