@@ -165,3 +165,21 @@ def test_remote_call_that_never_returns_times_out(threads_program):
     before = counter0(running)
     time.sleep(0.03)
     assert counter0(running) > before
+
+
+def test_blocking_remote_syscall_times_out_and_thread_recovers(threads_program):
+    running = threads_program(2, reader=True)
+    with StoppedProcess(running.pid, timeout=0.3) as patient:
+        trap = make_trap(patient)
+        regs = patient.get_regs(running.pid)
+        with pytest.raises(ProcessError, match="did not return"):
+            patient.remote_syscall(34, tid=running.pid)  # pause(): blocks until a signal
+        assert patient.get_regs(running.pid) == regs
+        assert patient.remote_call(running.address("resolver"), (0, 0), trap) == 42
+        patient.munmap(trap, PAGE)
+    running.process.stdin.write(b"fine")
+    running.process.stdin.flush()
+    assert running.wait_for("read") == "read fine"
+    before = counter0(running)
+    time.sleep(0.03)
+    assert counter0(running) > before

@@ -57,6 +57,10 @@ _syscall_site_cache: dict[str, int] = {}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+class _StepTimeout(Exception):
+    """A single-stepped system call did not return in time (internal)."""
+
+
 class Registers(user_regs_struct):
     """A thread's ``user_regs_struct``: ``regs.rip``, ``regs.rsp``, ``regs.orig_rax``, ..."""
 
@@ -273,7 +277,13 @@ class StoppedProcess:
                             f"threads {pending} of process {self.pid} did not stop within {self.timeout} s "
                             f"(uninterruptible sleep?)"
                         )
-                    signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP))
+                    if signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP)) is None:
+                        # Quiet for a while: a main thread that exited while others run is a
+                        # zombie the kernel never reports; do not wait for it.
+                        for tid in [tid for tid in pending if self._is_zombie(tid)]:
+                            pending.remove(tid)
+                            gone.add(tid)
+                            self._forget_thread(tid)
         finally:
             if signal.SIGCHLD not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -324,9 +334,15 @@ class StoppedProcess:
         self._release_all()
 
     def _release_all(self) -> None:
+        first_error: Exception | None = None
         try:
             for tid in list(self._seized):
-                self._detach(tid)
+                try:
+                    self._detach(tid)
+                except Exception as exc:  # detach every other thread all the same
+                    first_error = first_error or exc
+            if first_error is not None:
+                raise first_error
         finally:
             self._seized.clear()
             self._pending.clear()
@@ -576,13 +592,20 @@ class StoppedProcess:
         for name, value in zip(_ARG_REGISTERS_SYSCALL, args, strict=False):
             setattr(regs, name, value & _U64)
         saved_mask = self._block_signals(tid)
+        timed_out: _StepTimeout | None = None
         try:
             self.set_regs(tid, regs)
             result = self._step_over_syscall(tid, site)
+        except _StepTimeout as timeout:
+            timed_out = timeout
         finally:
             if tid in self._seized:
                 self.set_regs(tid, saved)
                 self._set_sigmask(tid, saved_mask)
+        if timed_out is not None:
+            if tid in self._seized:
+                self._drop_step_trap(tid)
+            raise ProcessError(str(timed_out))
         value = signed64(result)
         if -4095 < value < 0:
             code = -value
@@ -594,12 +617,21 @@ class StoppedProcess:
         return result
 
     def _step_over_syscall(self, tid: int, site: int) -> int:
+        deadline = time.monotonic() + self.timeout
         for _ in range(64):
             try:
                 ptrace_func.ptrace_singlestep(tid)
             except PtraceError as exc:
                 self._raise_thread_error(tid, exc, "single-step")
-            status = self._wait_thread(tid, None)
+            try:
+                status = self._wait_thread(tid, deadline)
+            except TimeoutError:
+                # A blocking system call: interrupting it makes it return (the caller
+                # restores the registers, then drops the single-step trap it queued).
+                self._interrupt_and_wait(tid)
+                raise _StepTimeout(
+                    f"remote syscall in thread {tid} of process {self.pid} did not return within {self.timeout} s"
+                ) from None
             event = status >> 16
             signo = os.WSTOPSIG(status)
             self._stop_signal[tid] = signo if event == 0 else 0
@@ -617,6 +649,38 @@ class StoppedProcess:
                 continue
             raise ProcessError(f"remote syscall in thread {tid} stopped at unexpected address {regs.rip:#x}")
         raise ProcessError(f"remote syscall in thread {tid} of process {self.pid} did not complete")
+
+    def _drop_step_trap(self, tid: int) -> None:
+        """Consume the SIGTRAP a single-step queued when its system call was interrupted.
+
+        The thread runs from its own, restored registers: the kernel takes the pending
+        trap before any user instruction and reports it; we drop it.
+        """
+        if not self._trap_pending(tid):
+            return
+        self._cont(tid, 0)
+        try:
+            status = self._wait_thread(tid, time.monotonic() + self.timeout)
+        except TimeoutError:
+            self._interrupt_and_wait(tid)
+            return
+        if status >> 16 == 0:
+            signo = os.WSTOPSIG(status)
+            self._stop_signal[tid] = signo
+            if signo != signal.SIGTRAP:
+                self._hold_signal(tid, signo)
+        else:
+            self._stop_signal[tid] = 0
+
+    def _trap_pending(self, tid: int) -> bool:
+        try:
+            status = read_proc_text(self.pid, f"task/{tid}/status")
+        except (ProcessGone, ProcessError, PermissionDenied):
+            return False
+        for line in status.splitlines():
+            if line.startswith("SigPnd:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
+        return False
 
     def mmap(self, address: int, length: int, prot: int, flags: int) -> int:
         """Remote ``mmap(address, length, prot, flags, -1, 0)``; the mapped address."""
