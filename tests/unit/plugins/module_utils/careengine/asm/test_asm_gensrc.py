@@ -36,6 +36,7 @@ FLAG_SETS = {
     "O2-sections": ("-O2", "-ffunction-sections", "-fdata-sections"),
     "O2-pic": ("-O2", "-fPIC"),
     "O3": ("-O3",),
+    "O2-hardened": ("-O2", "-fcf-protection", "-fstack-protector-strong", "-D_FORTIFY_SOURCE=2", "-fno-plt"),
 }
 
 
@@ -290,3 +291,67 @@ def test_changed_constructor_table_is_refused(tmp_path: Path) -> None:
     patched = original.replace("\t.quad\tsetup\n", "\t.quad\tsetup\n\t.quad\tsetup\n")
     with pytest.raises(UnpatchableChange, match="outside functions and variables"):
         gensrc.generate(original, patched)
+
+
+# Runs the patched code: the output is linked with a driver that finds a .kpatch.info
+# record by name and calls the original (daddr) and the new function (saddr). The new
+# code must use the original's data (statics, TLS, globals), so calling the new function
+# after the original shows their shared state.
+DRIVER = r"""
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+struct kpatch_info {
+	unsigned long daddr, saddr;
+	unsigned int dlen, slen;
+	const char *name;
+	unsigned long vaddr;
+	unsigned int flags, pad;
+};
+extern struct kpatch_info kpatch_info_start[], kpatch_info_end[];
+int main(int argc, char **argv)
+{
+	long a = atol(argv[2]), b = atol(argv[3]), c = atol(argv[4]);
+	for (struct kpatch_info *info = kpatch_info_start; info < kpatch_info_end; info++) {
+		if (strcmp(info->name, argv[1]) != 0)
+			continue;
+		int (*original)(long, long, long) = (int (*)(long, long, long))info->daddr;
+		int (*patched)(long, long, long) = (int (*)(long, long, long))info->saddr;
+		int before = original(a, b, c);
+		printf("%d %d\n", before, patched(a, b, c));
+		return 0;
+	}
+	return 3;
+}
+"""
+INFO_BOUNDS_HEAD = '\t.section\t.kpatch.info,"a",@progbits\n\t.globl\tkpatch_info_start\nkpatch_info_start:\n\t.text\n'
+INFO_BOUNDS_TAIL = '\t.section\t.kpatch.info,"a",@progbits\n\t.globl\tkpatch_info_end\nkpatch_info_end:\n'
+
+
+def cold_sum(n: int, penalty: int) -> int:
+    return sum(i * n for i in range(n)) - (penalty if n > 77 else 0)
+
+
+RUNS = (  # case, record name, arguments, (original result, patched result)
+    ("one_changed", "buggy.kpatch", (10, 0, 0), (15, 5)),
+    ("new_helper", "compute.kpatch", (2000, 0, 0), (14000, 1000)),
+    ("static_local", "tocks.kpatch", (0, 0, 0), (2, 5)),
+    ("static_renumbered", "ticks.kpatch", (0, 0, 0), (1, 3)),
+    ("tls", "bump.kpatch", (1, 0, 0), (5, 9)),
+    ("jump_table", "classify.kpatch", (7, 2, 3), (-1, 1)),
+    ("jump_table", "classify.kpatch", (5, 1, 33), (2, 2)),
+    ("cold_split", "sum.kpatch", (100, 0, 0), (cold_sum(100, 3), cold_sum(100, 5))),
+)
+
+
+@pytest.mark.parametrize("flag_set", ["O0", "O2", "O2-sections", "O2-pic", "O2-hardened"])
+@pytest.mark.parametrize(("case_name", "record", "arguments", "expected"), RUNS)
+def test_patched_code_runs_on_original_data(case_name: str, record: str, arguments: tuple[int, int, int],
+                                            expected: tuple[int, int], flag_set: str, tmp_path: Path) -> None:
+    _, _, result = run_case(case_name, FLAG_SETS[flag_set], tmp_path)
+    (tmp_path / "out.s").write_text(INFO_BOUNDS_HEAD + result.text + INFO_BOUNDS_TAIL)
+    (tmp_path / "driver.c").write_text(DRIVER)
+    subprocess.run(["gcc", "-o", "program", "driver.c", "out.s"], cwd=tmp_path, check=True)
+    completed = subprocess.run(["./program", record, *map(str, arguments)], cwd=tmp_path, capture_output=True,
+                               text=True, check=True)
+    assert completed.stdout.split() == [str(value) for value in expected]
