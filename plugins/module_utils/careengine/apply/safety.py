@@ -119,54 +119,73 @@ def scan_candidates(stack: bytes, base: int, index: RangeIndex) -> list[tuple[in
 RuleFinder = Callable[[int], tuple[FrameRule | None, bool]]   # pc -> (rule, known object)
 
 
-def unwind_is_busy(thread: ThreadState, stack: bytes, base: int, index: RangeIndex,
-                   candidates: list[tuple[int, GuardedRange]], rule_at: RuleFinder) -> BusyThread | None:
-    """Walk the thread's frames with CFI; the busy frame found, or None if none is.
+@dataclass(frozen=True)
+class Frame:
+    """One frame of a walk: its pc, whether it is the innermost one, and its CFA."""
 
-    ``rule_at(pc)`` gives the unwind rule for a code address. When the walk stops
-    early, candidates above the last known frame are assumed live.
-    """
+    pc: int
+    top: bool
+    cfa: int | None          # None: the walk could not get past this frame
+
+
+def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
+                read_word: Callable[[int], int | None] | None = None) -> tuple[list[Frame], bool]:
+    """The thread's frames, innermost first, unwound with CFI; and whether the walk
+    reached the outermost frame (return address 0 or no caller) rather than stopping
+    early. ``stack`` holds the memory from ``base`` up; ``read_word`` reads beyond it."""
     registers = {number: thread.registers[name] for number, name in DWARF_REGISTERS.items()}
     pc = thread.registers["rip"]
     top = True
-    walked_to = base          # stack below this address belongs to walked frames
+    frames: list[Frame] = []
 
     def word_at(address: int) -> int | None:
         offset = address - base
         if 0 <= offset and offset + 8 <= len(stack):
             return struct.unpack_from("<Q", stack, offset)[0]
-        return None
+        return read_word(address) if read_word is not None else None
 
     for _ in range(MAX_FRAMES):
-        guarded = index.find(pc if top else pc - 1)
-        if guarded is not None:
-            return BusyThread(thread.tid, guarded.name, pc, "executing" if top else "returns into")
         rule, _known = rule_at(pc if top else pc - 1)
         if rule is None or rule.cfa_register is None or rule.cfa_register not in registers:
-            break
+            frames.append(Frame(pc, top, None))
+            return frames, False
         cfa = registers[rule.cfa_register] + rule.cfa_offset
         saved = dict(rule.saved)
-        if DWARF_RA not in saved:
-            break
-        return_address = word_at(cfa + saved[DWARF_RA])
-        if return_address is None:
-            break
-        new_registers = dict(registers)
+        return_address = word_at(cfa + saved[DWARF_RA]) if DWARF_RA in saved else None
+        if return_address is None or (frames and frames[-1].cfa is not None and cfa <= frames[-1].cfa):
+            frames.append(Frame(pc, top, None))
+            return frames, False
+        frames.append(Frame(pc, top, cfa))
         for number, offset in saved.items():
             if number in registers:
                 value = word_at(cfa + offset)
-                if value is None:
-                    break
-                new_registers[number] = value
-        new_registers[DWARF_RSP] = cfa
-        if cfa <= walked_to and not top:
-            break                 # no progress: a corrupt or unusual frame
-        walked_to = cfa
-        registers = new_registers
+                if value is not None:
+                    registers[number] = value
+        registers[DWARF_RSP] = cfa
         if return_address == 0:
-            return None           # the outermost frame: walked everything
+            return frames, True
         pc = return_address
         top = False
+    return frames, False
+
+
+def unwind_is_busy(thread: ThreadState, stack: bytes, base: int, index: RangeIndex,
+                   candidates: list[tuple[int, GuardedRange]], rule_at: RuleFinder) -> BusyThread | None:
+    """Walk the thread's frames with CFI; the busy frame found, or None if none is.
+
+    When the walk stops early, candidate words above the last frame it got past are
+    assumed to be live return addresses.
+    """
+    frames, _complete = walk_frames(thread, stack, base, rule_at)
+    walked_to = base
+    for frame in frames:
+        guarded = index.find(frame.pc if frame.top else frame.pc - 1)
+        if guarded is not None:
+            return BusyThread(thread.tid, guarded.name, frame.pc, "executing" if frame.top else "returns into")
+        if frame.cfa is not None:
+            walked_to = frame.cfa
+    if _complete:
+        return None
     for word_address, guarded in candidates:
         if word_address >= walked_to:
             return BusyThread(thread.tid, guarded.name, word_address, "may return into")
