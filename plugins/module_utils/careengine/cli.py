@@ -19,6 +19,7 @@ TOOLS: dict[str, tuple[str, str]] = {
     "ctl": (".apply.ctl", "main"),
     "patch-make": (".build.patchmake", "main"),
     "cc": (".build.compiler", "main"),
+    "c++": (".build.compiler", "main_cxx"),
     "dump": (".cli", "dump_main"),
 }
 

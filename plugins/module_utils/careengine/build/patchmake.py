@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="name of the make variable for the install root (default: DESTDIR)")
     parser.add_argument("-j", "--jobs", type=int, help="parallel make jobs")
     parser.add_argument("-m", "--make-arg", action="append", default=[], metavar="ARG",
-                        help="extra argument for every make run, e.g. CC=/path/bin/libcare-cc")
+                        help="extra argument for every make run; without a CC=... here, "
+                             "CC=<this tool's directory>/libcare-cc is passed to make")
     parser.add_argument("--store", help="also install the patches into this patch store")
     parser.add_argument("patches", nargs="*", metavar="PATCH", help="unified diffs (-p1)")
     return parser
@@ -47,14 +48,29 @@ def _terminate(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def with_default_compiler(make_args: list[str], tool_dir: str) -> list[str]:
+    """``make_args`` plus ``CC=``/``CXX=`` naming our wrappers, unless the user set them.
+
+    Make's command-line variables override the Makefile's, so a plain Makefile project
+    builds through the wrapper without being edited or reconfigured.
+    """
+    result = list(make_args)
+    for variable, tool in (("CC", "libcare-cc"), ("CXX", "libcare-c++")):
+        wrapper = os.path.join(tool_dir, tool)
+        if os.path.exists(wrapper) and not any(arg.startswith(variable + "=") for arg in make_args):
+            result.append(f"{variable}={wrapper}")
+    return result
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``libcare-patch-make``; returns the exit status."""
     args = _parser().parse_args(argv)
     if not args.update and not args.patches:
         _parser().error("at least one PATCH is needed (or --update)")
+    make_args = with_default_compiler(args.make_arg, os.path.dirname(os.path.abspath(sys.argv[0])))
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
-        result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=args.make_arg,
+        result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=make_args,
                                jobs=args.jobs, clean=args.clean, srcdir=args.srcdir, update=args.update,
                                destdir_variable=args.destdir, progress=_progress)
     except MakeFailed as exc:
