@@ -103,8 +103,10 @@ def patched_section(line_section: str, specs: dict[str, str], symbol: str) -> st
 
 
 def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
+    # Every label the block defines besides its own symbols (gcc's .L labels, labels of
+    # inline asm) gets a suffix, so the copy does not collide with the original body.
     own_labels = {line.head for line in block.lines if line.kind in (Kind.LABEL, Kind.DEBUG_LABEL)
-                  and line.head.startswith(LOCAL_LABEL_PREFIX)}
+                  and line.head not in block.names and not line.head.isdigit()}
 
     def rename(token: str) -> str:
         if token in own_labels:

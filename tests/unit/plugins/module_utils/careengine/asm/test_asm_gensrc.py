@@ -65,6 +65,7 @@ CASES = (
     Case("cold_split", ("sum",)),
     Case("lines_only", ()),
     Case("jump_table", ("classify",)),
+    Case("main_changed", ("main",)),
 )
 
 
@@ -231,6 +232,23 @@ REFUSED = (
     ("changed_array_size", "O2", r"\btable\b"),
     ("changed_array_size", "O2-sections", r"\btable\b"),
 )
+
+
+@pytest.mark.parametrize("flag_set", ["O0", "O2", "O2-pic"])
+def test_new_thread_local_variable_is_refused(flag_set: str, tmp_path: Path) -> None:
+    with pytest.raises(UnpatchableChange, match=r"^unit\.c: seen\.\d+: new thread-local data"):
+        run_case("new_tls", FLAG_SETS[flag_set], tmp_path)
+
+
+def test_inline_asm_labels_do_not_collide(tmp_path: Path) -> None:
+    source = 'int probe(int x)\n{\n\tasm volatile("probe_point_%=: nop" ::: "memory");\n\treturn x + %d;\n}\n'
+    (tmp_path / "orig.c").write_text(source.replace("%d", "1"))
+    (tmp_path / "patched.c").write_text(source.replace("%d", "2"))
+    original = compile_to_asm(tmp_path / "orig.c", tmp_path / "orig", ("-O2",))
+    patched = compile_to_asm(tmp_path / "patched.c", tmp_path / "patched", ("-O2",))
+    result = gensrc.generate(original, patched)
+    assert result.changed_functions == ("probe",)
+    assemble(result.text, tmp_path / "out.o")
 
 
 @pytest.mark.parametrize(("case_name", "flag_set", "symbol"), REFUSED)
