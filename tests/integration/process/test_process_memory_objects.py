@@ -136,3 +136,22 @@ def test_applied_patch_is_found_in_anonymous_memory(threads_program):
     found = find_applied_patches(running.pid, read_maps(running.pid))
     assert [(mapping.start, data) for mapping, data in found] == [(address, header[:PATCH_HEADER_SIZE])]
     assert decoy != address
+
+
+def test_inaccessible_pages_are_read_and_written_through_proc_mem(threads_program):
+    running = threads_program(1)
+    with StoppedProcess(running.pid) as patient:
+        address = patient.mmap(0, 2 * PAGE, 3, 0x22)
+        patient.write(address, b"A" * 16)
+        patient.write(address + PAGE, b"B" * 16)
+        patient.mprotect(address + PAGE, PAGE, 0)  # PROT_NONE: process_vm_readv refuses it
+        ranges = [(address, 16), (address + PAGE, 16), (address, 0)]
+        assert read_ranges(running.pid, ranges) == [b"A" * 16, b"B" * 16, b""]
+        write_memory(running.pid, address + PAGE, b"C" * 4)
+        assert read_memory(running.pid, address + PAGE, 8) == b"CCCCBBBB"
+        patient.munmap(address, 2 * PAGE)
+
+
+def test_cannot_stop_ourselves():
+    with pytest.raises(ProcessError, match="itself"):
+        StoppedProcess(os.getpid()).stop()

@@ -164,6 +164,8 @@ class StoppedProcess:
         """Stop every thread of the process, including threads created meanwhile."""
         if self._stopped:
             return
+        if self.pid == os.getpid():
+            raise ProcessError(f"process {self.pid} is this tool itself; it cannot stop itself")
         if self._syscall_address is None:
             # Found before stopping anything: it costs the patient no pause.
             try:
