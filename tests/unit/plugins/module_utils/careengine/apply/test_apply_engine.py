@@ -1,0 +1,78 @@
+"""Pure steps of the engine: level decisions, reading an applied patch from memory bytes."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+
+from plugins.module_utils.careengine.apply.engine import decide_level, decode_applied
+from plugins.module_utils.careengine.apply.image import IDENTITY_FIELD, PatchImage
+from plugins.module_utils.careengine.patchfile import (
+    HEADER_OFFSETS,
+    HEADER_SIZE,
+    InfoEntry,
+    PatchHeader,
+    encode_info_entry,
+    encode_patch,
+    info_terminator,
+)
+from plugins.module_utils.careengine.patchfile import PatchFile as PatchFileType
+from plugins.module_utils.careengine.process import Mapping
+
+BUILD_ID = "ab" * 20
+ELF_STUB = b"\x7fELF" + b"\0" * 60
+
+
+def image(level: int, identity: int) -> PatchImage:
+    patch = PatchFileType(PatchHeader(BUILD_ID, level=level), ELF_STUB)
+    return PatchImage(patch, (), (), (), 0, 0, (), (), (), identity)
+
+
+def applied_bytes(level: int, identity: int, start: int) -> bytes:
+    """A patch mapping as the loader leaves it: header, info table, names, undo bytes."""
+    user_info, strtab, user_undo, size = 0x300, 0x380, 0x400, 0x1000
+    header = bytearray(encode_patch(PatchHeader(BUILD_ID, level=level), ELF_STUB)[:HEADER_SIZE])
+    for name, value in (("user_info", user_info), ("user_undo", user_undo)):
+        struct.pack_into("<I", header, HEADER_OFFSETS[name], value)
+    struct.pack_into("<I", header, IDENTITY_FIELD, identity)
+    mapping = bytearray(size)
+    mapping[:HEADER_SIZE] = header
+    entries = [InfoEntry(0x40_1000, start + 0x2C0, 0x30, 0x20, start + strtab),
+               InfoEntry(0, start + 0x2E0, 0, 0x10, start + strtab + 16)]
+    table = b"".join(encode_info_entry(e) for e in entries) + info_terminator()
+    mapping[user_info:user_info + len(table)] = table
+    mapping[strtab:strtab + 32] = b"report.kpatch\0\0\0helper.kpatch\0\0\0"
+    mapping[user_undo:user_undo + 10] = b"\xf3\x0f\x1e\xfa\x55" + b"\0" * 5
+    return bytes(mapping)
+
+
+def test_decode_applied_patch_from_memory():
+    start = 0x7F00_0000_0000
+    contents = applied_bytes(3, 0x1234, start)
+    applied = decode_applied(Mapping(start, start + 0x1000, "rwxp", 0, "00:00", 0, ""), contents[:HEADER_SIZE],
+                             contents)
+    assert (applied.build_id, applied.level, applied.identity) == (BUILD_ID, 3, 0x1234)
+    assert applied.names == ("report", "helper")
+    assert applied.replaced_functions == ("report",)
+    assert applied.undo[0] == b"\xf3\x0f\x1e\xfa\x55"
+    assert applied.entries[1].is_new
+
+
+@pytest.mark.parametrize(("applied_level", "identity", "requested", "action", "words"), [
+    (None, 0, 1, "apply", ""),
+    (1, 7, 1, "skipped", "already applied"),
+    (1, 8, 1, "failed", "different patch"),
+    (1, 7, 2, "replace", "replacing level 1 with level 2"),
+    (3, 7, 2, "skipped", "newer"),
+])
+def test_level_rules(applied_level, identity, requested, action, words):
+    applied = None
+    if applied_level is not None:
+        start = 0x7F00_0000_0000
+        contents = applied_bytes(applied_level, identity, start)
+        applied = decode_applied(Mapping(start, start + 0x1000, "rwxp", 0, "00:00", 0, ""),
+                                 contents[:HEADER_SIZE], contents)
+    decision = decide_level(image(requested, 7), applied)
+    assert decision.action == action
+    assert words in decision.reason
