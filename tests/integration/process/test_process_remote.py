@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 
 import pytest
 
 from plugins.module_utils.careengine.errors import ProcessError
-from plugins.module_utils.careengine.process import StoppedProcess, find_syscall_instruction, read_maps
+from plugins.module_utils.careengine.process import (
+    RemoteSyscallFailed,
+    StoppedProcess,
+    find_syscall_instruction,
+    read_maps,
+)
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS = 0x02, 0x20
@@ -51,8 +57,9 @@ def test_remote_syscall_error_names_errno(threads_program):
     running = threads_program(1)
     with StoppedProcess(running.pid) as patient:
         regs = patient.get_regs(running.pid)
-        with pytest.raises(ProcessError, match="EINVAL"):
+        with pytest.raises(ProcessError, match="EINVAL") as failure:
             patient.munmap(0x1001, PAGE)  # not page aligned
+        assert isinstance(failure.value, RemoteSyscallFailed) and failure.value.errno == errno.EINVAL
         assert patient.get_regs(running.pid) == regs
 
 

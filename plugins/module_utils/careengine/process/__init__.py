@@ -10,7 +10,7 @@ The only package that touches a live process. ``apply/`` uses it like this::
 from .maps import Mapping, free_holes, page_down, page_up, parse_maps, read_maps
 from .memory import forget_process, read_memory, read_ranges, read_ranges_lenient, write_memory
 from .objects import PATCH_HEADER_SIZE, PATCH_MAGIC, MappedObject, find_applied_patches, mapped_objects
-from .tracer import Registers, StoppedProcess, find_syscall_instruction, signed64
+from .tracer import Registers, RemoteSyscallFailed, StoppedProcess, find_syscall_instruction, signed64
 
 __all__ = [
     "PATCH_HEADER_SIZE",
@@ -18,6 +18,7 @@ __all__ = [
     "MappedObject",
     "Mapping",
     "Registers",
+    "RemoteSyscallFailed",
     "StoppedProcess",
     "find_applied_patches",
     "find_syscall_instruction",

@@ -57,6 +57,14 @@ _syscall_site_cache: dict[str, int] = {}
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+class RemoteSyscallFailed(ProcessError):
+    """A system call made in the patient returned an error; ``errno`` holds its number."""
+
+    def __init__(self, message: str, errno_value: int) -> None:
+        super().__init__(message)
+        self.errno = errno_value
+
+
 class _StepTimeout(Exception):
     """A single-stepped system call did not return in time (internal)."""
 
@@ -612,9 +620,10 @@ class StoppedProcess:
         if -4095 < value < 0:
             code = -value
             shown_args = ", ".join(hex(arg) for arg in args)
-            raise ProcessError(
+            raise RemoteSyscallFailed(
                 f"remote {_syscall_name(nr)}({shown_args}) in process {self.pid} failed: "
-                f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})"
+                f"{errno.errorcode.get(code, str(code))} ({os.strerror(code)})",
+                code,
             )
         return result
 
