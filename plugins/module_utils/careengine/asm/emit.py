@@ -32,6 +32,10 @@ KPATCH_SECTIONS = {
 }
 
 
+# Statements whose meaning does not depend on the current section.
+SECTION_INDEPENDENT_KINDS = frozenset((Kind.IDENT, Kind.FILE))
+
+
 def end_label(name: str) -> str:
     """Label marking the end of an original function (its size for ``dlen``)."""
     return f"{name}.Lfe"
@@ -71,7 +75,8 @@ class Output:
             if line.kind is Kind.SECTION:
                 self.switch(line.section_after)
                 continue
-            self.switch(line.section)
+            if line.kind not in SECTION_INDEPENDENT_KINDS:
+                self.switch(line.section)
             if before_size and line.kind is Kind.SIZE and line.first_arg() in before_size:
                 self.lines.append(before_size[line.first_arg()] + ":")
             self.lines.append(format_statement(line.text, line.kind))

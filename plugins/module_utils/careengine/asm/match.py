@@ -116,14 +116,14 @@ def match(original: AsmFile, patched: AsmFile) -> Matching:
         pass
     _pair_leftover_functions(state, tables[0])
     _check_variables(state, tables[1], original_signatures)
+    (original_functions, patched_functions), (_, patched_variables) = tables
     changed = tuple(
-        original_name for original_name, patched_name in state.function_pairs.items()
-        if original_signatures[original_name]
-        != block_signature(tables[0][1][patched_name], state.rename_patched)
+        name for name in original_functions
+        if name in state.function_pairs and original_signatures[name]
+        != block_signature(patched_functions[state.function_pairs[name]], state.rename_patched)
     )
-    changed = tuple(name for name in tables[0][0] if name in changed)
-    new_functions = tuple(name for name in tables[0][1] if not state.is_paired_patched(name))
-    new_variables = tuple(name for name in tables[1][1] if not state.is_paired_patched(name))
+    new_functions = tuple(name for name in patched_functions if not state.is_paired_patched(name))
+    new_variables = tuple(name for name in patched_variables if not state.is_paired_patched(name))
     return Matching(dict(state.patched_to_original), tuple(state.function_pairs.items()), changed,
                     new_functions, new_variables)
 
