@@ -8,7 +8,14 @@ thread still sits in that signal's delivery stop.
 
 Remote syscalls write nothing into the patient's code: they borrow an existing
 ``syscall`` instruction (bytes ``0f 05``) of an executable mapping (libc's first) and
-single-step exactly that one instruction.
+single-step exactly that one instruction. While a thread runs our code (a remote syscall
+or call), its asynchronous signals are blocked with ``PTRACE_SETSIGMASK``: they stay
+queued in the kernel, siginfo intact, and are delivered normally afterwards. Registers
+and signal mask are restored exactly, so a system call the thread was blocked in
+restarts as if nothing happened.
+
+Waiting never uses ``waitpid(-1)`` (that could reap the caller's own children): each
+thread is waited for by id, with ``SIGCHLD`` blocked and ``sigtimedwait`` as the wake-up.
 """
 
 from __future__ import annotations
