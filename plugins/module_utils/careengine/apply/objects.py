@@ -32,6 +32,7 @@ _SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION":
                  "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10, "STT_GNU_IFUNC": 10}
 _SYMBOL_BINDS = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10, "STB_GNU_UNIQUE": 10}
 DW_EH_PE_datarel_sdata4 = 0x3B
+RETURN_ADDRESS_REGISTER = 16     # x86-64 DWARF number of the return address column
 
 
 class ObjectFileError(CareError):
@@ -65,6 +66,7 @@ class FrameRule:
     cfa_register: int | None          # DWARF register number; None: an expression (unsupported)
     cfa_offset: int
     saved: tuple[tuple[int, int], ...]   # (DWARF register, offset from CFA) of registers saved on the stack
+    outermost: bool = False              # the return address is marked undefined: no caller
 
 
 def split_version(name: str) -> tuple[str, str | None]:
@@ -278,12 +280,18 @@ def _rule_at(entry: FDE, vaddr: int) -> FrameRule | None:
     if cfa.expr is not None or cfa.reg is None:
         return FrameRule(None, 0, ())
     saved = []
+    outermost = False
     for register, register_rule in row.items():
-        if isinstance(register, int) and getattr(register_rule, "type", None) == "OFFSET":
+        kind = getattr(register_rule, "type", None)
+        if not isinstance(register, int):
+            continue
+        if kind == "OFFSET":
             saved.append((register, register_rule.arg))
-        elif isinstance(register, int) and getattr(register_rule, "type", None) in ("EXPRESSION", "VAL_EXPRESSION"):
+        elif kind in ("EXPRESSION", "VAL_EXPRESSION"):
             return FrameRule(None, 0, ())
-    return FrameRule(cfa.reg, cfa.offset, tuple(saved))
+        elif kind == "UNDEFINED" and register == RETURN_ADDRESS_REGISTER:
+            outermost = True
+    return FrameRule(cfa.reg, cfa.offset, tuple(saved), outermost)
 
 
 def _symbol_def(symbol, version: str | None) -> SymbolDef:

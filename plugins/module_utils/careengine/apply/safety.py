@@ -146,6 +146,9 @@ def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinde
 
     for _ in range(MAX_FRAMES):
         rule, _known = rule_at(pc if top else pc - 1)
+        if rule is not None and rule.outermost:
+            frames.append(Frame(pc, top, None))
+            return frames, True          # _start, a thread's clone: nothing called this
         if rule is None or rule.cfa_register is None or rule.cfa_register not in registers:
             frames.append(Frame(pc, top, None))
             return frames, False
