@@ -155,3 +155,36 @@ def test_inaccessible_pages_are_read_and_written_through_proc_mem(threads_progra
 def test_cannot_stop_ourselves():
     with pytest.raises(ProcessError, match="itself"):
         StoppedProcess(os.getpid()).stop()
+
+
+def test_executable_in_another_mount_namespace(programs, spawn, tmp_path):
+    """The file is not visible from here at the path the patient maps it from."""
+    if shutil.which("unshare") is None:
+        pytest.skip("unshare is needed")
+    hidden = tmp_path / "hidden"
+    hidden.mkdir()
+    script = f"mount -t tmpfs none {hidden} && cp {programs['threads']} {hidden}/app && exec {hidden}/app 2 sleep"
+    running = spawn(["unshare", "--mount", "sh", "-c", script])
+    try:
+        running.wait_for("ready", timeout=5)
+    except BaseException:
+        pytest.skip("cannot create a mount namespace here")
+    assert not (hidden / "app").exists()
+    executable = next(obj for obj in mapped_objects(running.pid) if obj.path == f"{hidden}/app")
+    assert executable.build_id == readelf_build_id(programs["threads"])
+
+
+def test_build_id_is_read_from_memory_not_from_the_file(threads_program, programs):
+    running = threads_program(1)
+    executable = next(obj for obj in mapped_objects(running.pid) if obj.path == programs["threads"])
+    real = bytes.fromhex(executable.build_id)
+    first = executable.mappings[0]
+    where = first.start + read_memory(running.pid, first.start, first.size).index(real)
+    fake = bytes(reversed(real))
+    write_memory(running.pid, where, fake)  # read-only page: written through /proc/PID/mem
+    try:
+        again = next(obj for obj in mapped_objects(running.pid) if obj.path == programs["threads"])
+        assert again.build_id == fake.hex()
+    finally:
+        write_memory(running.pid, where, real)
+    assert next(obj for obj in mapped_objects(running.pid) if obj.path == programs["threads"]).build_id == real.hex()
