@@ -287,3 +287,28 @@ def test_job_control_stop_during_run_for_is_kept(threads_program):
     os.kill(running.pid, signal.SIGCONT)
     time.sleep(0.03)
     assert all(a > b for a, b in zip(counters(running, 3), before, strict=True))
+
+
+def test_process_traced_by_someone_else(programs, spawn):
+    running = spawn([programs["loop"]])
+    running.readline()
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time\n"
+         "from ptrace.binding import func\n"
+         f"func.ptrace(0x4206, {running.pid}, 0, 0)\n"  # PTRACE_SEIZE: traced, still running
+         "print('traced', flush=True)\n"
+         "time.sleep(30)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "traced"
+        with pytest.raises(PermissionDenied, match=f"already traced by process {holder.pid}"):
+            StoppedProcess(running.pid).stop()
+    finally:
+        holder.kill()
+        holder.wait()
+    running.drain()
+    assert int(running.readline()) > 0
+    with StoppedProcess(running.pid) as patient:
+        assert patient.tids == [running.pid]
