@@ -70,6 +70,14 @@ static void *spinner(void *arg)
 	return NULL;
 }
 
+static void *late_spinner(void *arg)
+{
+	(void)arg;
+	usleep(400000);
+	spin();
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
 	pthread_t tid;
@@ -81,6 +89,8 @@ int main(int argc, char **argv)
 		pthread_create(&tid, NULL, worker, NULL);
 	if (busy)
 		pthread_create(&tid, NULL, spinner, NULL);
+	if (argc > 1 && strcmp(argv[1], "late") == 0)
+		pthread_create(&tid, NULL, late_spinner, NULL);
 	for (long round = 0;; round++) {
 		printf("round=%ld value=%d bad=%ld\n", round, compute(5), bad);
 		fflush(stdout);
@@ -103,7 +113,9 @@ clean:
 .PHONY: all install clean
 """
 # (old, new) replacements that make the fix of each project; the patch is made with diff -u.
-THREADS_FIX = (("return r + 1;", "return r + 2;"), ("spins++;", "spins += 2;"))
+# The fixed compute() calls strlen, an IFUNC in libc: its resolver runs in the patient.
+THREADS_FIX = (("return r + 1;", "const char *volatile word = \"abc\";\n\n\treturn r + (int)strlen(word) - 1;"),
+               ("spins++;", "spins += 2;"))
 LEVEL2_FIX = (('printf("libdemo UNPATCHED %d\\n", demo_value(counter));',
                'printf("libdemo LEVEL2 %d\\n", demo_value(counter) + 1000);'),)
 

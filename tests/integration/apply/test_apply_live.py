@@ -7,6 +7,7 @@ import random
 import re
 import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,23 @@ def test_busy_function_is_refused(threads_project, start):
     patient.wait_for(lambda line: f"value={value} " in line)
     assert function_bytes(patient.pid, threads_project.binary, "spin") == before
     assert map_count(patient.pid) == maps_before
+
+
+def test_unpatch_refused_while_a_thread_runs_new_code(threads_project, start):
+    patient = start(threads_project, "late")
+    patch = str(threads_project.patch_of(threads_project.binary))
+    assert only(only(api.patch_processes(patch, [patient.pid])).objects).action == "applied"
+    maps_patched = map_count(patient.pid)
+    patched_spin = function_bytes(patient.pid, threads_project.binary, "spin")
+    value = int(re.search(r"value=(\d+)", patient.lines[0]).group(1))
+    patient.wait_for(lambda line: f"value={value + 1} " in line)
+    time.sleep(0.5)                          # the late thread is now spinning in the new spin()
+    removed = only(only(api.unpatch_processes([patient.pid], timeout=0.3)).objects)
+    assert removed.action == "failed"
+    assert re.search(r"thread \d+ executing the level-0 patch code \(compute, spin\)", removed.reason), removed.reason
+    assert function_bytes(patient.pid, threads_project.binary, "spin") == patched_spin
+    assert map_count(patient.pid) == maps_patched
+    patient.wait_for(lambda line: f"value={value + 1} " in line)
 
 
 def _dead_pid() -> int:
