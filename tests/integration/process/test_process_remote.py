@@ -190,3 +190,18 @@ def test_blocking_remote_syscall_times_out_and_thread_recovers(threads_program):
     before = counter0(running)
     time.sleep(0.03)
     assert counter0(running) > before
+
+
+@pytest.mark.parametrize("offset,size", [(0, 1), (3, 6), (5, 3), (1, 20), (0, 16)])
+def test_word_wise_ptrace_write_fallback(threads_program, offset, size):
+    running = threads_program(1)
+    seven = running.address("seven")
+    with StoppedProcess(running.pid) as patient:
+        original = patient.read(seven - 16, 64)
+        data = bytes(range(0xA0, 0xA0 + size))
+        patient._poke_write(seven + offset, data)
+        expected = bytearray(original)
+        expected[16 + offset:16 + offset + size] = data
+        assert patient.read(seven - 16, 64) == bytes(expected)
+        patient._poke_write(seven - 16, original)
+        assert patient.read(seven - 16, 64) == original

@@ -519,8 +519,40 @@ class StoppedProcess:
         return memory.read_memory(self.pid, address, size)
 
     def write(self, address: int, data: bytes) -> None:
-        """Write ``data`` at ``address`` (read-only text included)."""
-        memory.write_memory(self.pid, address, data)
+        """Write ``data`` at ``address`` (read-only text included).
+
+        Through ``/proc/PID/mem``; where the kernel refuses forced writes there
+        (``proc_mem.force_override``), word by word with ``PTRACE_POKEDATA``, which a
+        tracer may always use on its stopped tracee.
+        """
+        try:
+            memory.write_memory(self.pid, address, data)
+        except ProcessError as exc:
+            if isinstance(exc, (ProcessGone, PermissionDenied)) or not self._seized:
+                raise
+            try:
+                self._poke_write(address, data)
+            except ProcessError:
+                raise exc from None
+
+    def _poke_write(self, address: int, data: bytes) -> None:
+        """Write ``data`` with ``PTRACE_PEEKDATA``/``PTRACE_POKEDATA`` (whole aligned words)."""
+        if not data:
+            return
+        tid = self.tids[0]
+        start = address & ~7
+        end = (address + len(data) + 7) & ~7
+        try:
+            words = bytearray()
+            words += ptrace_func.ptrace_peekdata(tid, start).to_bytes(8, "little")
+            if end - start > 8:
+                words += bytes(end - start - 16)
+                words += ptrace_func.ptrace_peekdata(tid, end - 8).to_bytes(8, "little")
+            words[address - start:address - start + len(data)] = data
+            for offset in range(0, len(words), 8):
+                ptrace_func.ptrace_pokedata(tid, start + offset, int.from_bytes(words[offset:offset + 8], "little"))
+        except PtraceError as exc:
+            raise ProcessError(f"cannot write {len(data)} bytes at {address:#x} in process {self.pid}: {exc}") from None
 
     # ---------------------------------------------------------------- remote execution
     def _default_tid(self, tid: int | None) -> int:
