@@ -14,6 +14,7 @@ from plugins.module_utils.careengine.process import (
     StoppedProcess,
     find_syscall_instruction,
     read_maps,
+    tracer,
 )
 
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
@@ -76,15 +77,22 @@ def test_remote_syscall_writes_nothing_into_code(threads_program):
         assert patient.read(holder.start, holder.size) == text_before
 
 
-def test_syscall_site_is_found_again_from_the_cache(threads_program):
+def test_syscall_site_is_found_again_from_the_cache(threads_program, monkeypatch):
     first = threads_program(1)
     second = threads_program(1)
-    sites = []
-    for running in (first, second):
-        site = find_syscall_instruction(running.pid)
-        holder = next(m for m in read_maps(running.pid) if m.contains(site))
-        sites.append((holder.clean_path, holder.offset + site - holder.start))
-    assert sites[0] == sites[1]
+    monkeypatch.setattr(tracer, "_syscall_site_cache", {})
+    site = find_syscall_instruction(first.pid)
+    holder = next(m for m in read_maps(first.pid) if m.contains(site))
+    assert any(key.startswith("build-id:") for key in tracer._syscall_site_cache)
+
+    def no_scan(pid, mapping):
+        raise AssertionError("scanned although the site is cached")
+
+    monkeypatch.setattr(tracer, "_scan_for_syscall", no_scan)
+    again = find_syscall_instruction(second.pid)
+    again_holder = next(m for m in read_maps(second.pid) if m.contains(again))
+    assert again_holder.clean_path == holder.clean_path
+    assert again - again_holder.start + again_holder.offset == site - holder.start + holder.offset
 
 
 def test_remote_syscall_in_thread_blocked_in_read(threads_program):
