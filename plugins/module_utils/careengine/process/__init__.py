@@ -1,10 +1,21 @@
 """A live process as the tracer sees it: maps, objects, memory, stopped threads.
 
-The only package that touches a live process. ``apply/`` uses it like this::
+The only package that touches a live process; ``apply/`` uses it like this::
 
-    with StoppedProcess(pid) as patient:
+    mappings = read_maps(pid)                      # no stop needed for any of these
+    objects = mapped_objects(pid, mappings)        # build-ids from the patient's memory
+    applied = find_applied_patches(pid, mappings)
+    with StoppedProcess(pid) as patient:           # every thread stopped, new ones too
         address = patient.mmap(hint, size, prot, flags)
         patient.write(address, image)
+        target = patient.remote_call(resolver, (), trap_address)
+        stacks = read_ranges(pid, [(rsp, end - rsp), ...])
+        patient.run_for(0.01)                       # let it run, stop it all again
+    print(patient.paused_ns)                        # leaving the block detaches everything
+
+Errors: ``ProcessGone`` (no such process, or it exited), ``PermissionDenied`` (needs root
+or CAP_SYS_PTRACE, or another tracer holds it), ``ProcessError`` (anything else;
+``RemoteSyscallFailed`` carries the errno of a failed remote syscall).
 """
 
 from .maps import Mapping, free_holes, page_down, page_up, parse_maps, read_maps
