@@ -114,7 +114,7 @@ class Block:
     @property
     def section(self) -> str:
         """Section of the block's first label defining its name (where its bytes live)."""
-        for line in self.lines:
+        for line in self.lines if self.name else ():
             if line.kind in SECTIONLESS_KINDS and line.first_arg() == self.name:
                 return COMMON_SECTION
             if line.label == self.name:
