@@ -228,7 +228,8 @@ def demo_build(tmp_path_factory):
     src = str(root / "src")
     shutil.copytree(DEMO, src)
     store = str(root / "store")
-    result = build_api.build_patches(src, [os.path.join(src, "fix.patch")], dest=store)
+    result = build_api.build_patches(src, [os.path.join(src, "fix.patch")], dest=store,
+                                     make_args=[f"CC={os.path.join(REPO, 'bin', 'libcare-cc')}"])
     assert len(result.patches) == 1, result
     built = result.patches[0]
     binary = built.object if os.path.isabs(built.object) else os.path.join(src, built.object)
