@@ -61,7 +61,7 @@ from .layout import (
     reach_window,
 )
 from .objects import ObjectFile, object_file, search_order
-from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder
+from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
 
 PROT_RWX = 0x7
 MAP_PRIVATE = 0x02
@@ -426,6 +426,18 @@ def _merge(ranges: list[GuardedRange]) -> list[GuardedRange]:
     return merged
 
 
+def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
+    """Before stopping: parse every mapped object's file and its CFI search table, and
+    pre-walk the stacks of blocked threads, so the check while stopped parses nothing."""
+    for mapped in patient.objects:
+        try:
+            patient.file_of(mapped).warm_cfi()
+        except CareError:
+            pass
+    rule_at = make_rule_finder(patient.objects, patient.files)
+    warm_unwind_caches(patient.pid, patient.mappings, _merge([r for r in ranges if r.size > 0]), rule_at)
+
+
 def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[GuardedRange], timeout: float,
                     action: str) -> None:
     """Step 5e: no thread inside ``ranges``; else let the patient run a little and look
@@ -433,11 +445,6 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
     ranges = _merge([r for r in ranges if r.size > 0])
     if not ranges:
         return
-    for mapped in patient.objects:
-        try:
-            patient.file_of(mapped)
-        except CareError:
-            pass
     rule_at = make_rule_finder(patient.objects, patient.files)
     deadline = time.monotonic() + timeout
     delay = _FIRST_RETRY_DELAY
@@ -491,6 +498,7 @@ def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Jour
 
 def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
     """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns."""
+    warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
     with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
         journal = Journal(stopped)
         try:
@@ -595,6 +603,7 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
     failure = ""
     if not check:
         try:
+            warm_caches(patient, [guarded_patch_range(a) for a in selected])
             with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
                 journal = Journal(stopped)
                 try:

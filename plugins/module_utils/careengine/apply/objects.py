@@ -244,6 +244,10 @@ class ObjectFile:
         self._fde_table = (starts, fdes)
         return self._fde_table
 
+    def warm_cfi(self) -> None:
+        """Load the FDE search table now (before a patient is stopped), not on first use."""
+        self._load_fde_table()
+
     def frame_rule(self, vaddr: int) -> FrameRule | None:
         """The unwind rule at link address ``vaddr``, or None if no CFI covers it."""
         if vaddr in self._rules:

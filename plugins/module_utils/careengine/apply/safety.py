@@ -16,6 +16,7 @@ Two passes, with every thread stopped (DESIGN.md section 8):
 from __future__ import annotations
 
 import bisect
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -213,6 +214,44 @@ def make_rule_finder(objects: list[MappedObject], files: dict[int, object]) -> R
         return parsed.frame_rule(pc - mapped.load_bias), True
 
     return rule_at
+
+
+def blocked_threads(pid: int) -> list[ThreadState]:
+    """Threads blocked in a system call, with the stack and instruction pointers the
+    kernel shows in ``/proc/PID/task/TID/syscall`` (no stop needed); others are left out."""
+    found = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/syscall") as stream:
+                fields = stream.read().split()
+        except OSError:
+            continue
+        if len(fields) < 3 or fields[0] == "running":
+            continue
+        registers = dict.fromkeys(DWARF_REGISTERS.values(), 0)
+        registers["rsp"], registers["rip"] = int(fields[-2], 16), int(fields[-1], 16)
+        found.append(ThreadState(int(tid), registers))
+    return found
+
+
+def warm_unwind_caches(pid: int, mappings: list[Mapping], ranges: list[GuardedRange], rule_at: RuleFinder) -> None:
+    """Before stopping: walk the stacks of blocked threads that hold a candidate word, so
+    the CFI rules the check will need are decoded already (errors do not matter here)."""
+    index = RangeIndex(ranges)
+    threads = blocked_threads(pid)
+    if not index or not threads:
+        return
+    spans = stack_ranges(threads, mappings)
+    for thread, (base, _), stack in zip(threads, spans, read_ranges_lenient(pid, spans), strict=True):
+        if stack and scan_candidates(stack, base, index):
+            try:
+                walk_frames(thread, stack, base, rule_at)
+            except Exception:  # a racing, running thread: only a cache warm-up
+                continue
 
 
 def find_busy_threads(pid: int, threads: list[ThreadState], mappings: list[Mapping],
