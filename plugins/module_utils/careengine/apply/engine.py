@@ -231,9 +231,11 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
         return Decision("apply")
     requested = image.level
     if applied.level == requested:
-        same = applied.identity == image.identity if applied.identity else (
-            applied.header.csum != 0 and applied.header.csum == image.patch.header.csum)
-        if same:
+        if not applied.identity:
+            # Applied by another tool (LibCare): nothing in memory identifies the patch.
+            return Decision("skipped", f"level {requested} is already applied (by another tool; "
+                                       "its contents cannot be compared)")
+        if applied.identity == image.identity:
             return Decision("skipped", f"level {requested} is already applied")
         return Decision("failed", f"a different patch is already applied at level {requested}; "
                                   "give the new patch a higher level")
@@ -593,10 +595,10 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
                     check: bool = False) -> ProcessResult:
     """Remove applied patches (all, or those for ``build_ids``) from process ``pid``."""
     patient = read_patient(pid)
-    wanted = {b.lower() for b in build_ids} if build_ids else None
+    wanted = {b.lower() for b in build_ids} | set(build_ids) if build_ids else None
     paths = {m.build_id: m.path for m in patient.objects if m.build_id}
     selected = [a for a in patient.applied.values() if wanted is None or a.build_id in wanted
-                or os.path.basename(paths.get(a.build_id, "")) in wanted]
+                or os.path.basename(paths.get(a.build_id, "")) in wanted or paths.get(a.build_id) in wanted]
     if not selected:
         return ProcessResult(pid, patient.comm, (), "", None)
     paused_us = None

@@ -14,6 +14,7 @@ import bisect
 import io
 import os
 import struct
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from elftools.common.exceptions import ELFError
@@ -103,6 +104,10 @@ class ObjectFile:
         self._cfi: CallFrameInfo | None = None
         self._eh_frame_addr = 0
         self._rules: dict[int, FrameRule | None] = {}
+
+    def close(self) -> None:
+        """Close the file (the object must not be used afterwards)."""
+        self._stream.close()
 
     # ------------------------------------------------------------------ basics
     def _section_bytes(self, name: str) -> bytes | None:
@@ -305,8 +310,10 @@ def _symbol_def(symbol, version: str | None) -> SymbolDef:
     return SymbolDef(symbol.name, symbol["st_value"], symbol["st_size"], sym_type, bind, version)
 
 
-# build-id (or file identity) -> parsed object; one parse serves every process.
-_cache: dict[str, ObjectFile] = {}
+# build-id (or file identity) -> parsed object; one parse serves every process. Bounded:
+# each entry keeps its file open.
+_cache: OrderedDict[str, ObjectFile] = OrderedDict()
+CACHE_SIZE = 256
 
 
 def _cache_key(mapped: MappedObject) -> str:
@@ -322,6 +329,7 @@ def object_file(pid: int, mapped: MappedObject) -> ObjectFile:
     key = _cache_key(mapped)
     cached = _cache.get(key)
     if cached is not None:
+        _cache.move_to_end(key)
         return cached
     first = min(mapped.mappings, key=lambda m: m.offset)
     candidates = [f"/proc/{pid}/map_files/{first.start:x}-{first.end:x}", f"/proc/{pid}/root{mapped.path}",
@@ -340,13 +348,16 @@ def object_file(pid: int, mapped: MappedObject) -> ObjectFile:
             last_error = str(exc)
             continue
         _cache[key] = parsed
+        while len(_cache) > CACHE_SIZE:
+            _cache.popitem(last=False)[1].close()
         return parsed
     raise ObjectFileError(f"cannot read the ELF file of {mapped.path}: {last_error}")
 
 
 def forget_objects() -> None:
     """Drop every cached object (tests)."""
-    _cache.clear()
+    while _cache:
+        _cache.popitem()[1].close()
 
 
 def search_order(objects: list[MappedObject], executable: MappedObject | None,

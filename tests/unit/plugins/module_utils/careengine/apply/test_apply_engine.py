@@ -63,6 +63,7 @@ def test_decode_applied_patch_from_memory():
     (None, 0, 1, "apply", ""),
     (1, 7, 1, "skipped", "already applied"),
     (1, 8, 1, "failed", "different patch"),
+    (1, 0, 1, "skipped", "by another tool"),
     (1, 7, 2, "replace", "replacing level 1 with level 2"),
     (3, 7, 2, "skipped", "newer"),
 ])
