@@ -69,8 +69,13 @@ class Output:
             self.lines.append("\t" + switch_directive(section, self.section_specs))
             self.section = section
 
-    def copy(self, lines: Iterable[Line], before_size: dict[str, str] | None = None) -> None:
-        """Re-emit original lines; ``before_size`` maps a symbol to a label put before its ``.size``."""
+    def copy(self, lines: Iterable[Line], before_size: dict[str, str] | None = None,
+             rename: Callable[[str], str] | None = None) -> None:
+        """Re-emit lines; ``before_size`` maps a symbol to a label put before its ``.size``.
+
+        ``rename`` (for the patched file's header and footer) maps symbols to their
+        names in the output.
+        """
         for line in lines:
             if line.kind is Kind.SECTION:
                 self.switch(line.section_after)
@@ -79,7 +84,10 @@ class Output:
                 self.switch(line.section)
             if before_size and line.kind is Kind.SIZE and line.first_arg() in before_size:
                 self.lines.append(before_size[line.first_arg()] + ":")
-            self.lines.append(format_statement(line.text, line.kind))
+            if rename is not None and line.args and line.kind is not Kind.SECTION:
+                self.lines.append(f"\t{line.head}\t{rename_symbols(line.args, rename)}")
+            else:
+                self.lines.append(format_statement(line.text, line.kind))
 
     def raw(self, lines: Iterable[str]) -> None:
         """Append generated lines that leave the current section as it was."""
@@ -207,19 +215,24 @@ def variable_patch(block: Block, specs: dict[str, str], names: dict[str, str]) -
 
 
 def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], new_functions: Iterable[Block],
-           new_variables: Iterable[Block], names: dict[str, str]) -> str:
+           new_variables: Iterable[Block], names: dict[str, str], to_original: dict[str, str]) -> str:
     """The instrumented assembler text.
 
     ``changed`` maps an original function name to its patched block, ``names`` maps
-    every patched symbol to the name it has in the output.
+    every patched symbol to the name patched code uses for it in the output, and
+    ``to_original`` paired patched symbols to the original ones (the patched file's
+    header and footer refer to those, as the original's did).
     """
     specs = {**patched.section_specs, **original.section_specs}
     output = Output(specs)
     original_body = _body_blocks(original)
     patched_head, patched_tail = _header_footer(patched)
     strtab_index = 0
+    def rename_outside(token: str) -> str:
+        return to_original.get(token, token)
+
     for block in patched_head:
-        output.copy(block.lines)
+        output.copy(block.lines, rename=rename_outside)
     for block in original_body:
         if block.kind == "function" and block.name in changed:
             output.copy(block.lines, before_size={block.name: end_label(block.name)})
@@ -234,7 +247,7 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
     for block in new_variables:
         output.raw(variable_patch(block, specs, names))
     for block in patched_tail:
-        output.copy(block.lines)
+        output.copy(block.lines, rename=rename_outside)
     return "\n".join(output.lines) + "\n"
 
 

@@ -55,6 +55,7 @@ def generate(original_asm: str, patched_asm: str, *, filename: str = "") -> Gens
             new_functions=[patched_functions[name] for name in matching.new_functions],
             new_variables=[patched_variables[name] for name in matching.new_variables],
             names=names,
+            to_original=matching.patched_to_original,
         )
     except CareError as error:
         if filename:
