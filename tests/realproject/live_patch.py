@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Apply the real project's fix live to a redis-server under client load.
 
-    tests/realproject/live_patch.py [--cache DIR] [--clients N] [--seconds S]
+    tests/realproject/live_patch.py [--cache DIR] [--clients N] [--seconds S] [--cycles N]
 
 Needs the outputs of ``build_patch.sh`` in ``$CACHE/work``: the pre-fix server
 ``lpmake/bin/redis-server`` and its patch ``patchroot/<build-id>.kpatch``.
@@ -18,11 +18,13 @@ Needs the outputs of ``build_patch.sh`` in ``$CACHE/work``: the pre-fix server
 
        -ERR Unknown argument X  +INJECTED\\r\\n+PONG\\r\\n
 3. a bounded client load (N connections, each SET/GET/INCR with checked answers,
-   at most --requests requests and --seconds seconds each) plus one connection
-   that keeps sending the probe of 2 and classifies every answer as old/new;
-4. during the load: ``libcare-ctl patch -p PID --json patchroot/``, then the probe must
-   answer the fixed way; ``libcare-ctl info``; ``libcare-ctl unpatch -p PID --json``,
-   then the probe must answer the old way again;
+   at most --requests requests and --seconds seconds each), one connection that
+   keeps sending the probe of 2 and classifies every answer as old/new, and a
+   saturating pipelined ``redis-benchmark`` (bounded by --benchmark-requests) so the
+   event loop is usually inside replaced functions when it is stopped;
+4. during the load, --cycles times: ``libcare-ctl patch -p PID --json patchroot/``, then
+   the probe must answer the fixed way (``libcare-ctl info`` must show the patch);
+   ``libcare-ctl unpatch -p PID --json``, then the probe must answer the old way again;
 5. zero failed client requests (error replies, wrong values, timeouts, lost
    connections), the INCR counter equal to the INCRs acknowledged, every probe answer
    exactly one of the two forms, and never the new form outside the patched window.
@@ -263,6 +265,10 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--requests", type=int, default=300000, help="at most this many per client")
     parser.add_argument("--seconds", type=float, default=40, help="the load stops after this long at most")
+    parser.add_argument("--cycles", type=int, default=3, help="patch/unpatch cycles under load")
+    parser.add_argument("--hold", type=float, default=1.0, help="seconds patched in each cycle")
+    parser.add_argument("--benchmark-requests", type=int, default=1000000,
+                        help="redis-benchmark requests alongside (0: none)")
     args = parser.parse_args(argv)
 
     work = os.path.join(args.cache, "work")
@@ -289,6 +295,7 @@ def main(argv: list[str]) -> int:
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     stop = threading.Event()
     threads: list[threading.Thread] = []
+    benchmark: subprocess.Popen | None = None
     try:
         wait_ready(port, server)
         pid = server.pid
@@ -304,37 +311,54 @@ def main(argv: list[str]) -> int:
         threads.append(threading.Thread(target=probe_client, daemon=True, args=(port, stop, deadline, probe)))
         for thread in threads:
             thread.start()
+        if args.benchmark_requests:
+            # Saturate the event loop (pipelined, 50 connections) so that it is usually
+            # inside the replaced functions (processInputBuffer...) when stopped.
+            benchmark = subprocess.Popen(
+                [os.path.join(os.path.dirname(server_path), "redis-benchmark"), "-h", "127.0.0.1",
+                 "-p", str(port), "-c", "50", "-P", "16", "-n", str(args.benchmark_requests),
+                 "-t", "set,get,incr,lpush,lpop", "-r", "100000", "--csv"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1.0)
 
-        patched_at = time.monotonic()
-        status, result, output, elapsed = ctl("patch", "-p", str(pid), "--json", patchroot)
-        patch_done = time.monotonic()
-        emit({"step": "patch", "status": status, "seconds": round(elapsed, 3), "result": result})
-        ok = check("libcare-ctl patch succeeded", status == 0 and result is not None
-                   and result.get("summary", {}).get("failed", 0) == 0, output[-2000:])
-        applied = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])
-                   if o.get("action") == "applied"]
-        check("the patch was applied to redis-server", bool(applied), json.dumps(applied)[:500])
-        paused = [p.get("paused_us") for p in (result or {}).get("processes", []) if p.get("paused_us")]
-        if paused:
-            emit({"bench": "realproject_patch_pause", "value": max(paused), "unit": "us"})
-        after = probe_once(port)
-        check("fixed behaviour after the patch", ok and after == "new", after)
+        windows: list[tuple[float, float, float, float]] = []
+        pauses: list[int] = []
+        for cycle in range(1, args.cycles + 1):
+            patched_at = time.monotonic()
+            status, result, output, elapsed = ctl("patch", "-p", str(pid), "--json", patchroot)
+            patch_done = time.monotonic()
+            emit({"step": "patch", "cycle": cycle, "status": status, "seconds": round(elapsed, 3),
+                  "result": result})
+            objects = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])]
+            ok = check(f"cycle {cycle}: libcare-ctl patch applied the patch to redis-server",
+                       status == 0 and result is not None and result.get("summary", {}).get("failed", 0) == 0
+                       and any(o.get("action") == "applied" for o in objects), output[-2000:])
+            pauses += [p["paused_us"] for p in (result or {}).get("processes", []) if p.get("paused_us")]
+            after = probe_once(port)
+            check(f"cycle {cycle}: fixed behaviour after the patch", ok and after == "new", after)
+            if cycle == 1:
+                status, info, output, _ = ctl("info", "-p", str(pid), "--json")
+                emit({"step": "info", "status": status, "result": info})
+                shown = [o for p in (info or {}).get("processes", []) for o in p.get("objects", [])
+                         if o.get("path", "").endswith("/redis-server")]
+                check("libcare-ctl info shows the applied patch", status == 0 and bool(shown)
+                      and shown[0].get("applied_level") is not None, output[-1000:])
 
-        status, info, output, _ = ctl("info", "-p", str(pid), "--json")
-        emit({"step": "info", "status": status, "result": info})
-        check("libcare-ctl info succeeded", status == 0, output[-1000:])
-
-        time.sleep(1.0)
-        unpatch_at = time.monotonic()
-        status, result, output, elapsed = ctl("unpatch", "-p", str(pid), "--json")
-        unpatch_done = time.monotonic()
-        emit({"step": "unpatch", "status": status, "seconds": round(elapsed, 3), "result": result})
-        check("libcare-ctl unpatch succeeded", status == 0 and result is not None
-              and result.get("summary", {}).get("failed", 0) == 0, output[-2000:])
-        restored = probe_once(port)
-        check("old behaviour back after unpatch", restored == "old", restored)
-        time.sleep(0.5)
+            time.sleep(args.hold)
+            unpatch_at = time.monotonic()
+            status, result, output, elapsed = ctl("unpatch", "-p", str(pid), "--json")
+            unpatch_done = time.monotonic()
+            emit({"step": "unpatch", "cycle": cycle, "status": status, "seconds": round(elapsed, 3),
+                  "result": result})
+            objects = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])]
+            check(f"cycle {cycle}: libcare-ctl unpatch removed it",
+                  status == 0 and result is not None and result.get("summary", {}).get("failed", 0) == 0
+                  and any(o.get("action") == "removed" for o in objects), output[-2000:])
+            pauses += [p["paused_us"] for p in (result or {}).get("processes", []) if p.get("paused_us")]
+            restored = probe_once(port)
+            check(f"cycle {cycle}: old behaviour back after unpatch", restored == "old", restored)
+            windows.append((patched_at, patch_done, unpatch_at, unpatch_done))
+            time.sleep(args.hold / 2)
 
         stop.set()
         for thread in threads:
@@ -346,23 +370,41 @@ def main(argv: list[str]) -> int:
         check("INCR counter equals the INCRs acknowledged",
               counter == str(load.incr_acked).encode(), f"{counter!r} vs {load.incr_acked}")
         check("probe answers all well-formed", not probe.failures, "; ".join(probe.failures[:3]))
-        misplaced = [k for sent, received, k in probe.answers
-                     if (k == "new" and (received < patched_at or sent > unpatch_done))
-                     or (k == "old" and patch_done < sent and received < unpatch_at)]
+        misplaced = [
+            kind for sent, received, kind in probe.answers
+            if (kind == "new" and not any(received >= w[0] and sent <= w[3] for w in windows))
+            or (kind == "old" and any(sent > w[1] and received < w[2] for w in windows))]
         kinds = {k: sum(1 for _, _, x in probe.answers if x == k) for k in ("old", "new")}
         check("probe: new answers only while patched, old ones only outside", not misplaced,
               f"{kinds}, misplaced {len(misplaced)}")
         check("probe saw both behaviours under load", kinds["old"] > 0 and kinds["new"] > 0, str(kinds))
+        if benchmark is not None:
+            try:
+                bench_out, _ = benchmark.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                benchmark.kill()
+                bench_out, _ = benchmark.communicate()
+            bench_errors = [line for line in bench_out.splitlines() if "error" in line.lower()]
+            check("redis-benchmark (saturating, pipelined) without errors",
+                  benchmark.returncode == 0 and not bench_errors,
+                  f"exit {benchmark.returncode}; {bench_errors[:3]}")
+            emit({"step": "redis-benchmark", "csv": bench_out.strip().splitlines()})
         check("redis-server still running", server.poll() is None)
+        if pauses:
+            emit({"bench": "realproject_patch_pause", "value": max(pauses), "unit": "us",
+                  "all_us": pauses})
         emit({"bench": "realproject_load", "value": load.requests, "unit": "requests",
               "failed": len(load.failures), "max_latency_ms": round(load.max_latency * 1000, 1),
-              "clients": args.clients})
+              "clients": args.clients, "cycles": args.cycles})
     except Exception as exc:  # noqa: BLE001 - reported as a failed check, then cleaned up
         check("harness", False, f"{type(exc).__name__}: {exc}")
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=10)
+        if benchmark is not None and benchmark.poll() is None:
+            benchmark.kill()
+            benchmark.wait()
         if server.poll() is None:
             server.send_signal(signal.SIGTERM)
             try:
