@@ -1,5 +1,12 @@
 """gcc assembler (gas, AT&T syntax) parsing, diff and instrumented output.
 
-The kpatch_gensrc equivalent: pure functions over text. The entry point is
-:func:`gensrc.generate`.
+The kpatch_gensrc equivalent: pure functions over text, no files or processes.
+
+- ``parse``: logical lines with kinds and sections, cut into function/variable/other blocks;
+- ``normalize``: comparable block signatures and symbol renaming inside statements;
+- ``match``: pairing of original and patched blocks (by name, or by content for names
+  gcc numbers), changed/new functions, refusal of changed data;
+- ``emit``: the instrumented assembler (original layout + ``.kpatch.*`` sections);
+- ``gensrc``: the entry point :func:`gensrc.generate`, and prototype checks from
+  ``gcc -aux-info`` (:func:`gensrc.parse_aux_info`, :func:`gensrc.check_signatures`).
 """
