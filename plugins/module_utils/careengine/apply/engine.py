@@ -107,6 +107,7 @@ class Patient:
     objects: list[MappedObject]
     applied: dict[str, AppliedPatch]
     files: dict[int, ObjectFile] = field(default_factory=dict)   # id(MappedObject) -> parsed file
+    trampolines: frozenset[int] = frozenset()   # addresses of sigreturn trampolines (signal frames)
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
         parsed = self.files.get(id(mapped))
@@ -431,11 +432,15 @@ def _merge(ranges: list[GuardedRange]) -> list[GuardedRange]:
 def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
     """Before stopping: parse every mapped object's file and its CFI search table, and
     pre-walk the stacks of blocked threads, so the check while stopped parses nothing."""
+    trampolines = set()
     for mapped in patient.objects:
         try:
-            patient.file_of(mapped).warm_cfi()
-        except CareError:
+            parsed = patient.file_of(mapped)
+            parsed.warm_cfi()
+            trampolines.update(mapped.load_bias + vaddr for vaddr in parsed.sigreturn_trampolines())
+        except Exception:  # noqa: BLE001 - best effort: the check while stopped copes without it
             pass
+    patient.trampolines = frozenset(trampolines)
     rule_at = make_rule_finder(patient.objects, patient.files)
     warm_unwind_caches(patient.pid, patient.mappings, _merge([r for r in ranges if r.size > 0]), rule_at)
 
@@ -457,7 +462,7 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
         if not fresh and not _stacks_known(threads, mappings):
             mappings = read_maps(patient.pid)
             fresh = True
-        busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at)
+        busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at, patient.trampolines)
         if not busy:
             return
         remaining = deadline - time.monotonic()

@@ -33,6 +33,7 @@ _SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION":
                  "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10, "STT_GNU_IFUNC": 10}
 _SYMBOL_BINDS = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10, "STB_GNU_UNIQUE": 10}
 DW_EH_PE_datarel_sdata4 = 0x3B
+SIGRETURN_CODE = bytes.fromhex("48c7c00f0000000f05")   # mov $15, %rax; syscall
 RETURN_ADDRESS_REGISTER = 16     # x86-64 DWARF number of the return address column
 
 
@@ -104,6 +105,7 @@ class ObjectFile:
         self._cfi: CallFrameInfo | None = None
         self._eh_frame_addr = 0
         self._rules: dict[int, FrameRule | None] = {}
+        self._trampolines: tuple[int, ...] | None = None
 
     def close(self) -> None:
         """Close the file (the object must not be used afterwards)."""
@@ -248,6 +250,22 @@ class ObjectFile:
                                       structs, for_eh_frame=True)
         self._fde_table = (starts, fdes)
         return self._fde_table
+
+    def sigreturn_trampolines(self) -> tuple[int, ...]:
+        """Link addresses of ``mov $15, %rax; syscall`` (rt_sigreturn) sequences in the
+        object's code: where a signal handler returns to (glibc's ``__restore_rt``)."""
+        if self._trampolines is None:
+            found = []
+            for segment in self.elf.iter_segments():
+                if segment["p_type"] != "PT_LOAD" or not segment["p_flags"] & 1:
+                    continue
+                code = segment.data()
+                position = code.find(SIGRETURN_CODE)
+                while position >= 0:
+                    found.append(segment["p_vaddr"] + position)
+                    position = code.find(SIGRETURN_CODE, position + 1)
+            self._trampolines = tuple(found)
+        return self._trampolines
 
     def warm_cfi(self) -> None:
         """Load the FDE search table now (before a patient is stopped), not on first use."""

@@ -11,6 +11,12 @@ Two passes, with every thread stopped (DESIGN.md section 8):
    CFI (``.eh_frame``); a candidate that is not a frame's return address is a stale word.
    If the unwind cannot get past a frame (no CFI), every candidate deeper than what was
    walked is taken to be live: we never guess in the patient's disfavour.
+
+Signal handlers: a thread whose stack holds the address of a sigreturn trampoline
+(``__restore_rt``) is running a handler, possibly on an alternate signal stack, with the
+interrupted frames elsewhere. Such a thread always takes the precise path; the walk
+crosses the signal frame through the saved ``ucontext`` and goes on reading whatever
+stack the interrupted code used. If that walk stops early, the thread counts as busy.
 """
 
 from __future__ import annotations
@@ -103,21 +109,35 @@ def stack_ranges(threads: list[ThreadState], mappings: list[Mapping]) -> list[tu
 
 def scan_candidates(stack: bytes, base: int, index: RangeIndex) -> list[tuple[int, GuardedRange]]:
     """(address of the word, range) of each stack word strictly inside a guarded range."""
-    found = []
-    if not index or not stack:
-        return found
-    low = index.ranges[0].start
-    high = max(r.start + r.size for r in index.ranges)
+    return scan_stack(stack, base, index, frozenset())[0]
+
+
+def scan_stack(stack: bytes, base: int, index: RangeIndex,
+               trampolines: frozenset[int]) -> tuple[list[tuple[int, GuardedRange]], bool]:
+    """Candidate words (as :func:`scan_candidates`) and whether a sigreturn trampoline
+    address is on the stack (a signal handler frame)."""
+    found: list[tuple[int, GuardedRange]] = []
+    if not stack or (not index and not trampolines):
+        return found, False
     count = len(stack) // 8
-    for position, word in enumerate(struct.unpack_from(f"<{count}Q", stack)):
-        if low < word < high:
-            guarded = index.find(word)
-            if guarded is not None and guarded.holds_return_address(word):
-                found.append((base + position * 8, guarded))
-    return found
+    words = struct.unpack_from(f"<{count}Q", stack)
+    in_handler = bool(trampolines) and not trampolines.isdisjoint(words)
+    if index:
+        low = index.ranges[0].start
+        high = max(r.start + r.size for r in index.ranges)
+        for position, word in enumerate(words):
+            if low < word < high:
+                guarded = index.find(word)
+                if guarded is not None and guarded.holds_return_address(word):
+                    found.append((base + position * 8, guarded))
+    return found, in_handler
 
 
 RuleFinder = Callable[[int], tuple[FrameRule | None, bool]]   # pc -> (rule, known object)
+# Offsets in the kernel's rt_sigframe, from the stack pointer at __restore_rt (the
+# ucontext): uc_flags, uc_link, uc_stack (24 bytes), then uc_mcontext.gregs[].
+UCONTEXT_GREGS = 40
+GREGS = {"r12": 4, "r13": 5, "r14": 6, "r15": 7, "rbp": 10, "rbx": 11, "rsp": 15, "rip": 16}
 
 
 @dataclass(frozen=True)
@@ -125,19 +145,29 @@ class Frame:
     """One frame of a walk: its pc, whether it is the innermost one, and its CFA."""
 
     pc: int
-    top: bool
+    top: bool                # innermost frame or interrupted by a signal: pc is exact
     cfa: int | None          # None: the walk could not get past this frame
 
 
-def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
-                read_word: Callable[[int], int | None] | None = None) -> tuple[list[Frame], bool]:
-    """The thread's frames, innermost first, unwound with CFI; and whether the walk
-    reached the outermost frame (return address 0 or no caller) rather than stopping
-    early. ``stack`` holds the memory from ``base`` up; ``read_word`` reads beyond it."""
+@dataclass(frozen=True)
+class Walk:
+    """The frames of a thread, innermost first."""
+
+    frames: list[Frame]
+    complete: bool            # reached the outermost frame (no caller)
+    signal_frames: int = 0    # signal frames crossed
+
+
+def walk_stack(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
+               read_word: Callable[[int], int | None] | None = None,
+               trampolines: frozenset[int] = frozenset()) -> Walk:
+    """Unwind the thread with CFI, crossing signal frames. ``stack`` holds the memory
+    from ``base`` up; ``read_word`` reads anything else (another stack)."""
     registers = {number: thread.registers[name] for number, name in DWARF_REGISTERS.items()}
     pc = thread.registers["rip"]
     top = True
     frames: list[Frame] = []
+    crossed = 0
 
     def word_at(address: int) -> int | None:
         offset = address - base
@@ -146,50 +176,79 @@ def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinde
         return read_word(address) if read_word is not None else None
 
     for _ in range(MAX_FRAMES):
+        if pc in trampolines:
+            # Returning into __restore_rt: the interrupted context is in the ucontext
+            # at the stack pointer; go on from its registers.
+            context = registers[DWARF_RSP] + UCONTEXT_GREGS
+            saved = {name: word_at(context + 8 * index) for name, index in GREGS.items()}
+            if any(value is None for value in saved.values()):
+                frames.append(Frame(pc, top, None))
+                return Walk(frames, False, crossed)
+            frames.append(Frame(pc, top, registers[DWARF_RSP]))
+            for number, name in DWARF_REGISTERS.items():
+                registers[number] = saved[name]
+            pc = saved["rip"]
+            top = True
+            crossed += 1
+            continue
         rule, _known = rule_at(pc if top else pc - 1)
         if rule is not None and rule.outermost:
             frames.append(Frame(pc, top, None))
-            return frames, True          # _start, a thread's clone: nothing called this
+            return Walk(frames, True, crossed)     # _start, a thread's clone: nothing called this
         if rule is None or rule.cfa_register is None or rule.cfa_register not in registers:
             frames.append(Frame(pc, top, None))
-            return frames, False
+            return Walk(frames, False, crossed)
         cfa = registers[rule.cfa_register] + rule.cfa_offset
-        saved = dict(rule.saved)
-        return_address = word_at(cfa + saved[DWARF_RA]) if DWARF_RA in saved else None
-        if return_address is None or (frames and frames[-1].cfa is not None and cfa <= frames[-1].cfa):
+        saved_at = dict(rule.saved)
+        return_address = word_at(cfa + saved_at[DWARF_RA]) if DWARF_RA in saved_at else None
+        previous = next((f.cfa for f in reversed(frames) if f.cfa is not None), None)
+        if return_address is None or (previous is not None and cfa <= previous and not crossed):
             frames.append(Frame(pc, top, None))
-            return frames, False
+            return Walk(frames, False, crossed)
         frames.append(Frame(pc, top, cfa))
-        for number, offset in saved.items():
+        for number, offset in saved_at.items():
             if number in registers:
                 value = word_at(cfa + offset)
                 if value is not None:
                     registers[number] = value
         registers[DWARF_RSP] = cfa
         if return_address == 0:
-            return frames, True
+            return Walk(frames, True, crossed)
         pc = return_address
         top = False
-    return frames, False
+    return Walk(frames, False, crossed)
+
+
+def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
+                read_word: Callable[[int], int | None] | None = None) -> tuple[list[Frame], bool]:
+    """The thread's frames, innermost first, and whether the walk was complete."""
+    walk = walk_stack(thread, stack, base, rule_at, read_word)
+    return walk.frames, walk.complete
 
 
 def unwind_is_busy(thread: ThreadState, stack: bytes, base: int, index: RangeIndex,
-                   candidates: list[tuple[int, GuardedRange]], rule_at: RuleFinder) -> BusyThread | None:
+                   candidates: list[tuple[int, GuardedRange]], rule_at: RuleFinder,
+                   read_word: Callable[[int], int | None] | None = None,
+                   trampolines: frozenset[int] = frozenset(), in_handler: bool = False) -> BusyThread | None:
     """Walk the thread's frames with CFI; the busy frame found, or None if none is.
 
     When the walk stops early, candidate words above the last frame it got past are
-    assumed to be live return addresses.
+    assumed to be live return addresses; in a signal handler, the whole thread is.
     """
-    frames, _complete = walk_frames(thread, stack, base, rule_at)
+    walk = walk_stack(thread, stack, base, rule_at, read_word, trampolines)
     walked_to = base
-    for frame in frames:
+    for frame in walk.frames:
         guarded = index.find(frame.pc if frame.top else frame.pc - 1)
         if guarded is not None:
             return BusyThread(thread.tid, guarded.name, frame.pc, "executing" if frame.top else "returns into")
-        if frame.cfa is not None:
+        if frame.cfa is not None and not walk.signal_frames:
             walked_to = frame.cfa
-    if _complete:
+    if walk.complete:
         return None
+    if in_handler or walk.signal_frames:
+        last = walk.frames[-1].pc if walk.frames else thread.registers["rip"]
+        names = ", ".join(sorted({r.name for r in index.ranges}))
+        return BusyThread(thread.tid, names, last, "is in a signal handler and may return into")
     for word_address, guarded in candidates:
         if word_address >= walked_to:
             return BusyThread(thread.tid, guarded.name, word_address, "may return into")
@@ -255,7 +314,8 @@ def warm_unwind_caches(pid: int, mappings: list[Mapping], ranges: list[GuardedRa
 
 
 def find_busy_threads(pid: int, threads: list[ThreadState], mappings: list[Mapping],
-                      ranges: list[GuardedRange], rule_at: RuleFinder) -> list[BusyThread]:
+                      ranges: list[GuardedRange], rule_at: RuleFinder,
+                      trampolines: frozenset[int] = frozenset()) -> list[BusyThread]:
     """The threads that are inside a guarded range (empty: safe to go on)."""
     index = RangeIndex(ranges)
     if not index:
@@ -272,12 +332,38 @@ def find_busy_threads(pid: int, threads: list[ThreadState], mappings: list[Mappi
         return busy
     spans = stack_ranges(undecided, mappings)
     stacks = read_ranges_lenient(pid, spans)
+    reader = OtherStacks(pid, mappings)
     for thread, (base, _), stack in zip(undecided, spans, stacks, strict=True):
         stack = stack or b""
-        candidates = scan_candidates(stack, base, index)
-        if not candidates:
+        candidates, in_handler = scan_stack(stack, base, index, trampolines)
+        if not candidates and not in_handler:
             continue
-        found = unwind_is_busy(thread, stack, base, index, candidates, rule_at)
+        found = unwind_is_busy(thread, stack, base, index, candidates, rule_at, reader.word, trampolines, in_handler)
         if found is not None:
             busy.append(found)
     return busy
+
+
+class OtherStacks:
+    """Reads words of stacks other than the one scanned (after crossing a signal frame):
+    the rest of the mapping holding an address is read once, in one call."""
+
+    def __init__(self, pid: int, mappings: list[Mapping]) -> None:
+        self.pid = pid
+        self.mappings = sorted(mappings, key=lambda m: m.start)
+        self._starts = [m.start for m in self.mappings]
+        self.segments: list[tuple[int, bytes]] = []
+
+    def word(self, address: int) -> int | None:
+        for base, data in self.segments:
+            if base <= address and address + 8 <= base + len(data):
+                return struct.unpack_from("<Q", data, address - base)[0]
+        position = bisect.bisect_right(self._starts, address) - 1
+        if position < 0 or not self.mappings[position].contains(address):
+            return None
+        start = address & ~7
+        data = read_ranges_lenient(self.pid, [(start, self.mappings[position].end - start)])[0]
+        if not data:
+            return None
+        self.segments.append((start, data))
+        return struct.unpack_from("<Q", data, address - start)[0] if address + 8 <= start + len(data) else None

@@ -10,6 +10,7 @@ from plugins.module_utils.careengine.apply.safety import (
     RangeIndex,
     ThreadState,
     scan_candidates,
+    scan_stack,
     stack_ranges,
     unwind_is_busy,
     walk_frames,
@@ -97,3 +98,33 @@ def test_executing_thread_is_busy():
     found = unwind_is_busy(thread(FUNC.start + 3), stack(0), BASE, RangeIndex([FUNC]), [], rules({FUNC.start: LEAF}))
     assert found is not None and found.how == "executing"
     assert "thread 1234 executing replaced" in found.describe()
+
+
+TRAMPOLINE = 0x7F00_0000_0500
+
+
+def test_walk_crosses_a_signal_frame_to_the_interrupted_code():
+    # Handler frame (LEAF) returns into the trampoline; at that point the ucontext is at
+    # the stack pointer: gregs hold the interrupted rip (inside FUNC) and rsp.
+    gregs = [0] * 23
+    gregs[16] = FUNC.start + 0x8          # rip
+    gregs[15] = 0x1000                    # rsp on another stack
+    ucontext = stack(0, 0, 0, 0, 0, *gregs)
+    words = stack(TRAMPOLINE) + ucontext
+    rule_at = rules({OTHER: LEAF, FUNC.start: LEAF})
+    found = unwind_is_busy(thread(OTHER + 4), words, BASE, RangeIndex([FUNC]), [], rule_at,
+                           None, frozenset({TRAMPOLINE}), True)
+    assert found is not None and found.how == "executing" and found.function == "replaced"
+
+
+def test_handler_whose_interrupted_frames_cannot_be_read_is_busy():
+    words = stack(TRAMPOLINE)             # no ucontext readable after it
+    rule_at = rules({OTHER: LEAF})
+    found = unwind_is_busy(thread(OTHER + 4), words, BASE, RangeIndex([FUNC]), [], rule_at,
+                           None, frozenset({TRAMPOLINE}), True)
+    assert found is not None and "signal handler" in found.how
+
+
+def test_scan_notices_signal_frames():
+    candidates, in_handler = scan_stack(stack(1, TRAMPOLINE, 2), BASE, RangeIndex([FUNC]), frozenset({TRAMPOLINE}))
+    assert candidates == [] and in_handler
