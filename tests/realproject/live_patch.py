@@ -36,6 +36,7 @@ holds, 1 otherwise. Everything started here is stopped on the way out.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -52,6 +53,9 @@ CTL = os.path.join(ROOT, "bin", "libcare-ctl")
 
 OLD_ANSWER = b"-ERR Unknown argument X\r\n+INJECTED\r\n+PONG\r\n"
 NEW_ANSWER = b"-ERR Unknown argument X  +INJECTED\r\n+PONG\r\n"
+
+
+T0 = time.monotonic()   # times in the output are relative to the start
 
 
 def emit(record: dict) -> None:
@@ -143,6 +147,7 @@ class LoadStats:
     failures: list[str] = field(default_factory=list)
     incr_acked: int = 0
     max_latency: float = 0.0
+    max_latency_at: float = 0.0      # when the slowest request was sent
 
 
 @dataclass
@@ -156,7 +161,7 @@ class ProbeStats:
 def load_client(port: int, index: int, stop: threading.Event, max_requests: int, deadline: float,
                 stats: LoadStats, lock: threading.Lock) -> None:
     done = failed = incr = 0
-    worst = 0.0
+    worst = worst_at = 0.0
     errors: list[str] = []
     try:
         conn = Connection(port)
@@ -177,10 +182,11 @@ def load_client(port: int, index: int, stop: threading.Event, max_requests: int,
                 try:
                     answer = conn.call(*request)
                 except (OSError, ValueError, ConnectionError) as exc:
-                    errors.append(f"client {index}: {request[0]}: {exc!r}")
+                    errors.append(f"client {index}: {request[0]} sent at {start - T0:.3f}s: {exc!r}")
                     failed += 1
                     raise
-                worst = max(worst, time.monotonic() - start)
+                if time.monotonic() - start > worst:
+                    worst, worst_at = time.monotonic() - start, start
                 done += 1
                 if not check(answer):
                     failed += 1
@@ -196,7 +202,8 @@ def load_client(port: int, index: int, stop: threading.Event, max_requests: int,
         with lock:
             stats.requests += done
             stats.incr_acked += incr
-            stats.max_latency = max(stats.max_latency, worst)
+            if worst > stats.max_latency:
+                stats.max_latency, stats.max_latency_at = worst, worst_at
             stats.failures.extend(errors)
 
 
@@ -221,13 +228,47 @@ def probe_client(port: int, stop: threading.Event, deadline: float, stats: Probe
         conn.close()
 
 
+# More of the fix, checked with the patient idle (never during a patch operation):
+# (name, request, pre-fix answer, fixed answer). The Lua error paths go through
+# luaCallFunction (script_lua.o) into addReplyErrorSdsExSafe, a function the patch
+# adds (networking.o); status_reply goes through addReplyStatusSafe (also new) and
+# answered the same before.
+SCRIPT_ERROR = "error('X\\r\\n+INJECTED')"
+SCRIPT_ERROR_REPLY = "return error(redis.error_reply('X\\r\\n+INJECTED'))"
+SCRIPT_STATUS = "return redis.status_reply('X\\r\\n+INJECTED')"
+EXTRA_PROBES: tuple[tuple[str, bytes, bytes, bytes], ...] = (
+    ("eval error()", command("EVAL", SCRIPT_ERROR, "0"),
+     b"-ERR user_script:1: X\r\n+INJECTED script: %s, on @user_script:1.\r\n",
+     b"-ERR user_script:1: X  +INJECTED script: %s, on @user_script:1.\r\n"),
+    ("eval error(redis.error_reply())", command("EVAL", SCRIPT_ERROR_REPLY, "0"),
+     b"-ERR X\r\n+INJECTED script: %s, on @user_script:1.\r\n",
+     b"-ERR X  +INJECTED script: %s, on @user_script:1.\r\n"),
+    ("eval redis.status_reply()", command("EVAL", SCRIPT_STATUS, "0"),
+     b"+X  +INJECTED\r\n", b"+X  +INJECTED\r\n"),
+)
+SCRIPTS = {"eval error()": SCRIPT_ERROR, "eval error(redis.error_reply())": SCRIPT_ERROR_REPLY}
+
+
 def probe_once(port: int) -> str:
+    """'old' or 'new' when every probe answers that way; else what differed."""
     conn = Connection(port)
+    kinds: dict[str, str] = {}
     try:
         answer = conn.raw(PROBE, b"+PONG\r\n")
+        kinds["function list"] = ("old" if answer == OLD_ANSWER else "new" if answer == NEW_ANSWER
+                                  else f"other {answer!r}")
+        for name, request, old, new in EXTRA_PROBES:
+            if name in SCRIPTS:
+                sha = hashlib.sha1(SCRIPTS[name].encode()).hexdigest().encode()
+                old, new = old % sha, new % sha
+            answer = conn.raw(request + command("PING"), b"+PONG\r\n")[: -len(b"+PONG\r\n")]
+            if answer == old == new:
+                continue
+            kinds[name] = "old" if answer == old else "new" if answer == new else f"other {answer!r}"
     finally:
         conn.close()
-    return "old" if answer == OLD_ANSWER else "new" if answer == NEW_ANSWER else f"other: {answer!r}"
+    found = set(kinds.values())
+    return found.pop() if len(found) == 1 else json.dumps(kinds)
 
 
 def ctl(*args: str, timeout: float = 120) -> tuple[int, dict | None, str, float]:
@@ -328,7 +369,7 @@ def main(argv: list[str]) -> int:
             status, result, output, elapsed = ctl("patch", "-p", str(pid), "--json", patchroot)
             patch_done = time.monotonic()
             emit({"step": "patch", "cycle": cycle, "status": status, "seconds": round(elapsed, 3),
-                  "result": result})
+                  "at": round(patched_at - T0, 3), "result": result})
             objects = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])]
             ok = check(f"cycle {cycle}: libcare-ctl patch applied the patch to redis-server",
                        status == 0 and result is not None and result.get("summary", {}).get("failed", 0) == 0
@@ -349,7 +390,7 @@ def main(argv: list[str]) -> int:
             status, result, output, elapsed = ctl("unpatch", "-p", str(pid), "--json")
             unpatch_done = time.monotonic()
             emit({"step": "unpatch", "cycle": cycle, "status": status, "seconds": round(elapsed, 3),
-                  "result": result})
+                  "at": round(unpatch_at - T0, 3), "result": result})
             objects = [o for p in (result or {}).get("processes", []) for o in p.get("objects", [])]
             check(f"cycle {cycle}: libcare-ctl unpatch removed it",
                   status == 0 and result is not None and result.get("summary", {}).get("failed", 0) == 0
@@ -395,6 +436,7 @@ def main(argv: list[str]) -> int:
                   "all_us": pauses})
         emit({"bench": "realproject_load", "value": load.requests, "unit": "requests",
               "failed": len(load.failures), "max_latency_ms": round(load.max_latency * 1000, 1),
+              "max_latency_at": round(load.max_latency_at - T0, 3), "end_at": round(time.monotonic() - T0, 3),
               "clients": args.clients, "cycles": args.cycles})
     except Exception as exc:  # noqa: BLE001 - reported as a failed check, then cleaned up
         check("harness", False, f"{type(exc).__name__}: {exc}")
