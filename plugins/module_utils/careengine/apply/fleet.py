@@ -262,18 +262,16 @@ def _run_workers(function: Callable[[int], ProcessResult], pids: Sequence[int], 
         for _ in range(jobs):
             spawn()
         while workers:
-            for key, events in selector.select():
+            for key, _events in selector.select():
                 if key.fd == task_write:
                     feed()
                     continue
                 worker = workers[key.fd]
                 if not _collect(worker, pids, results):
-                    _bury(worker, pids, results, stats)
                     selector.unregister(worker.result_fd)
                     del workers[worker.result_fd]
-                    unhandled = len(pending) - len(results) - sum(w.handling is not None for w in workers.values())
-                    if unhandled > 0 and len(workers) < jobs:
-                        spawn()
+                    if not _bury(worker, pids, results, stats) and len(results) < len(pending):
+                        spawn()           # a replacement takes the rest of the queue
     except BaseException:
         _stop_queue(task_read, task_write)
         task_write = -1
@@ -325,20 +323,22 @@ def _collect(worker: _Worker, pids: Sequence[int], results: dict[int, ProcessRes
     return True
 
 
-def _bury(worker: _Worker, pids: Sequence[int], results: dict[int, ProcessResult], stats: FleetStats) -> None:
-    """Step 4: reap ``worker``; if it died handling a process, that process failed."""
+def _bury(worker: _Worker, pids: Sequence[int], results: dict[int, ProcessResult], stats: FleetStats) -> bool:
+    """Step 4: reap ``worker``; if it died handling a process, that process failed.
+    True if the worker ended normally."""
     os.close(worker.result_fd)
     _, status, usage = os.wait4(worker.pid, 0)
     stats.worker_maxrss_kb.append(usage.ru_maxrss)
-    if worker.handling is None or worker.handling in results:
-        if status != 0:
-            stats.workers_died += 1
-        return
+    if status == 0:
+        return True
     stats.workers_died += 1
+    if worker.handling is None or worker.handling in results:
+        return False
     pid = pids[worker.handling]
     results[worker.handling] = failed_result(
         pid, f"the worker handling process {pid} (pid {worker.pid}) {_death_reason(status)} before reporting; "
              f"process {pid} may have been left changed: check it with 'libcare-ctl info -p {pid}'")
+    return False
 
 
 __all__ = ["FleetStats", "failed_result", "run_parallel", "warm_up"]
