@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from apply_helpers import build_id_of, ctl, install, map_count
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import api, engine
 from plugins.module_utils.careengine.apply.objects import ObjectFile
-from plugins.module_utils.careengine.process import mapped_objects, read_memory
+from plugins.module_utils.careengine.process import StoppedProcess, mapped_objects, read_memory
 
 
 def function_bytes(pid: int, path: Path, name: str) -> bytes:
@@ -202,6 +202,28 @@ def test_unpatch_refused_while_a_thread_runs_new_code(threads_project, start):
     assert function_bytes(patient.pid, threads_project.binary, "spin") == patched_spin
     assert map_count(patient.pid) == maps_patched
     patient.wait_for(lambda line: f"value={value + 1} " in line)
+
+
+def test_leftover_of_an_interrupted_run_is_replaced(nonpie, start):
+    patient = start(nonpie)
+    patch = str(nonpie.patch_of(nonpie.binary))
+    maps_before = map_count(patient.pid)
+    original = function_bytes(patient.pid, nonpie.binary, "report")
+    assert only(only(api.patch_processes(patch, [patient.pid])).objects).action == "applied"
+    # Simulate a tool killed after mapping the patch but before writing the jumps.
+    applied = engine.read_patient(patient.pid).applied[build_id_of(nonpie.binary)]
+    with StoppedProcess(patient.pid) as stopped:
+        stopped.write(applied.entries[0].daddr, applied.undo[0])
+    patient.wait_for(lambda line: line.startswith("nonpie UNPATCHED"))
+    info = only(api.info_processes([patient.pid]))
+    assert next(o for o in info.objects if o.path == str(nonpie.binary)).applied_level is None
+    obj = only(only(api.patch_processes(patch, [patient.pid])).objects)
+    assert obj.action == "applied" and "incomplete" in obj.reason, obj.reason
+    patient.wait_for(lambda line: line.startswith("nonpie PATCHED"))
+    assert map_count(patient.pid) == maps_before + 1
+    assert only(only(api.unpatch_processes([patient.pid])).objects).action == "removed"
+    assert function_bytes(patient.pid, nonpie.binary, "report") == original
+    assert map_count(patient.pid) == maps_before
 
 
 def _dead_pid() -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..errors import BuildIdMismatch, CareError, ProcessError, SymbolNotFound, UnsafeToPatch
 from ..patchfile import (
@@ -83,6 +83,12 @@ class AppliedPatch:
     entries: tuple[InfoEntry, ...]
     undo: tuple[bytes, ...]          # the saved original bytes, per entry
     names: tuple[str, ...]           # per entry: the function's name
+    jumps_in_place: int = -1         # replaced functions that jump to it now (-1: not checked)
+
+    @property
+    def complete(self) -> bool:
+        """Every replaced function jumps to the patch (not a leftover of an interrupted run)."""
+        return self.jumps_in_place == len(self.replaced_functions)
 
     @property
     def build_id(self) -> str:
@@ -173,17 +179,30 @@ def decode_applied(mapping: Mapping, header_bytes: bytes, contents: bytes | None
 
 
 def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, AppliedPatch]:
-    """Applied patches by target build-id (one bulk read of their mappings)."""
+    """Applied patches by target build-id (bulk reads: their mappings, then the entry
+    of every function they replace, to tell an applied patch from a leftover)."""
     found = find_applied_patches(pid, mappings)
     contents = read_ranges_lenient(pid, [(mapping.start, mapping.size) for mapping, _ in found]) if found else []
-    applied = {}
+    decoded = []
     for (mapping, header_bytes), data in zip(found, contents, strict=True):
         try:
-            patch = decode_applied(mapping, header_bytes, data)
+            decoded.append(decode_applied(mapping, header_bytes, data))
         except CareError:
             continue
-        applied[patch.build_id] = patch
-    return applied
+    sites = [(patch, entry) for patch in decoded for entry in patch.entries if not entry.is_new]
+    current = read_ranges_lenient(pid, [(entry.daddr, JUMP_SIZE) for _, entry in sites]) if sites else []
+    jumps: dict[int, int] = {}
+    for (patch, entry), data in zip(sites, current, strict=True):
+        if data is not None and data == _jump_or_none(entry):
+            jumps[id(patch)] = jumps.get(id(patch), 0) + 1
+    return {patch.build_id: replace(patch, jumps_in_place=jumps.get(id(patch), 0)) for patch in decoded}
+
+
+def _jump_or_none(entry: InfoEntry) -> bytes | None:
+    try:
+        return jump_instruction(entry.daddr, entry.saddr)
+    except CareError:
+        return None
 
 
 def read_patient(pid: int) -> Patient:
@@ -230,6 +249,8 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
     """Step 3: the patch-level rules."""
     if applied is None:
         return Decision("apply")
+    if not applied.complete:
+        return Decision("replace", f"replacing an incomplete level-{applied.level} patch (left by an interrupted run)")
     requested = image.level
     if applied.level == requested:
         if not applied.identity:
@@ -492,15 +513,17 @@ def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes
 
 
 def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Journal) -> None:
-    """Put back the original bytes of every function ``applied`` replaced."""
-    for entry, undo in zip(applied.entries, applied.undo, strict=True):
-        if entry.is_new:
+    """Put back the original bytes of every function ``applied`` replaced (a function
+    of an incomplete leftover that has its original bytes already is left alone)."""
+    sites = [(entry, undo) for entry, undo in zip(applied.entries, applied.undo, strict=True) if not entry.is_new]
+    current = read_ranges(stopped.pid, [(entry.daddr, JUMP_SIZE) for entry, _ in sites]) if sites else []
+    for (entry, undo), now in zip(sites, current, strict=True):
+        if now == undo and not applied.complete:
             continue
-        current = stopped.read(entry.daddr, JUMP_SIZE)
-        if current != jump_instruction(entry.daddr, entry.saddr):
+        if now != _jump_or_none(entry):
             raise ProcessError(f"the code at {entry.daddr:#x} is not the jump this patch wrote; "
                                "something else changed it: refusing to restore it")
-        journal.write(entry.daddr, undo, current)
+        journal.write(entry.daddr, undo, now)
 
 
 def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
@@ -584,8 +607,12 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
             result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "failed", previous, previous,
                                   failure, None, plan.image.replaced_functions)
         else:
-            reason = (f"replaced level {previous} with level {plan.image.level}" if plan.replaces
-                      else f"level {plan.image.level} applied")
+            if plan.replaces is None:
+                reason = f"level {plan.image.level} applied"
+            elif plan.replaces.complete:
+                reason = f"replaced level {previous} with level {plan.image.level}"
+            else:
+                reason = f"replaced an incomplete level-{previous} patch with level {plan.image.level}"
             if check:
                 reason = "would have " + reason
             result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "applied", plan.image.level,
@@ -656,8 +683,9 @@ def info_process(pid: int, source: PatchSource | None = None) -> ProcessInfo:
             available = found.level if found is not None else None
         if mapped.build_id:
             seen_ids.add(mapped.build_id)
-        objects.append(ObjectInfo(mapped.path, mapped.build_id, applied.level if applied else None, available,
-                                  applied.replaced_functions if applied else ()))
+        in_force = applied is not None and applied.complete
+        objects.append(ObjectInfo(mapped.path, mapped.build_id, applied.level if in_force else None, available,
+                                  applied.replaced_functions if in_force else ()))
     for build_id, applied in patient.applied.items():
         if build_id not in seen_ids:
             objects.append(ObjectInfo(f"[kpatch-{build_id}]", build_id, applied.level, None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from dataclasses import replace
 
 import pytest
 
@@ -72,8 +73,19 @@ def test_level_rules(applied_level, identity, requested, action, words):
     if applied_level is not None:
         start = 0x7F00_0000_0000
         contents = applied_bytes(applied_level, identity, start)
-        applied = decode_applied(Mapping(start, start + 0x1000, "rwxp", 0, "00:00", 0, ""),
-                                 contents[:HEADER_SIZE], contents)
+        applied = replace(decode_applied(Mapping(start, start + 0x1000, "rwxp", 0, "00:00", 0, ""),
+                                         contents[:HEADER_SIZE], contents), jumps_in_place=1)
     decision = decide_level(image(requested, 7), applied)
     assert decision.action == action
     assert words in decision.reason
+
+
+def test_incomplete_leftover_is_replaced_even_at_the_same_level():
+    start = 0x7F00_0000_0000
+    contents = applied_bytes(1, 7, start)
+    leftover = decode_applied(Mapping(start, start + 0x1000, "rwxp", 0, "00:00", 0, ""), contents[:HEADER_SIZE],
+                              contents)
+    leftover = replace(leftover, jumps_in_place=0)
+    assert not leftover.complete
+    decision = decide_level(image(1, 7), leftover)
+    assert decision.action == "replace" and "incomplete" in decision.reason
