@@ -68,7 +68,13 @@ def main(argv: list[str]) -> int:
     """Run ``libcare-ctl`` with ``argv``; the exit status."""
     args = build_parser().parse_args(argv)
     command = COMMAND_ALIASES.get(args.command, args.command)
-    return {"patch": _patch, "unpatch": _unpatch, "info": _info}[command](args)
+    try:
+        return {"patch": _patch, "unpatch": _unpatch, "info": _info}[command](args)
+    except BrokenPipeError:
+        # The reader went away (``| head``): not an error of ours.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
 
 
 def _pids(args) -> list[int] | None:
