@@ -4,13 +4,16 @@ Patch (:func:`patch_process`):
 
 1. :func:`read_patient`         maps, mapped objects (build-ids from memory), applied patches;
 2. :func:`match_patches`        objects whose build-id the source has a patch for;
-3. :func:`decide_level`         apply, replace a lower level, or skip/fail (levels);
-4. :func:`plan_object`          resolve imports, choose the address, link the image —
-                                all before the patient is stopped;
-5. :func:`apply_plans`          stop the patient, then: map, write, resolve IFUNCs,
-                                save original bytes, :func:`wait_until_safe`, remove a
-                                replaced level, write the jumps, resume. Any error
-                                rolls everything back (:class:`Journal`).
+3. :func:`decide_level`         apply, replace a lower level (or a leftover of an
+                                interrupted run), or skip/fail;
+4. :func:`plan_object`          :func:`resolve_imports`, :func:`choose_patch_address`,
+                                ``link_patch`` — all before the patient is stopped;
+5. :func:`apply_plans`          :func:`warm_caches`, then stop the patient and:
+                                :func:`map_patch` + write the image, :func:`resolve_ifuncs`,
+                                :func:`save_original_bytes`, :func:`wait_until_safe`,
+                                :func:`remove_applied` (a replaced level),
+                                :func:`write_jumps`, resume. Any error rolls everything
+                                back (:class:`Journal`): never half-patched.
 
 Unpatch (:func:`unpatch_process`) checks that no thread is anywhere in the patch
 mapping (new functions and the jump table included), restores the saved bytes and
