@@ -226,6 +226,26 @@ def test_leftover_of_an_interrupted_run_is_replaced(nonpie, start):
     assert map_count(patient.pid) == maps_before
 
 
+def test_process_exiting_mid_run_is_a_failed_result(nonpie):
+    patch = str(nonpie.patch_of(nonpie.binary))
+    process = subprocess.Popen([str(nonpie.binary), "4"], stdout=subprocess.DEVNULL)
+    outcomes = set()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        for results in (api.patch_processes(patch, [process.pid]), api.unpatch_processes([process.pid]),
+                        api.info_processes([process.pid])):
+            result = only(results)
+            reason = getattr(result, "error", "") or getattr(result, "unpatchable", "")
+            reason = reason or " ".join(o.reason for o in result.objects if getattr(o, "action", "") == "failed")
+            outcomes.add("gone" if reason else "ok")
+            if reason:
+                assert re.search(r"exit|does not exist|no address space|gone", reason), reason
+        if "gone" in outcomes and process.poll() is not None:
+            break
+    process.wait(timeout=5)
+    assert "gone" in outcomes
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
