@@ -1,0 +1,81 @@
+#!/usr/bin/env python3
+"""A fleet: ``COUNT`` running processes of one program patched in one call, then unpatched.
+
+The patients are bench/programs/sleeper (single-threaded, calls answer() every 100 ms).
+One call of ``fleet.run_parallel`` (default jobs: one per CPU) with the per-process
+function ``api.patch_processes`` uses (``api._safely`` + ``engine.patch_process``), then
+the same for unpatch; every process must report applied, then removed. Baseline, same
+run, same processes: the serial loop (jobs=1, the parent alone, as ``api`` does today).
+Peak memory: ru_maxrss of the parent plus that of every worker (from wait4), summed: an
+upper bound, shared copy-on-write pages count once per worker.
+
+Prints fleet_patch_1000_s, fleet_unpatch_1000_s, fleet_peak_rss_mb (names keep 1000
+whatever ``COUNT`` is; the log says the count).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+from benchlib import Patients, build_program, emit, log, require_root, wait_started, workdir
+
+from plugins.module_utils.careengine.apply import api, engine, fleet
+from plugins.module_utils.careengine.results import summarize_results
+from plugins.module_utils.careengine.storage import PatchSource
+
+COUNT = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
+JOBS = int(sys.argv[2]) if len(sys.argv) > 2 else None
+
+
+def patch_one(source: PatchSource):
+    """The per-process patch function of ``api.patch_processes``."""
+    return lambda pid: api._safely(pid, engine.patch_process, source, level=None, timeout=5.0, retries=0,
+                                   check=False)
+
+
+def unpatch_one(pid: int):
+    """The per-process unpatch function of ``api.unpatch_processes``."""
+    return api._safely(pid, engine.unpatch_process, None, timeout=5.0, check=False)
+
+
+def timed_run(function, pids: list[int], jobs: int | None, expected: str) -> tuple[float, fleet.FleetStats]:
+    stats = fleet.FleetStats()
+    started = time.perf_counter()
+    results = fleet.run_parallel(function, pids, jobs, stats=stats)
+    spent = time.perf_counter() - started
+    summary = summarize_results(results)
+    if summary[expected] != len(pids) or len(results) != len(pids):
+        bad = [r.to_json() for r in results if not r.ok][:3]
+        raise SystemExit(f"bench: expected {len(pids)} {expected}, got {summary}; e.g. {bad}")
+    return spent, stats
+
+
+def main() -> None:
+    require_root()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4 * COUNT + 256)), hard))
+    with workdir() as where, Patients() as patients:
+        built = build_program("sleeper", where)
+        started = time.perf_counter()
+        pids = [patients.start([str(built.binary)]).pid for _ in range(COUNT)]
+        wait_started(pids)
+        log(f"{COUNT} sleepers started in {time.perf_counter() - started:.2f}s")
+        source = PatchSource(str(built.patchroot))
+
+        patch_s, patch_stats = timed_run(patch_one(source), pids, JOBS, "applied")
+        unpatch_s, unpatch_stats = timed_run(unpatch_one, pids, JOBS, "removed")
+        serial_patch_s, _ = timed_run(patch_one(source), pids, 1, "applied")
+        serial_unpatch_s, _ = timed_run(unpatch_one, pids, 1, "removed")
+        log(f"{COUNT} processes, jobs={patch_stats.jobs}: patch {patch_s:.2f}s (serial {serial_patch_s:.2f}s), "
+            f"unpatch {unpatch_s:.2f}s (serial {serial_unpatch_s:.2f}s); patch run {patch_stats}; "
+            f"unpatch run {unpatch_stats}")
+        peak_kb = max(patch_stats.total_maxrss_kb, unpatch_stats.total_maxrss_kb)
+        emit("fleet_patch_1000_s", patch_s, "s", serial_patch_s)
+        emit("fleet_unpatch_1000_s", unpatch_s, "s", serial_unpatch_s)
+        emit("fleet_peak_rss_mb", peak_kb / 1024, "MB", None, digits=1)
+
+
+if __name__ == "__main__":
+    main()
