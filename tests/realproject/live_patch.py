@@ -77,7 +77,8 @@ def command(*args: bytes | str) -> bytes:
 class Connection:
     """A minimal RESP2 client over one TCP connection."""
 
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
+    # 20 s: generous on a loaded 2-core host; a server left stopped still fails the run.
+    def __init__(self, port: int, timeout: float = 20.0) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.buffer = b""
