@@ -63,7 +63,7 @@ from .layout import (
     jump_instruction,
     reach_window,
 )
-from .objects import ObjectFile, object_file, search_order
+from .objects import ObjectFile, object_file, preloaded_libraries, search_order
 from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
 
 PROT_RWX = 0x7
@@ -273,7 +273,8 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
 def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -> tuple[dict[str, int], dict[str, int]]:
     """Addresses of the symbols the patch imports, as the dynamic linker would bind them.
 
-    Search order: the executable, its DT_NEEDED libraries breadth first, other objects;
+    Search order: the executable, preloaded libraries, its DT_NEEDED libraries breadth
+    first, other objects;
     a versioned name (``puts@GLIBC_2.2.5``) binds to that version only. The first
     definition wins, weak or strong (glibc's rule, so the patch binds as the process
     does); an undefined weak reference that nothing defines is 0; the target's own
@@ -283,7 +284,7 @@ def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -
         return {}, {}
     for mapped in patient.objects:
         patient.file_of(mapped)
-    order = search_order(patient.objects, patient.executable(), patient.files)
+    order = search_order(patient.objects, patient.executable(), patient.files, preloaded_libraries(patient.pid))
     weak_imports = {s.name for s in image.symbols if s.is_import and s.bind == 2}
     addresses: dict[str, int] = {}
     ifuncs: dict[str, int] = {}

@@ -379,19 +379,21 @@ def forget_objects() -> None:
 
 
 def search_order(objects: list[MappedObject], executable: MappedObject | None,
-                 files: dict[int, ObjectFile]) -> list[MappedObject]:
-    """The dynamic linker's symbol search order: the executable, then its DT_NEEDED
-    libraries breadth first (by soname or file name), then any other loaded object in
-    maps order (dlopen'ed libraries, the dynamic linker)."""
+                 files: dict[int, ObjectFile], preload: tuple[str, ...] = ()) -> list[MappedObject]:
+    """The dynamic linker's symbol search order: the executable, preloaded libraries
+    (``preload``: paths or names), then DT_NEEDED libraries breadth first (by soname or
+    file name), then any other loaded object in maps order (dlopen'ed, the dynamic linker)."""
     by_name: dict[str, MappedObject] = {}
     for mapped in objects:
         parsed = files.get(id(mapped))
         if parsed is not None and parsed.soname:
             by_name.setdefault(parsed.soname, mapped)
         by_name.setdefault(os.path.basename(mapped.path), mapped)
+        by_name.setdefault(mapped.path, mapped)
     order: list[MappedObject] = []
     seen: set[int] = set()
     queue = [executable] if executable is not None else []
+    queue += [by_name[name] for name in preload if name in by_name]
     while queue:
         mapped = queue.pop(0)
         if id(mapped) in seen:
@@ -405,3 +407,21 @@ def search_order(objects: list[MappedObject], executable: MappedObject | None,
                 queue.append(dependency)
     order.extend(mapped for mapped in objects if id(mapped) not in seen)
     return order
+
+
+def preloaded_libraries(pid: int) -> tuple[str, ...]:
+    """What process ``pid`` preloads: its ``LD_PRELOAD`` and ``/etc/ld.so.preload``."""
+    names: list[str] = []
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as stream:
+            for variable in stream.read().split(b"\0"):
+                if variable.startswith(b"LD_PRELOAD="):
+                    names += variable[len(b"LD_PRELOAD="):].decode("utf-8", "replace").replace(":", " ").split()
+    except OSError:
+        pass
+    try:
+        with open(f"/proc/{pid}/root/etc/ld.so.preload") as stream:
+            names += stream.read().split()
+    except OSError:
+        pass
+    return tuple(name for name in names if name)

@@ -98,3 +98,13 @@ def test_search_order_follows_needed_breadth_first():
     order = search_order(objects, exe, files)
     assert [o.path for o in order] == ["/bin/app", "/lib/libb.so.1", "/lib/liba.so", "/lib/libc.so.6",
                                        "/lib/ld-linux-x86-64.so.2", "/x/plugin.so"]
+
+
+def test_preloaded_libraries_come_right_after_the_executable():
+    exe, libc_, preload = (_mapped(p, i * 0x10000) for i, p in enumerate(
+        ["/bin/app", "/lib/libc.so.6", "/usr/lib/libstdbuf.so"]))
+    files = {id(exe): SimpleNamespace(soname=None, needed=("libc.so.6",)),
+             id(libc_): SimpleNamespace(soname="libc.so.6", needed=()),
+             id(preload): SimpleNamespace(soname=None, needed=("libc.so.6",))}
+    order = search_order([libc_, preload, exe], exe, files, ("/usr/lib/libstdbuf.so",))
+    assert [o.path for o in order] == ["/bin/app", "/usr/lib/libstdbuf.so", "/lib/libc.so.6"]
