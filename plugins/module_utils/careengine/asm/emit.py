@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import AsmParseError, UnpatchableChange
+from . import gotpcrel
 from .normalize import LOCAL_LABEL_PREFIX, rename_symbols
 from .parse import BARE_SECTIONS, SECTIONLESS_KINDS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
 
@@ -135,8 +136,13 @@ def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
 
 
 def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str], str], *,
-                      keep_attributes: bool, size_labels: dict[str, str], current: str) -> list[str]:
-    """Lines of a patched block with sections moved into ``.kpatch.*`` and symbols renamed."""
+                      keep_attributes: bool, size_labels: dict[str, str], current: str,
+                      defined: frozenset[str] | None = None) -> list[str]:
+    """Lines of a patched block with sections moved into ``.kpatch.*`` and symbols renamed.
+
+    With ``defined`` (the unit's symbols), instructions reaching other symbols through
+    ``sym(%rip)`` are rewritten to go through the GOT (:mod:`.gotpcrel`).
+    """
     output: list[str] = []
     for line in block.lines:
         if line.kind in (Kind.SECTION, Kind.DEBUG_LABEL) or (line.kind is Kind.ATTRIBUTE and not keep_attributes):
@@ -153,6 +159,9 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             output.extend(_common_as_data(line, rename))
         elif line.kind is Kind.LABEL:
             output.append(rename(line.head) + ":")
+        elif (line.kind is Kind.INSTRUCTION and defined is not None
+              and (statements := gotpcrel.rewrite(line.head, line.args, defined, block.name)) is not None):
+            output.extend(f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in statements)
         else:
             args = rename_symbols(line.args, rename) if line.args else ""
             output.append(f"\t{line.head}\t{args}".rstrip())
@@ -169,15 +178,19 @@ def _common_as_data(line: Line, rename: Callable[[str], str]) -> list[str]:
 
 
 def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict[str, str],
-                   strtab_index: int) -> list[str]:
-    """The ``.kpatch.text`` body, strtab entry and info record of one changed or new function."""
+                   strtab_index: int, defined: frozenset[str] = frozenset()) -> list[str]:
+    """The ``.kpatch.text`` body, strtab entry and info record of one changed or new function.
+
+    ``defined`` are the symbols of the compilation unit: the body reaches every other
+    symbol through the GOT (no new copy relocation in the patched link).
+    """
     block = function.block
     output_name = function.output_name
     end = (output_name if output_name.endswith(KPATCH_SUFFIX) else kpatch_name(output_name)) + "_end"
     rename = _block_renamer(block, names)
     body = _translated_lines(block, specs, rename, keep_attributes=function.original is None
                              and output_name == block.name, size_labels={block.name: end},
-                             current=KPATCH_TEXT)
+                             current=KPATCH_TEXT, defined=defined)
     strtab_label = f"kpatch_strtab{strtab_index}"
     if function.original is None:
         original_address, original_length = "0", "0"
@@ -228,6 +241,8 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
     original_body = _body_blocks(original)
     patched_head, patched_tail = _header_footer(patched)
     strtab_index = 0
+    defined = gotpcrel.defined_symbols(original, patched)
+
     def rename_outside(token: str) -> str:
         return to_original.get(token, token)
 
@@ -238,12 +253,13 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
             output.copy(block.lines, before_size={block.name: end_label(block.name)})
             strtab_index += 1
             function = PatchedFunction(changed[block.name], kpatch_name(block.name), block.name)
-            output.raw(function_patch(function, specs, names, strtab_index))
+            output.raw(function_patch(function, specs, names, strtab_index, defined))
         else:
             output.copy(block.lines)
     for block in new_functions:
         strtab_index += 1
-        output.raw(function_patch(PatchedFunction(block, names[block.name], None), specs, names, strtab_index))
+        output.raw(function_patch(PatchedFunction(block, names[block.name], None), specs, names, strtab_index,
+                                  defined))
     for block in new_variables:
         output.raw(variable_patch(block, specs, names))
     for block in patched_tail:

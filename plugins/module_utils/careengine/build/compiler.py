@@ -338,7 +338,8 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
     original_text = _read_text(kept_asm_path(unit, "original"))
     original_aux = _read_text(kept_asm_path(unit, "original", ".aux"))
     try:
-        result = gensrc.generate(original_text, _read_text(patched_asm), filename=source)
+        # No filename= here: the except clause below names the source once for both steps.
+        result = gensrc.generate(original_text, _read_text(patched_asm))
         if original_text:
             gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
                                     result.changed_functions)
