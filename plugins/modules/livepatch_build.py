@@ -256,7 +256,7 @@ def compiler_wrapper(directory):
     payload_root = package_file[: package_file.rindex(marker)]
     code = (f"import sys; sys.path.insert(0, {payload_root!r}); "
             "from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.compiler import main; "
-            "sys.exit(main(sys.argv[1:]))")
+            "raise SystemExit(main(sys.argv[1:]))")
     path = os.path.join(directory, "libcare-cc")
     with open(path, "w") as stream:
         stream.write(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -c {shlex.quote(code)} "$@"\n')

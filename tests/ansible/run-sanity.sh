@@ -70,6 +70,6 @@ for test in "${TESTS[@]}"; do
 done
 
 cd "$COPY"
-log "ansible-test sanity ${#tests[@]} tests on: ${existing[*]}"
+log "ansible-test sanity: $(( ${#tests[@]} / 2 )) tests on: ${existing[*]}"
 HOME=$TEST_HOME PATH=$VENV/bin:$PATH "$VENV/bin/ansible-test" sanity --local --python 3.11 --color no \
     "${tests[@]}" "$@" "${existing[@]}"

@@ -59,10 +59,10 @@ fi
 
 # --- wheels of the engine's target dependencies ----------------------------------------
 mkdir -p "$CACHE/wheels"
-if [ "$(ls "$CACHE"/wheels/*.whl 2>/dev/null | wc -l)" -lt 3 ]; then
+mapfile -t target_requirements < <(grep -E '^(pyelftools|capstone|python-ptrace)==' requirements.txt)
+if [ "$(find "$CACHE/wheels" -name '*.whl' | wc -l)" -lt "${#target_requirements[@]}" ]; then
     log "wheels for targets into .cache/wheels"
-    "$PY" -m pip wheel --quiet --wheel-dir "$CACHE/wheels" \
-        $(grep -E '^(pyelftools|capstone|python-ptrace)==' requirements.txt)
+    "$PY" -m pip wheel --quiet --wheel-dir "$CACHE/wheels" "${target_requirements[@]}"
 fi
 
 # --- the image -----------------------------------------------------------------------------
