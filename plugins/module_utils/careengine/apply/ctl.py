@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 
 from ..results import ProcessInfo, ProcessResult, summarize_results
@@ -68,13 +69,28 @@ def main(argv: list[str]) -> int:
     """Run ``libcare-ctl`` with ``argv``; the exit status."""
     args = build_parser().parse_args(argv)
     command = COMMAND_ALIASES.get(args.command, args.command)
+    for signo in (signal.SIGTERM, signal.SIGHUP):
+        # Turn termination into an exception: a stopped patient is rolled back and
+        # resumed on the way out instead of being left half-patched.
+        signal.signal(signo, _terminate)
     try:
         return {"patch": _patch, "unpatch": _unpatch, "info": _info}[command](args)
+    except Terminated as exc:
+        print(f"libcare-ctl: {exc}; nothing was left half-done", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except BrokenPipeError:
         # The reader went away (``| head``): not an error of ours.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_OK
+
+
+class Terminated(BaseException):
+    """We were asked to terminate (SIGTERM, SIGHUP)."""
+
+
+def _terminate(signo, frame) -> None:
+    raise Terminated(f"terminated by signal {signo}")
 
 
 def _pids(args) -> list[int] | None:

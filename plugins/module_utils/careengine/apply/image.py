@@ -215,7 +215,7 @@ def section_addresses(image: PatchImage, address: int, load_bias: int) -> dict[i
     kpatch_offset = image.patch.header.kpatch_offset
     addresses = {}
     for section in image.sections:
-        if not section.nobits and section.size:
+        if not section.nobits and section.index:
             addresses[section.index] = address + kpatch_offset + section.sh_offset
         elif section.sh_addr:
             addresses[section.index] = section.sh_addr + load_bias
