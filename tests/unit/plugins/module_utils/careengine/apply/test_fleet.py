@@ -53,6 +53,7 @@ def test_worker_killed_fails_only_its_process_and_is_replaced():
     def function(pid: int) -> ProcessResult:
         if pid == victim:
             os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(0.005)       # work left for a replacement when the victim's worker dies
         return handled_by(pid)
 
     stats = fleet.FleetStats()
