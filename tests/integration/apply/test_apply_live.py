@@ -300,6 +300,8 @@ def test_info_without_store(libdemo, start):
     result = ctl("info", "-p", str(patient.pid), "-s", "")
     assert result.returncode == 0, result.stderr
     assert re.search(r"^libc.so.6 buildid=[0-9a-f]{40}$", result.stdout, re.M)
+    default = ctl("info", "-p", str(patient.pid))          # the default store may not exist
+    assert default.returncode == 0 and "libdemo.so buildid=" in default.stdout, default.stderr
     assert ctl("info", "-p", str(_dead_pid())).returncode == 1
 
 
