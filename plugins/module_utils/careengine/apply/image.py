@@ -147,8 +147,17 @@ _SHNDX = {"SHN_UNDEF": SHN_UNDEF, "SHN_ABS": SHN_ABS, "SHN_COMMON": 0xFFF2}
 def _parse(patch: PatchFile, identity: int) -> PatchImage:
     elf = ELFFile(io.BytesIO(patch.elf_image))
     sections = []
+    kpatch_offset = patch.header.kpatch_offset
     for index, section in enumerate(elf.iter_sections()):
-        sections.append(ImageSection(index, section.name, section["sh_type"] == "SHT_NOBITS", section["sh_addr"],
+        nobits = section["sh_type"] == "SHT_NOBITS"
+        if section.name.startswith(".kpatch") and section["sh_size"]:
+            if nobits:
+                raise PatchFormatError(f"patch for {patch.build_id}: {section.name} has no contents in the file")
+            # The mapping is page aligned; the image starts at kpatch_offset in it.
+            if (kpatch_offset + section["sh_offset"]) % max(section["sh_addralign"], 1):
+                raise PatchFormatError(f"patch for {patch.build_id}: {section.name} needs {section['sh_addralign']}-"
+                                       "byte alignment, which its place in the patch file does not give")
+        sections.append(ImageSection(index, section.name, nobits, section["sh_addr"],
                                      section["sh_offset"], section["sh_size"]))
     symtab = elf.get_section_by_name(".symtab")
     if symtab is None:
