@@ -86,6 +86,19 @@ def test_fix_applied_live_under_load(built):
     assert load and load[0]["value"] > 0 and load[0]["failed"] == 0
 
 
+def test_io_threads_refused_cleanly_or_patched(built):
+    """With I/O threads, the patch either goes in (if it leaves IOThreadMain alone) or is
+    refused cleanly, naming the busy thread and function: no failed request either way."""
+    if built.returncode != 0:
+        pytest.fail("no patch to apply: build_patch.sh failed (see test_build_patch_for_the_server)")
+    run = _run([sys.executable, str(SCRIPTS / "live_patch.py"), "--io-threads", "2", "--seconds", "60"],
+               timeout=300)
+    _record("live_patch_io_threads", run)
+    result = [r for r in _json_lines(run.stdout) if r.get("step") == "result"]
+    assert run.returncode == 0 and result and result[0]["ok"], (
+        f"live_patch.py --io-threads 2 failed: {result}\n{run.stderr[-6000:]}")
+
+
 def test_prepared_tree_is_the_pre_fix_version(prepared):
     """The prepared tree lacks the fix and the fix applies to it (-p1)."""
     cache = Path(os.environ.get("LIBCARE_REALPROJECT_CACHE", ROOT / ".cache" / "realproject"))
