@@ -9,7 +9,10 @@ parallelism means processes. :func:`run_parallel` does it in four steps:
                           patch images) is filled once, before forking;
 2. :func:`_spawn_worker`  ``os.fork`` ``jobs`` workers; they inherit those caches
                           (copy-on-write) and take process indices from one task
-                          pipe, so a slow process holds up one worker only;
+                          pipe, so a slow process holds up one worker only. A cached
+                          ELF file is read lazily through its open file, whose offset
+                          forked processes would share: each worker first gives
+                          every cached file a private offset (:func:`reopen_privately`);
 3. :func:`_collect`       each worker reports ``start`` (index) then ``done`` (index,
                           pickled result) on its own pipe; the parent reads them all;
 4. a worker that dies (crash, signal) costs only the process it was handling: that
@@ -37,6 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..results import ProcessResult
+from . import objects
 
 TASK = struct.Struct("<I")               # one process index on the task pipe
 FRAME = struct.Struct("<Q")              # length prefix of one message on a result pipe
@@ -148,6 +152,30 @@ def run_parallel(function: Callable[[int], ProcessResult], pids: list[int], jobs
 
 
 # ---------------------------------------------------------------------------- workers
+def reopen_privately(streams: list) -> None:
+    """Give each open file of ``streams`` its own file offset, in this process only.
+
+    After fork, parent and children share every open file description, offsets
+    included: two workers seeking and reading one cached ELF file would read each
+    other's bytes. Reopening through ``/proc/self/fd`` makes a new description of the
+    same file (deleted files too); ``dup2`` puts it under the same descriptor number,
+    so every object holding the stream (pyelftools' sections too) keeps working.
+    """
+    for stream in streams:
+        try:
+            fd = stream.fileno()
+            private = os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
+        except (OSError, ValueError):
+            continue
+        os.dup2(private, fd, inheritable=False)
+        os.close(private)
+        stream.seek(0, os.SEEK_END)    # drops the read buffer: the next read seeks afresh
+
+
+def _cached_streams() -> list:
+    return [parsed._stream for parsed in objects._cache.values()]
+
+
 def _spawn_worker(function: Callable[[int], ProcessResult], pids: Sequence[int], task_fd: int,
                   inherited: list[int]) -> _Worker:
     """Step 2: fork one worker that handles indices read from ``task_fd``."""
@@ -163,6 +191,7 @@ def _spawn_worker(function: Callable[[int], ProcessResult], pids: Sequence[int],
                 with contextlib.suppress(OSError):
                     os.close(fd)
             signal.signal(signal.SIGINT, signal.SIG_IGN)   # finish the process in hand; the parent stops the queue
+            reopen_privately(_cached_streams())
             _work(function, pids, task_fd, result_write)
         except BaseException:
             status = 70
@@ -341,4 +370,4 @@ def _bury(worker: _Worker, pids: Sequence[int], results: dict[int, ProcessResult
     return False
 
 
-__all__ = ["FleetStats", "failed_result", "run_parallel", "warm_up"]
+__all__ = ["FleetStats", "failed_result", "reopen_privately", "run_parallel", "warm_up"]

@@ -148,3 +148,35 @@ def _children() -> list[int]:
         except OSError:
             pass
     return found
+
+
+def test_reopen_privately_gives_forked_readers_their_own_offsets(tmp_path):
+    """Two forked processes seek and read one inherited file object (as workers read a
+    cached ELF file); each must read what is at the offset it asked for."""
+    path = tmp_path / "words"
+    words = 1 << 16
+    path.write_bytes(b"".join(n.to_bytes(4, "little") for n in range(words)))
+    stream = open(path, "rb")    # noqa: SIM115 - inherited by the children, closed below
+    stream.read(10)              # a buffer and a position inherited from the parent
+    readers = []
+    for seed in (1, 2):
+        child = os.fork()
+        if child == 0:
+            status = 1
+            try:
+                fleet.reopen_privately([stream])
+                wrong = 0
+                position = seed
+                for _ in range(30000):
+                    position = (position * 1103515245 + 12345) % words
+                    stream.seek(position * 4)
+                    wrong += int.from_bytes(stream.read(4), "little") != position
+                status = 0 if wrong == 0 else 2
+            finally:
+                os._exit(status)
+        readers.append(child)
+    statuses = [os.waitstatus_to_exitcode(os.waitpid(child, 0)[1]) for child in readers]
+    stream.seek(8)                                       # the parent's file object still works
+    assert stream.read(4) == (2).to_bytes(4, "little")
+    stream.close()
+    assert statuses == [0, 0]
