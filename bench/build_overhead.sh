@@ -7,8 +7,9 @@
 # its CVE-2025-67733 fix; plain `make -j2` timed against `libcare-patch-make -j2`, both
 # measured in this run). It runs in a private cache (a copy of the prepared sources,
 # when .cache/realproject is prepared) so it never touches the tree another run uses.
-# When the real project is unavailable (no sources: exit 77) or fails, the largest
-# fixture project instead (bench/build_overhead_fixture.py), and stderr says so.
+# When the real project is unavailable (no sources: exit 77), fails or takes longer
+# than its limit, the largest fixture project instead (bench/build_overhead_fixture.py),
+# and stderr says so.
 # Prints one line: {"bench": "build_overhead", "value": s, "unit": "s", "baseline": s, "ratio": r}
 set -uo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -26,7 +27,10 @@ if [ -x "$script" ]; then
         export LIBCARE_REALPROJECT_CACHE=$private
     fi
     echo "bench: build_overhead: $script (cache ${LIBCARE_REALPROJECT_CACHE:-$shared_cache})" >&2
-    line=$("$script" | grep '"bench": *"build_overhead"' | tail -n 1)
+    # A time limit of its own (LIBCARE_BENCH_REALPROJECT_LIMIT, default 420 s), so a
+    # slow machine still gets the fixture figure within run_all's limit.
+    line=$(timeout --kill-after=10 "${LIBCARE_BENCH_REALPROJECT_LIMIT:-420}" "$script" \
+           | grep '"bench": *"build_overhead"' | tail -n 1)
     status=${PIPESTATUS[0]}
     if [ "$status" = 0 ] && [ -n "$line" ]; then
         echo "bench: build_overhead measured on the real project (redis, tests/realproject)" >&2

@@ -22,7 +22,7 @@ benches=(
     "apply_wall 120 $py $here/apply_wall.py"
     "fleet 180 $py $here/fleet.py"
     "call_cost 120 $py $here/call_cost.py"
-    "build_overhead 330 $here/build_overhead.sh"
+    "build_overhead 480 $here/build_overhead.sh"
 )
 wanted=("$@")
 failed=0
