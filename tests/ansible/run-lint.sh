@@ -11,4 +11,4 @@ mkdir -p "$(dirname "$link")"
 export ANSIBLE_COLLECTIONS_PATH=$ROOT/build/collections
 export ANSIBLE_HOME=$ROOT/.cache/ansible-lint-home
 "$ROOT/.venv/bin/ansible-lint" --offline -c tests/ansible/ansible-lint.yml \
-    roles/ playbooks/ extensions/molecule/ "$@"
+    roles/ playbooks/ extensions/molecule/ tests/integration/targets/ "$@"

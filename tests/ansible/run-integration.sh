@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Run the Ansible integration targets (tests/integration/targets/*/runme.sh) against this
+# machine, with this tree visible as the collection libcare.livepatch (build/collections).
+# Usage: tests/ansible/run-integration.sh [target...]
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+link=$ROOT/build/collections/ansible_collections/libcare/livepatch
+mkdir -p "$(dirname "$link")"
+[ "$(readlink "$link" 2>/dev/null)" = "$ROOT" ] || ln -sfn "$ROOT" "$link"
+export ANSIBLE_COLLECTIONS_PATH=$ROOT/build/collections
+export PATH=$ROOT/.venv/bin:$PATH
+targets=("$@")
+if [ ${#targets[@]} -eq 0 ]; then
+    for runme in tests/integration/targets/*/runme.sh; do
+        targets+=("$(basename "$(dirname "$runme")")")
+    done
+fi
+status=0
+for target in "${targets[@]}"; do
+    start=$(date +%s)
+    if "tests/integration/targets/$target/runme.sh"; then
+        echo "[run-integration] $target: passed in $(( $(date +%s) - start )) s"
+    else
+        echo "[run-integration] $target: FAILED" >&2
+        status=1
+    fi
+done
+exit $status

@@ -1,0 +1,67 @@
+#!/usr/bin/env bash
+# Integration test of playbooks/rollout.yml and playbooks/rollback.yml on this machine:
+# a healthy rollout patches the running demo program, rollback.yml removes the patch,
+# and a rollout whose health check fails rolls its batch back by itself and fails.
+# Runs as an ansible-test script target or directly (tests/ansible/run-integration.sh).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROLLOUT_REPO=$(cd ../../../.. && pwd)
+export ROLLOUT_REPO
+playbooks=$ROLLOUT_REPO/playbooks
+ROLLOUT_WORK_DIR=$(mktemp -d /tmp/libcare-rollout.XXXXXX)
+export ROLLOUT_WORK_DIR
+demo_pid=
+cleanup() {
+    if [ -n "$demo_pid" ]; then kill "$demo_pid" 2>/dev/null || true; fi
+    rm -rf "$ROLLOUT_WORK_DIR"
+}
+trap cleanup EXIT
+
+playbook() { ansible-playbook -i inventory.ini -e @vars.yml "$@"; }
+
+latest_line() { sleep 0.4; tail -n 1 "$ROLLOUT_WORK_DIR/demo.log"; }
+
+expect_line() {
+    local want=$1 got
+    got=$(latest_line)
+    if [ "$got" != "$want" ]; then
+        echo "FAIL: the demo prints '$got', expected '$want'" >&2
+        exit 1
+    fi
+    echo "ok: the demo prints '$got'"
+}
+
+echo "== build the demo and its patch"
+playbook build.yml
+chmod 0755 "$ROLLOUT_WORK_DIR/controller/objects/libcare-demo"   # fetch keeps no modes
+"$ROLLOUT_WORK_DIR/controller/objects/libcare-demo" 100 >"$ROLLOUT_WORK_DIR/demo.log" 2>&1 </dev/null &
+demo_pid=$!
+export ROLLOUT_DEMO_PID=$demo_pid
+expect_line "libcare-demo: 2 + 3 = -1"
+
+echo "== healthy rollout patches it"
+playbook "$playbooks/rollout.yml" \
+    -e "rollout_health_command='grep -q \"= 5\$\" $ROLLOUT_WORK_DIR/demo.log'"
+expect_line "libcare-demo: 2 + 3 = 5"
+
+echo "== a second rollout changes nothing"
+playbook "$playbooks/rollout.yml" | tee "$ROLLOUT_WORK_DIR/second.out"
+grep -q "localhost *: ok=[0-9]* *changed=0 " "$ROLLOUT_WORK_DIR/second.out"
+expect_line "libcare-demo: 2 + 3 = 5"
+
+echo "== rollback.yml removes it"
+playbook "$playbooks/rollback.yml"
+expect_line "libcare-demo: 2 + 3 = -1"
+
+echo "== a rollout whose health check fails is rolled back and fails"
+if playbook "$playbooks/rollout.yml" -e rollout_health_command=false -e rollout_health_retries=1 \
+        >"$ROLLOUT_WORK_DIR/unhealthy.out" 2>&1; then
+    cat "$ROLLOUT_WORK_DIR/unhealthy.out"
+    echo "FAIL: the unhealthy rollout succeeded" >&2
+    exit 1
+fi
+grep -q "was rolled back" "$ROLLOUT_WORK_DIR/unhealthy.out" || { cat "$ROLLOUT_WORK_DIR/unhealthy.out"; exit 1; }
+grep -q "absent: applied 0, skipped 0, removed 1, failed 0" "$ROLLOUT_WORK_DIR/unhealthy.out" \
+    || { cat "$ROLLOUT_WORK_DIR/unhealthy.out"; exit 1; }
+expect_line "libcare-demo: 2 + 3 = -1"
+echo "PASS"
