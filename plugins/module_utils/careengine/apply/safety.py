@@ -115,22 +115,60 @@ def scan_candidates(stack: bytes, base: int, index: RangeIndex) -> list[tuple[in
 def scan_stack(stack: bytes, base: int, index: RangeIndex,
                trampolines: frozenset[int]) -> tuple[list[tuple[int, GuardedRange]], bool]:
     """Candidate words (as :func:`scan_candidates`) and whether a sigreturn trampoline
-    address is on the stack (a signal handler frame)."""
-    found: list[tuple[int, GuardedRange]] = []
-    if not stack or (not index and not trampolines):
-        return found, False
-    count = len(stack) // 8
-    words = struct.unpack_from(f"<{count}Q", stack)
-    in_handler = bool(trampolines) and not trampolines.isdisjoint(words)
-    if index:
-        low = index.ranges[0].start
-        high = max(r.start + r.size for r in index.ranges)
-        for position, word in enumerate(words):
-            if low < word < high:
-                guarded = index.find(word)
-                if guarded is not None and guarded.holds_return_address(word):
-                    found.append((base + position * 8, guarded))
-    return found, in_handler
+    address is on the stack (a signal handler frame).
+
+    Fast without decoding every word in Python: all addresses of one guarded range share
+    their upper bytes, and ``bytes.find`` (C speed) locates the aligned words holding
+    them; only those are decoded and checked.
+    """
+    found: dict[int, GuardedRange] = {}
+    if not stack:
+        return [], False
+    usable = len(stack) - len(stack) % 8
+    for guarded in index.ranges:
+        for offset in _words_with_prefix(stack, usable, *range_key(guarded)):
+            word = struct.unpack_from("<Q", stack, offset)[0]
+            if guarded.holds_return_address(word):
+                found[base + offset] = guarded
+    in_handler = any(_holds_word(stack, usable, address) for address in trampolines)
+    return sorted(found.items()), in_handler
+
+
+KEY_BYTES = 3    # the lowest bytes an address range shares: varied, so bytes.find skips fast
+
+
+def range_key(guarded: GuardedRange) -> tuple[bytes, int]:
+    """(bytes, their offset in a little-endian word) that every address in the range has:
+    the lowest few of the bytes its first and last addresses share (the top bytes are
+    mostly 0x00 and 0x7f, as on every stack, and would make the search crawl)."""
+    first = struct.pack("<Q", guarded.start)
+    last = struct.pack("<Q", guarded.start + max(guarded.size, 1) - 1)
+    position = 8
+    while position > 0 and first[position - 1] == last[position - 1]:
+        position -= 1
+    key = first[position:].rstrip(b"\0")[:KEY_BYTES]
+    return key, position
+
+
+def _holds_word(stack: bytes, usable: int, value: int) -> bool:
+    packed = struct.pack("<Q", value)
+    return any(stack[offset:offset + 8] == packed
+               for offset in _words_with_prefix(stack, usable, packed[:KEY_BYTES], 0))
+
+
+def _words_with_prefix(stack: bytes, usable: int, key: bytes, position: int):
+    """Offsets of aligned words whose bytes at ``position`` are ``key`` (all words if the
+    key is empty)."""
+    if not key:
+        yield from range(0, usable, 8)
+        return
+    index = stack.find(key, position, usable)
+    while index >= 0:
+        if (index - position) % 8 == 0:
+            yield index - position
+            index = stack.find(key, index + 8, usable)
+        else:
+            index = stack.find(key, index + 1, usable)
 
 
 RuleFinder = Callable[[int], tuple[FrameRule | None, bool]]   # pc -> (rule, known object)
