@@ -201,13 +201,19 @@ except ImportError as exc:  # reported by main(), not at import time
 
 
 def flatten_results(process_results):
-    """One dict per (process, object); a process that failed as a whole gives one entry."""
+    """One dict per (process, object); a process that failed as a whole gives one entry.
+
+    A process the engine looked at but found nothing to patch in gives none (the counts
+    do not count it either).
+    """
     flat = []
     for process in process_results:
         if not process.objects:
+            if not process.error:
+                continue  # nothing in it to patch: not a result
             flat.append({
                 "pid": process.pid, "comm": process.comm, "build_id": None, "path": None,
-                "action": "failed" if process.error else "skipped", "reason": process.error,
+                "action": "failed", "reason": process.error,
                 "paused_us": process.paused_us, "applied_level": None, "previous_level": None,
                 "functions": [],
             })
