@@ -7,6 +7,8 @@ The kpatch_gensrc equivalent: pure functions over text, no files or processes.
 - ``match``: pairing of original and patched blocks (by name, or by content for names
   gcc numbers), changed/new functions, refusal of changed data;
 - ``emit``: the instrumented assembler (original layout + ``.kpatch.*`` sections);
+- ``gotpcrel``: patched bodies reach data the unit does not define through the GOT
+  (no new copy relocation shifts the executable's ``.bss``);
 - ``gensrc``: the entry point :func:`gensrc.generate`, and prototype checks from
   ``gcc -aux-info`` (:func:`gensrc.parse_aux_info`, :func:`gensrc.check_signatures`).
 """

@@ -4,7 +4,8 @@ Layout: the patched file's header; every original block verbatim and in order (s
 patched link reproduces the original code and data layout byte for byte); after each
 changed function, its patched body in ``.kpatch.text`` plus a name in ``.kpatch.strtab``
 and a 48-byte ``.kpatch.info`` record; then new functions and new variables; then the
-patched file's footer.
+patched file's footer. In changed and new bodies, accesses to data the unit does not
+define go through the GOT (:mod:`.gotpcrel`).
 
 Section directives of re-emitted lines are written as explicit switches to the section
 they lead to, so dropping debug sections or mixing lines of two files never leaves a

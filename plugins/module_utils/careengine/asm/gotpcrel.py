@@ -43,11 +43,11 @@ NEVER_THROUGH_GOT = frozenset(("_GLOBAL_OFFSET_TABLE_", "_DYNAMIC"))
 PREFIXES = frozenset(("lock", "rep", "repe", "repz", "repne", "repnz", "notrack", "data16", "addr32", "rex64",
                       "xacquire", "xrelease"))
 
-# A rip-relative memory operand: symbol, optional constant offsets, ``(%rip)``. A
-# relocation modifier (``@GOTPCREL``...) or any other expression does not match.
-RIP_OPERAND_RE = re.compile(
-    r"^(?P<star>\*?)(?P<symbol>[A-Za-z_.$][\w.$]*)(?P<offset>(?:\s*[+-]\s*(?:0[xX][0-9a-fA-F]+|\d+))*)\s*\(%rip\)$"
-)
+# A rip-relative memory operand; its displacement must be one symbol plus or minus
+# constants (``sym``, ``sym+8``, ``8+sym``, ``sym-4``). A relocation modifier
+# (``@GOTPCREL``...) or any other expression is left alone.
+RIP_OPERAND_RE = re.compile(r"^(?P<star>\*?)(?P<displacement>[^()]+?)\s*\(%rip\)$")
+DISPLACEMENT_TERM_RE = re.compile(r"\s*(?P<sign>[+-]?)\s*(?P<term>[A-Za-z_.$][\w.$]*|0[xX][0-9a-fA-F]+|\d+)\s*")
 REGISTER_RE = re.compile(r"%([a-z][a-z0-9]*)")
 
 # General purpose registers: every name -> (64-bit name, width in bits).
@@ -150,13 +150,34 @@ def find_access(instruction: Instruction, defined: frozenset[str]) -> Access | N
         found = RIP_OPERAND_RE.match(operand)
         if not found:
             continue
-        symbol = found.group("symbol")
+        symbol_offset = symbol_and_offset(found.group("displacement"))
+        if symbol_offset is None:
+            return None
+        symbol, offset = symbol_offset
         if symbol in defined or symbol.startswith(LOCAL_LABEL_PREFIX) or symbol in NEVER_THROUGH_GOT:
             return None
-        offset = sum(int(term.replace(" ", ""), 0) for term in re.findall(r"[+-]\s*(?:0[xX][0-9a-fA-F]+|\d+)",
-                                                                            found.group("offset")))
         return Access(index, symbol, offset, found.group("star"))
     return None
+
+
+def symbol_and_offset(displacement: str) -> tuple[str, int] | None:
+    """``("sym", 8)`` for ``sym+8`` or ``8+sym``; None unless exactly one symbol is added."""
+    symbols: list[str] = []
+    offset = 0
+    position = 0
+    while position < len(displacement):
+        term = DISPLACEMENT_TERM_RE.match(displacement, position)
+        if term is None or term.end() == position or (position and not term.group("sign")):
+            return None
+        text = term.group("term")
+        if text[0].isdigit():
+            offset += -int(text, 0) if term.group("sign") == "-" else int(text, 0)
+        elif term.group("sign") == "-":
+            return None
+        else:
+            symbols.append(text)
+        position = term.end()
+    return (symbols[0], offset) if len(symbols) == 1 else None
 
 
 def _memory(access: Access, register: str, extra: int = 0) -> str:
