@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import struct
 
+import pytest
+
 from plugins.module_utils.careengine.apply.objects import FrameRule
 from plugins.module_utils.careengine.apply.safety import (
     GuardedRange,
@@ -128,3 +130,21 @@ def test_handler_whose_interrupted_frames_cannot_be_read_is_busy():
 def test_scan_notices_signal_frames():
     candidates, in_handler = scan_stack(stack(1, TRAMPOLINE, 2), BASE, RangeIndex([FUNC]), frozenset({TRAMPOLINE}))
     assert candidates == [] and in_handler
+
+
+@pytest.mark.parametrize("guarded", [
+    GuardedRange(0x40_1000, 0x40, "non-pie"),
+    GuardedRange(0x40_1FF0, 0x40, "crosses a byte boundary"),
+    GuardedRange(0x7F12_3456_7200, 0x300, "library"),
+    GuardedRange(0x5555_5555_0000, 0x1_0000_0000, "huge"),
+])
+def test_scan_finds_every_inner_word_and_nothing_else(guarded):
+    inside = [guarded.start + 1, guarded.start + guarded.size // 2, guarded.start + guarded.size - 1]
+    outside = [guarded.start, guarded.start + guarded.size, guarded.start - 1, 0, 0x7FFD_0000_1000]
+    words = [w for pair in zip(outside, inside + [0, 0], strict=False) for w in pair]
+    data = stack(*words)
+    # the same bytes misaligned by 4 must not count
+    found = scan_candidates(b"\0\0\0\0" + data + b"\0\0\0\0", BASE, RangeIndex([guarded]))
+    assert found == []
+    found = scan_candidates(data, BASE, RangeIndex([guarded]))
+    assert sorted(BASE + 8 * words.index(w) for w in inside) == [address for address, _ in found]
