@@ -9,8 +9,8 @@ Patch (:func:`patch_process`):
 4. :func:`plan_object`          :func:`resolve_imports`, :func:`choose_patch_address`,
                                 ``link_patch`` — all before the patient is stopped;
 5. :func:`apply_plans`          :func:`warm_caches`, then stop the patient and:
-                                :func:`map_patch` + write the image, :func:`resolve_ifuncs`,
-                                :func:`save_original_bytes`, :func:`wait_until_safe`,
+                                :func:`map_patch`, :func:`save_original_bytes`,
+                                :func:`write_patch`, :func:`resolve_ifuncs`, :func:`wait_until_safe`,
                                 :func:`remove_applied` (a replaced level),
                                 :func:`write_jumps`, resume. Any error rolls everything
                                 back (:class:`Journal`): never half-patched.
@@ -392,8 +392,43 @@ def map_patch(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> No
         plan.linked = link_patch(plan.image, address, plan.mapped.load_bias, plan.import_addresses)
 
 
+def save_original_bytes(stopped: StoppedProcess, plans: list[ObjectPlan]) -> list[list[bytes]]:
+    """Step 5b: the original 5 bytes of every replaced function (one read for all plans);
+    a function a replaced level jumps from has its original bytes in that level's undo area."""
+    per_plan: list[list[bytes]] = []
+    wanted: list[tuple[int, int, int]] = []        # (plan, entry, address)
+    for plan_index, plan in enumerate(plans):
+        saved_before: dict[int, bytes] = {}
+        if plan.replaces is not None:
+            for entry, undo in zip(plan.replaces.entries, plan.replaces.undo, strict=False):
+                if not entry.is_new:
+                    saved_before[entry.daddr] = undo
+        originals = [b"\0" * JUMP_SIZE] * len(plan.linked.entries)
+        for entry_index, entry in enumerate(plan.linked.entries):
+            if entry.is_new:
+                continue
+            if entry.daddr in saved_before:
+                originals[entry_index] = saved_before[entry.daddr]
+            else:
+                wanted.append((plan_index, entry_index, entry.daddr))
+        per_plan.append(originals)
+    current = read_ranges(stopped.pid, [(address, JUMP_SIZE) for _, _, address in wanted]) if wanted else []
+    for (plan_index, entry_index, _), data in zip(wanted, current, strict=True):
+        per_plan[plan_index][entry_index] = data
+    return per_plan
+
+
+def write_patch(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes]) -> None:
+    """Step 5c: the whole mapping (image, jump table, undo area, trap) in one write."""
+    layout = plan.linked.layout
+    undo_area = b"".join(originals)
+    mapping = plan.linked.mapping
+    stopped.write(plan.linked.address,
+                  mapping[:layout.user_undo] + undo_area + mapping[layout.user_undo + len(undo_area):])
+
+
 def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
-    """Step 5c: call IFUNC resolvers in the patient; point their jump entries at the result."""
+    """Step 5d: call IFUNC resolvers in the patient; point their jump entries at the result."""
     layout = plan.linked.layout
     trap = plan.linked.address + layout.trap_offset
     for index, name in enumerate(plan.image.imports):
@@ -403,27 +438,6 @@ def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
         target = stopped.remote_call(resolver, (), trap)
         slot = plan.linked.address + layout.jump_entry_offset(index) + JUMP_ENTRY_SLOT
         stopped.write(slot, struct.pack("<Q", target))
-
-
-def save_original_bytes(stopped: StoppedProcess, plan: ObjectPlan) -> list[bytes]:
-    """Step 5d: the original 5 bytes of every replaced function, kept in the undo area."""
-    entries = plan.linked.entries
-    originals: list[bytes] = [b"\0" * JUMP_SIZE] * len(entries)
-    saved_before: dict[int, bytes] = {}
-    if plan.replaces is not None:
-        for entry, undo in zip(plan.replaces.entries, plan.replaces.undo, strict=False):
-            if not entry.is_new:
-                saved_before[entry.daddr] = undo
-    wanted = [(i, e.daddr) for i, e in enumerate(entries) if not e.is_new and e.daddr not in saved_before]
-    current = read_ranges(stopped.pid, [(address, JUMP_SIZE) for _, address in wanted]) if wanted else []
-    for (index, _), data in zip(wanted, current, strict=True):
-        originals[index] = data
-    for index, entry in enumerate(entries):
-        if entry.daddr in saved_before and not entry.is_new:
-            originals[index] = saved_before[entry.daddr]
-    undo_area = b"".join(originals)
-    stopped.write(plan.linked.address + plan.linked.layout.user_undo, undo_area)
-    return originals
 
 
 def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
@@ -508,16 +522,8 @@ def _stacks_known(threads: list[ThreadState], mappings: list[Mapping]) -> bool:
     return all(any(m.contains(t.registers["rsp"]) for m in mappings) for t in threads)
 
 
-def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes], journal: Journal) -> None:
-    """Step 5g: ``jmp rel32`` at every replaced function, to its new code."""
-    for entry, original in zip(plan.linked.entries, originals, strict=True):
-        if entry.is_new:
-            continue
-        journal.write(entry.daddr, jump_instruction(entry.daddr, entry.saddr), original)
-
-
 def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Journal) -> None:
-    """Put back the original bytes of every function ``applied`` replaced (a function
+    """Step 5f: put back the original bytes of every function ``applied`` replaced (a function
     of an incomplete leftover that has its original bytes already is left alone)."""
     sites = [(entry, undo) for entry, undo in zip(applied.entries, applied.undo, strict=True) if not entry.is_new]
     current = read_ranges(stopped.pid, [(entry.daddr, JUMP_SIZE) for entry, _ in sites]) if sites else []
@@ -530,6 +536,14 @@ def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Jour
         journal.write(entry.daddr, undo, now)
 
 
+def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes], journal: Journal) -> None:
+    """Step 5g: ``jmp rel32`` at every replaced function, to its new code."""
+    for entry, original in zip(plan.linked.entries, originals, strict=True):
+        if entry.is_new:
+            continue
+        journal.write(entry.daddr, jump_instruction(entry.daddr, entry.saddr), original)
+
+
 def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
     """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns."""
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
@@ -538,10 +552,11 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
         try:
             for plan in plans:
                 map_patch(stopped, plan, journal)
-                stopped.write(plan.linked.address, plan.linked.mapping)
+            originals = save_original_bytes(stopped, plans)
+            for plan, saved in zip(plans, originals, strict=True):
+                write_patch(stopped, plan, saved)
                 if plan.ifuncs:
                     resolve_ifuncs(stopped, plan)
-            originals = [save_original_bytes(stopped, plan) for plan in plans]
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
             wait_until_safe(stopped, patient, ranges, timeout, "patch")
             for plan in plans:
