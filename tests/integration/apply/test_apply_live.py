@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -244,6 +245,30 @@ def test_process_exiting_mid_run_is_a_failed_result(nonpie):
             break
     process.wait(timeout=5)
     assert "gone" in outcomes
+
+
+def test_process_of_another_user(nonpie, tmp_path):
+    if not shutil.which("setpriv"):
+        pytest.skip("setpriv is not installed")
+    binary = tmp_path / "nonpie-copy"
+    shutil.copy(nonpie.binary, binary)
+    os.chmod(tmp_path, 0o755)
+    process = subprocess.Popen(["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups", str(binary)],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("nonpie UNPATCHED")
+        assert os.stat(f"/proc/{process.pid}").st_uid != 0
+        result = only(api.patch_processes(str(nonpie.patch_of(nonpie.binary)), [process.pid]))
+        assert only(result.objects).action == "applied", result
+        for _ in range(50):
+            if process.stdout.readline().startswith("nonpie PATCHED"):
+                break
+        else:
+            raise AssertionError("the other user's process was not patched")
+        assert only(only(api.unpatch_processes([process.pid])).objects).action == "removed"
+    finally:
+        process.kill()
+        process.wait()
 
 
 def _dead_pid() -> int:
