@@ -271,6 +271,24 @@ def test_process_of_another_user(nonpie, tmp_path):
         process.wait()
 
 
+def test_deleted_executable_and_library(libdemo, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(libdemo.binary.parent.parent, copy)
+    process = subprocess.Popen([str(copy / "bin" / "demo")], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "LD_LIBRARY_PATH": str(copy / "lib")})
+    try:
+        assert "UNPATCHED" in process.stdout.readline()
+        shutil.rmtree(copy)                    # both files are gone: only the mappings remain
+        result = only(api.patch_processes(str(libdemo.patches_dir), [process.pid]))
+        assert [o.action for o in result.objects] == ["applied", "applied"], result
+        lines = [process.stdout.readline() for _ in range(6)]
+        assert any(line.startswith("libdemo PATCHED") for line in lines), lines
+        assert any(line.startswith("demo PATCHED") for line in lines), lines
+    finally:
+        process.kill()
+        process.wait()
+
+
 def _dead_pid() -> int:
     process = subprocess.Popen(["true"])
     process.wait()
