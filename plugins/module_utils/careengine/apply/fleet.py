@@ -132,23 +132,26 @@ def run_parallel(function: Callable[[int], ProcessResult], pids: list[int], jobs
 
     Never raises for one process: a worker that crashes or is killed turns the process
     it was handling into a failed result (the others go on); a process that exits
-    meanwhile is the function's to report (the engine says so). ``stats``, if given,
-    is filled with what the run did.
+    meanwhile is the function's to report (the engine says so). A pid given twice is
+    handled once (two tracers must not race for it); both places get its result.
+    ``stats``, if given, is filled with what the run did.
     """
     stats = stats if stats is not None else FleetStats()
     jobs = max(1, jobs or os.cpu_count() or 1)
     stats.jobs = jobs
-    results: dict[int, ProcessResult] = warm_up(function, pids) if len(pids) > 1 else {}
+    unique = list(dict.fromkeys(pids))
+    results: dict[int, ProcessResult] = warm_up(function, unique) if len(unique) > 1 else {}
     stats.warmed = len(results)
-    pending = [index for index in range(len(pids)) if index not in results]
+    pending = [index for index in range(len(unique)) if index not in results]
     if jobs == 1 or len(pending) < MIN_PARALLEL:
         for index in pending:
-            results[index] = _call(function, pids[index])
+            results[index] = _call(function, unique[index])
     else:
-        results.update(_run_workers(function, pids, pending, min(jobs, len(pending)), stats))
+        results.update(_run_workers(function, unique, pending, min(jobs, len(pending)), stats))
     stats.parent_maxrss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return [results.get(index) or failed_result(pid, "not handled: its worker died before taking it")
-            for index, pid in enumerate(pids)]
+    by_pid = {pid: results.get(index) or failed_result(pid, "not handled: its worker died before taking it")
+              for index, pid in enumerate(unique)}
+    return [by_pid[pid] for pid in pids]
 
 
 # ---------------------------------------------------------------------------- workers

@@ -41,6 +41,20 @@ def test_every_pid_once_in_order_by_forked_workers(tmp_path):
     assert len(stats.worker_maxrss_kb) == 3 and stats.total_maxrss_kb > stats.parent_maxrss_kb
 
 
+def test_a_pid_given_twice_is_handled_once(tmp_path):
+    journal = tmp_path / "calls"
+
+    def function(pid: int) -> ProcessResult:
+        with open(journal, "a") as stream:
+            stream.write(f"{pid}\n")
+        return handled_by(pid)
+
+    pids = FAKE_PIDS[:10] + FAKE_PIDS[:10]
+    results = fleet.run_parallel(function, pids, 2)
+    assert [r.pid for r in results] == pids and results[3] is results[13]
+    assert sorted(int(line) for line in journal.read_text().split()) == FAKE_PIDS[:10]
+
+
 def test_default_jobs_is_cpu_count():
     stats = fleet.FleetStats()
     fleet.run_parallel(handled_by, FAKE_PIDS, stats=stats)
@@ -123,19 +137,20 @@ def test_warm_up_runs_once_per_executable_in_the_parent_and_workers_inherit_it()
 def test_interrupt_stops_the_queue_and_reaps_the_workers(tmp_path):
     def function(pid: int) -> ProcessResult:
         time.sleep(0.01)
-        if pid == FAKE_PIDS[20]:
+        if pid == queue[20]:
             os.kill(os.getppid(), signal.SIGINT)     # like ^C at the terminal; workers ignore it
         with open(journal, "a") as stream:
             stream.write(f"{pid}\n")
         return handled_by(pid)
 
     journal = tmp_path / "calls"
+    queue = [5_000_000 + n for n in range(3 * len(FAKE_PIDS))]
     children_before = set(_children())
     with pytest.raises(KeyboardInterrupt):
-        fleet.run_parallel(function, FAKE_PIDS * 3, 2)
+        fleet.run_parallel(function, queue, 2)
     assert set(_children()) == children_before
-    assert FAKE_PIDS[20] in {int(line) for line in journal.read_text().split()}     # the one in hand finished
-    assert len(journal.read_text().split()) < 3 * len(FAKE_PIDS)                    # the queue was dropped
+    assert queue[20] in {int(line) for line in journal.read_text().split()}     # the one in hand finished
+    assert len(journal.read_text().split()) < len(queue)                        # the rest was dropped
 
 
 def _children() -> list[int]:
