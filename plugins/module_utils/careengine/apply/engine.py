@@ -304,6 +304,10 @@ def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -
             if name in weak_imports:
                 addresses[name] = 0
                 continue
+            missing = _libraries_not_loaded(patient, order)
+            if missing:
+                raise SymbolNotFound(f"process {patient.pid} is still starting ({', '.join(missing)} not loaded "
+                                     f"yet), so symbol {name} cannot be resolved; try again")
             raise SymbolNotFound(f"symbol {name} needed by the patch for {target.path} is defined in none of "
                                  f"the objects loaded in process {patient.pid}")
         mapped, symbol = found
@@ -312,6 +316,19 @@ def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -
         if symbol.is_ifunc:
             ifuncs[name] = address
     return addresses, ifuncs
+
+
+def _libraries_not_loaded(patient: Patient, order: list[MappedObject]) -> list[str]:
+    """DT_NEEDED names of loaded objects that are not loaded themselves (a process the
+    dynamic linker is still setting up)."""
+    loaded = set()
+    for mapped in order:
+        loaded.add(os.path.basename(mapped.path))
+        soname = patient.files[id(mapped)].soname if id(mapped) in patient.files else None
+        if soname:
+            loaded.add(soname)
+    return sorted({name for mapped in order if id(mapped) in patient.files
+                   for name in patient.files[id(mapped)].needed if name not in loaded})
 
 
 def choose_patch_address(mappings: list[Mapping], target: MappedObject, size: int,
