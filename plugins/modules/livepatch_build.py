@@ -295,7 +295,8 @@ def run_module():
     manifest_file = manifest_path(dest, src)
     manifest = read_manifest(manifest_file)
     previous_outputs = set(manifest["outputs"])
-    digest = build_digest(tree_files(src, previous_outputs, store_dir), patches, make_args)
+    before = tree_files(src, previous_outputs, store_dir)
+    digest = build_digest(before, patches, make_args)
     up_to_date = (
         manifest.get("digest") == digest
         and manifest["patches"]
@@ -306,7 +307,6 @@ def run_module():
     if module.check_mode:
         module.exit_json(changed=True, patches=[], digest=digest)
 
-    before = tree_files(src, previous_outputs, store_dir)
     build_args = list(make_args)
     if not any(argument.startswith("CC=") for argument in build_args):
         build_args.append("CC=" + compiler_wrapper(module.tmpdir))
@@ -322,6 +322,9 @@ def run_module():
     outputs = sorted(produced | previous_outputs)
     sources = {path: content for path, content in after.items() if path not in produced}
     built = [built_patch_json(patch) for patch in result.patches]
+    if not built:
+        module.warn("the build produced no patch: do the patches change any function, and does the "
+                    "project compile with CC set to libcare-cc?")
     manifest = {
         "src": os.path.realpath(src),
         "digest": build_digest(sources, patches, make_args),
