@@ -680,12 +680,16 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
                     wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in selected], timeout, "unpatch")
                     for applied in selected:
                         remove_applied(stopped, applied, journal)
-                    for applied in selected:
-                        stopped.munmap(applied.mapping.start, applied.mapping.size)
                 except BaseException:
-                    journal.mappings.clear()      # never unmap a patch we did not finish removing
                     journal.rollback()
                     raise
+                # Nothing jumps to them any more. An unmap that fails leaves an unused
+                # mapping, which info ignores and the next patch or unpatch removes.
+                for applied in selected:
+                    try:
+                        stopped.munmap(applied.mapping.start, applied.mapping.size)
+                    except CareError:
+                        pass
             paused_us = stopped.paused_ns // 1000
         except CareError as exc:
             failure = str(exc)
