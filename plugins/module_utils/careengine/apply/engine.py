@@ -54,7 +54,7 @@ from ..process import (
     read_ranges_lenient,
 )
 from ..results import ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
-from ..storage import PatchSource
+from ..storage import PatchSource, StoredPatch
 from .image import IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
 from .layout import (
     JUMP_ENTRY_SLOT,
@@ -231,13 +231,31 @@ def match_patches(patient: Patient, source: PatchSource, level: int | None) -> l
         if found is None:
             continue
         seen.add(mapped.build_id)
-        patch = source.load(found)
+        patch = _load_patch(source, found)
         if level is not None and source.store is None:
             patch = patch.with_level(level)
         if patch.build_id != mapped.build_id:
             raise BuildIdMismatch(f"patch {found.path} is for build-id {patch.build_id}, not {mapped.build_id}")
         matches.append((mapped, patch))
     return matches
+
+
+# (path, size, mtime, level) -> patch: one read per file however many processes match it.
+_loaded: dict[tuple[str, int, int, int], PatchFile] = {}
+
+
+def _load_patch(source: PatchSource, found: StoredPatch) -> PatchFile:
+    try:
+        status = os.stat(found.path)
+    except OSError:
+        return source.load(found)
+    key = (found.path, status.st_size, status.st_mtime_ns, found.level)
+    patch = _loaded.get(key)
+    if patch is None:
+        if len(_loaded) > 64:
+            _loaded.clear()
+        patch = _loaded[key] = source.load(found)
+    return patch
 
 
 @dataclass(frozen=True)
