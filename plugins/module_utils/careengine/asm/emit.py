@@ -257,15 +257,46 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
             output.raw(function_patch(function, specs, names, strtab_index, defined))
         else:
             output.copy(block.lines)
+    loose = loose_attributes(patched)
     for block in new_functions:
         strtab_index += 1
+        output.raw(_kept_attributes(block, names, loose))
         output.raw(function_patch(PatchedFunction(block, names[block.name], None), specs, names, strtab_index,
                                   defined))
     for block in new_variables:
+        output.raw(_kept_attributes(block, names, loose))
         output.raw(variable_patch(block, specs, names))
     for block in patched_tail:
         output.copy(block.lines, rename=rename_outside)
     return "\n".join(output.lines) + "\n"
+
+
+# Attributes a new symbol keeps when gcc wrote them away from its block.
+LOOSE_ATTRIBUTES = frozenset((".globl", ".global", ".weak", ".hidden", ".protected", ".internal"))
+
+
+def loose_attributes(asm: AsmFile) -> dict[str, list[str]]:
+    """Linkage attributes written outside any function or variable block, by symbol.
+
+    gcc puts ``.globl x`` / ``.hidden x`` before the string literals a variable's
+    initializer refers to, so they land in an "other" block.
+    """
+    found: dict[str, list[str]] = {}
+    for block in asm.blocks:
+        if block.kind != "other":
+            continue
+        for line in block.lines:
+            if line.kind is Kind.ATTRIBUTE and line.head in LOOSE_ATTRIBUTES:
+                for name in line.args.split(","):
+                    found.setdefault(name.strip(), []).append(line.head)
+    return found
+
+
+def _kept_attributes(block: Block, names: dict[str, str], loose: dict[str, list[str]]) -> list[str]:
+    """Loose attributes of a new symbol that keeps its name (renamed ones are local)."""
+    if names.get(block.name, block.name) != block.name:
+        return []
+    return [f"\t{head}\t{block.name}" for head in loose.get(block.name, [])]
 
 
 def _header_footer(asm: AsmFile) -> tuple[list[Block], list[Block]]:

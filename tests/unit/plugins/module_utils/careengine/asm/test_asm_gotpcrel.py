@@ -303,3 +303,20 @@ def test_linked_program_runs_the_new_code_without_copy_relocations(built):
     relocations = subprocess.run(["readelf", "-rW", str(directory / "prog")], capture_output=True, text=True,
                                  check=True).stdout
     assert "R_X86_64_COPY" not in relocations
+
+
+def test_new_global_variable_keeps_its_binding_written_before_its_literals(tmp_path):
+    """gcc writes ``.globl names`` before the literals the initializer uses (found by
+    rebuilding redis' lua with every function new): the new variable must stay global,
+    or another unit's reference to it fails to link."""
+    original = _asm("int f(int i) { return i; }\n", ("-O2", "-fPIE"), tmp_path / "original")
+    patched = _asm('const char *const names[] = {"alpha", "beta"};\nint f(int i) { return names[i][0]; }\n',
+                   ("-O2", "-fPIE"), tmp_path / "patched")
+    assert re.search(r"\.globl\tnames\n\t\.section\t\.rodata\.str", patched)
+    result = gensrc.generate(original, patched)
+    assert result.new_variables == ("names",)
+    (tmp_path / "out.s").write_text(result.text)
+    _gcc("-c", "-o", "out.o", "out.s", cwd=tmp_path)
+    with open(tmp_path / "out.o", "rb") as stream:
+        [names] = ELFFile(stream).get_section_by_name(".symtab").get_symbol_by_name("names")
+        assert names["st_info"]["bind"] == "STB_GLOBAL"
