@@ -12,7 +12,6 @@ of the ORIGINAL object's GOT slot of the TLS variable).
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,8 +138,3 @@ def apply_relocations(buffer: bytearray, relocations: list[Relocation]) -> None:
         if relocation.offset < 0 or end > len(buffer):
             raise RelocationError(f"relocation at {relocation.where or hex(relocation.offset)} lies outside its section")
         buffer[relocation.offset:end] = data
-
-
-def read_u64(buffer: bytes, offset: int) -> int:
-    """The little-endian 64-bit word at ``offset``."""
-    return struct.unpack_from("<Q", buffer, offset)[0]
