@@ -171,7 +171,10 @@ def symbol_and_offset(displacement: str) -> tuple[str, int] | None:
             return None
         text = term.group("term")
         if text[0].isdigit():
-            offset += -int(text, 0) if term.group("sign") == "-" else int(text, 0)
+            value = _number(text)
+            if value is None:
+                return None
+            offset += -value if term.group("sign") == "-" else value
         elif term.group("sign") == "-":
             return None
         else:
@@ -180,9 +183,18 @@ def symbol_and_offset(displacement: str) -> tuple[str, int] | None:
     return (symbols[0], offset) if len(symbols) == 1 else None
 
 
-def _memory(access: Access, register: str, extra: int = 0) -> str:
-    offset = access.offset + extra
-    return f"{access.star}{offset if offset else ''}(%{register})"
+def _number(text: str) -> int | None:
+    """A gas integer: ``0x`` hexadecimal, leading ``0`` octal, else decimal."""
+    try:
+        if text[:2] in ("0x", "0X"):
+            return int(text, 16)
+        return int(text, 8) if len(text) > 1 and text[0] == "0" else int(text)
+    except ValueError:
+        return None
+
+
+def _memory(access: Access, register: str) -> str:
+    return f"{access.star}{access.offset if access.offset else ''}(%{register})"
 
 
 def _got_load(access: Access, register: str) -> Statement:
@@ -195,9 +207,9 @@ def _registers(instruction: Instruction) -> set[str]:
             if name in GPRS}
 
 
-def _replaced(instruction: Instruction, access: Access, register: str, extra: int = 0) -> Statement:
+def _replaced(instruction: Instruction, access: Access, register: str) -> Statement:
     operands = list(instruction.operands)
-    operands[access.index] = _memory(access, register, extra)
+    operands[access.index] = _memory(access, register)
     return instruction.text(operands)
 
 

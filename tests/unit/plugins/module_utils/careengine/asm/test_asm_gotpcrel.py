@@ -80,6 +80,15 @@ def test_rewrite_table(statement, expected):
     assert gotpcrel.rewrite(*statement, frozenset({"mine"}), "fn") == expected
 
 
+@pytest.mark.parametrize(("displacement", "expected"), [
+    ("sym", ("sym", 0)), ("sym+8", ("sym", 8)), ("8+sym", ("sym", 8)), ("sym - 4", ("sym", -4)),
+    ("-4+sym", ("sym", -4)), ("0x10+sym", ("sym", 16)), ("010+sym", ("sym", 8)),
+    ("a+b", None), ("8-sym", None), ("sym@GOTPCREL", None), ("sym*2", None), ("08+sym", None), ("", None),
+])
+def test_displacement_is_one_symbol_plus_constants(displacement, expected):
+    assert gotpcrel.symbol_and_offset(displacement) == expected
+
+
 @pytest.mark.parametrize("statement", [("movq", "%rsp, saved_sp(%rip)"), ("popq", "v(%rip)"),
                                        ("movl", "v(%rip), %esp")])
 def test_unrewritable_accesses_are_refused_naming_the_function(statement):
