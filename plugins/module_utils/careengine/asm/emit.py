@@ -146,6 +146,9 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
     """
     output: list[str] = []
     for line in block.lines:
+        through_got = None
+        if line.kind is Kind.INSTRUCTION and defined is not None:
+            through_got = gotpcrel.rewrite(line.head, line.args, defined, block.name)
         if line.kind in (Kind.SECTION, Kind.DEBUG_LABEL) or (line.kind is Kind.ATTRIBUTE and not keep_attributes):
             continue
         if line.kind is Kind.ATTRIBUTE and line.head == ".local":
@@ -160,9 +163,8 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             output.extend(_common_as_data(line, rename))
         elif line.kind is Kind.LABEL:
             output.append(rename(line.head) + ":")
-        elif (line.kind is Kind.INSTRUCTION and defined is not None
-              and (statements := gotpcrel.rewrite(line.head, line.args, defined, block.name)) is not None):
-            output.extend(f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in statements)
+        elif through_got is not None:
+            output.extend(f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in through_got)
         else:
             args = rename_symbols(line.args, rename) if line.args else ""
             output.append(f"\t{line.head}\t{args}".rstrip())
@@ -179,11 +181,11 @@ def _common_as_data(line: Line, rename: Callable[[str], str]) -> list[str]:
 
 
 def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict[str, str],
-                   strtab_index: int, defined: frozenset[str] = frozenset()) -> list[str]:
+                   strtab_index: int, defined: frozenset[str] | None = None) -> list[str]:
     """The ``.kpatch.text`` body, strtab entry and info record of one changed or new function.
 
     ``defined`` are the symbols of the compilation unit: the body reaches every other
-    symbol through the GOT (no new copy relocation in the patched link).
+    symbol through the GOT (no new copy relocation in the patched link). None: no rewrite.
     """
     block = function.block
     output_name = function.output_name
