@@ -170,6 +170,16 @@ def test_the_patch_works_in_the_running_program(built, program):
         # The load of stderr reaches libc's stream.
         said = patient.wait_for(patient.err, r"imported stderr (\d+)", count=3)
         assert {int(m.group(1)) for m in said} >= set(counters[:2])
+        # Unpatched again: the original code runs, the library's variable keeps its count.
+        result = subprocess.run([CTL, "unpatch", "-p", str(patient.process.pid)], capture_output=True, text=True,
+                                check=False, timeout=60)
+        assert result.returncode == 0, result.stdout + result.stderr
+        seen = len(patient.out)
+        deadline = time.monotonic() + 10
+        while not any("UNPATCHED" in line for line in patient.out[seen:]) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        back = [re.fullmatch(r"imported UNPATCHED \d+ errors=(\d+)", line) for line in patient.out[seen:]]
+        assert [m for m in back if m] and int(next(m for m in back if m).group(1)) >= errors[-1]
         assert patient.process.poll() is None
     finally:
         patient.stop()
