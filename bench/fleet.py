@@ -6,6 +6,7 @@ One call of ``fleet.run_parallel`` (default jobs: one per CPU) with the per-proc
 function ``api.patch_processes`` uses (``api._safely`` + ``engine.patch_process``), then
 the same for unpatch; every process must report applied, then removed. Baseline, same
 run, same processes: the serial loop (jobs=1, the parent alone, as ``api`` does today).
+Three rounds of (patch, unpatch, serial patch, serial unpatch); medians.
 Peak memory: ru_maxrss of the parent plus that of every worker (from wait4), summed: an
 upper bound, shared copy-on-write pages count once per worker.
 
@@ -19,7 +20,7 @@ import resource
 import sys
 import time
 
-from benchlib import Patients, build_program, emit, log, require_root, wait_started, workdir
+from benchlib import Patients, build_program, emit, log, median, require_root, wait_started, workdir
 
 from plugins.module_utils.careengine.apply import api, engine, fleet
 from plugins.module_utils.careengine.results import summarize_results
@@ -27,6 +28,7 @@ from plugins.module_utils.careengine.storage import PatchSource
 
 COUNT = int(sys.argv[1]) if len(sys.argv) > 1 else 1000
 JOBS = int(sys.argv[2]) if len(sys.argv) > 2 else None
+REPEATS = 3
 
 
 def patch_one(source: PatchSource):
@@ -64,16 +66,22 @@ def main() -> None:
         log(f"{COUNT} sleepers started in {time.perf_counter() - started:.2f}s")
         source = PatchSource(str(built.patchroot))
 
-        patch_s, patch_stats = timed_run(patch_one(source), pids, JOBS, "applied")
-        unpatch_s, unpatch_stats = timed_run(unpatch_one, pids, JOBS, "removed")
-        serial_patch_s, _ = timed_run(patch_one(source), pids, 1, "applied")
-        serial_unpatch_s, _ = timed_run(unpatch_one, pids, 1, "removed")
-        log(f"{COUNT} processes, jobs={patch_stats.jobs}: patch {patch_s:.2f}s (serial {serial_patch_s:.2f}s), "
-            f"unpatch {unpatch_s:.2f}s (serial {serial_unpatch_s:.2f}s); patch run {patch_stats}; "
-            f"unpatch run {unpatch_stats}")
-        peak_kb = max(patch_stats.total_maxrss_kb, unpatch_stats.total_maxrss_kb)
-        emit("fleet_patch_1000_s", patch_s, "s", serial_patch_s)
-        emit("fleet_unpatch_1000_s", unpatch_s, "s", serial_unpatch_s)
+        times: dict[str, list[float]] = {"patch": [], "unpatch": [], "serial patch": [], "serial unpatch": []}
+        peak_kb = 0
+        for _ in range(REPEATS):      # interleaved, so drifts of the machine's load hit both alike
+            for name, function, jobs, expected in (("patch", patch_one(source), JOBS, "applied"),
+                                                   ("unpatch", unpatch_one, JOBS, "removed"),
+                                                   ("serial patch", patch_one(source), 1, "applied"),
+                                                   ("serial unpatch", unpatch_one, 1, "removed")):
+                spent, stats = timed_run(function, pids, jobs, expected)
+                times[name].append(spent)
+                if jobs != 1:
+                    peak_kb = max(peak_kb, stats.total_maxrss_kb)
+                    log(f"{name}: {spent:.2f}s, {stats}")
+        log(f"{COUNT} processes, seconds per call: " + "; ".join(
+            f"{name} {[round(t, 3) for t in spent]}" for name, spent in times.items()))
+        emit("fleet_patch_1000_s", median(times["patch"]), "s", median(times["serial patch"]))
+        emit("fleet_unpatch_1000_s", median(times["unpatch"]), "s", median(times["serial unpatch"]))
         emit("fleet_peak_rss_mb", peak_kb / 1024, "MB", None, digits=1)
 
 
