@@ -395,9 +395,10 @@ def main(argv: list[str]) -> int:
             emit({"step": "patch", "cycle": 0, "status": status, "seconds": round(elapsed, 3), "result": result})
             reasons = [o.get("reason", "") for p in (result or {}).get("processes", []) for o in p.get("objects", [])
                        if o.get("action") == "failed"] + [p.get("error", "") for p in (result or {}).get("processes", [])]
-            named = [m.group(1) for r in reasons for m in [re.search(r"thread \d+ executing (\S+)", r)] if m]
+            named = [n for r in reasons if re.search(r"thread \d+", r)
+                     for n in re.findall(r"[A-Za-z_][\w.]*", r) if n in replaced]
             check("patch refused, naming a thread inside a replaced function",
-                  status != 0 and bool(named) and all(n in replaced for n in named), "; ".join(reasons)[:500])
+                  status != 0 and bool(named), "; ".join(reasons)[:500])
             check("old behaviour kept after the refusal", probe_once(port) == "old")
             time.sleep(1.0)
         for cycle in range(1, 0 if refusal_expected else args.cycles + 1):
