@@ -10,6 +10,7 @@ with its baseline measured in the same run; progress and notes go to stderr.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROGRAMS = ROOT / "bench" / "programs"
+PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)
 PATCH_MAKE = ROOT / "bin" / "libcare-patch-make"
 CTL = ROOT / "bin" / "libcare-ctl"
 
@@ -82,13 +85,30 @@ def build_program(name: str, where: Path) -> BuiltProgram:
     return BuiltProgram(name, project, binary, project / "patchroot")
 
 
+_BENCH_PID = os.getpid()
+
+
+def _die_with_parent() -> None:
+    """In a patient before exec: SIGKILL when the benchmark dies, however it dies
+    (also if it died before this ran)."""
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != _BENCH_PID:
+        os._exit(1)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(f"bench: terminated by signal {signum}")
+
+
 class Patients:
-    """Processes started by a benchmark; every one is killed on leaving the block."""
+    """Processes started by a benchmark; every one is killed on leaving the block, on
+    SIGTERM (a time limit), and by the kernel if the benchmark itself is killed."""
 
     def __init__(self) -> None:
         self.processes: list[subprocess.Popen] = []
 
     def __enter__(self) -> Patients:
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -97,7 +117,8 @@ class Patients:
     def start(self, argv: list[str], *, output: bool = False) -> subprocess.Popen:
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
                                    stdout=subprocess.PIPE if output else subprocess.DEVNULL,
-                                   stderr=subprocess.DEVNULL, text=output, close_fds=True)
+                                   stderr=subprocess.DEVNULL, text=output, close_fds=True,
+                                   preexec_fn=_die_with_parent)
         self.processes.append(process)
         return process
 

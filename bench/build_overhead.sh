@@ -27,9 +27,9 @@ if [ -x "$script" ]; then
         export LIBCARE_REALPROJECT_CACHE=$private
     fi
     echo "bench: build_overhead: $script (cache ${LIBCARE_REALPROJECT_CACHE:-$shared_cache})" >&2
-    # A time limit of its own (LIBCARE_BENCH_REALPROJECT_LIMIT, default 420 s), so a
+    # A time limit of its own (LIBCARE_BENCH_REALPROJECT_LIMIT, default 270 s), so a
     # slow machine still gets the fixture figure within run_all's limit.
-    line=$(timeout --kill-after=10 "${LIBCARE_BENCH_REALPROJECT_LIMIT:-420}" "$script" \
+    line=$(timeout --kill-after=10 "${LIBCARE_BENCH_REALPROJECT_LIMIT:-270}" "$script" \
            | grep '"bench": *"build_overhead"' | tail -n 1)
     status=${PIPESTATUS[0]}
     if [ "$status" = 0 ] && [ -n "$line" ]; then
