@@ -60,7 +60,15 @@ fi
 
 rm -rf "$PRISTINE" "$PRISTINE.tmp"
 log "unpacking $(basename "$dsc") without its patches"
-dpkg-source --no-check --skip-patches -x "$dsc" "$PRISTINE.tmp" >/dev/null
+if ! dpkg-source --no-check --skip-patches -x "$dsc" "$PRISTINE.tmp" >/dev/null; then
+    # A download cut short: fetch again once.
+    rm -rf "$CACHE/dl" "$PRISTINE.tmp"
+    mkdir -p "$CACHE/dl"
+    (cd "$CACHE/dl" && apt-get -qq source --download-only "$SRC_PACKAGE" >&2) || {
+        log "apt-get source failed"; rm -rf "$CACHE/dl"; exit 77; }
+    dsc=$(ls "$CACHE"/dl/"${SRC_PACKAGE}"_*.dsc | head -n1)
+    dpkg-source --no-check --skip-patches -x "$dsc" "$PRISTINE.tmp" >/dev/null || die "cannot unpack $dsc"
+fi
 series=$PRISTINE.tmp/debian/patches/series
 grep -qx "$FIX_NAME" "$series" || die "$(basename "$dsc") has no $FIX_NAME in debian/patches/series"
 applied=0
