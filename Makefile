@@ -44,5 +44,9 @@ ansible-lint:
 molecule:
 	tests/ansible/run-molecule.sh default
 
+## bench: performance figures, one JSON object per line (see bench/README.md)
+bench:
+	bench/run_all.sh
+
 clean:
 	rm -rf build .pytest_cache tests/output

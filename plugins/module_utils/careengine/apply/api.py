@@ -14,7 +14,7 @@ from ..errors import CareError, NotApplicable, StoreError
 from ..process import mapped_objects, read_maps
 from ..results import ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource
-from . import engine
+from . import engine, fleet
 
 
 def all_pids() -> list[int]:
@@ -63,16 +63,17 @@ def patch_processes(source: str, pids: list[int] | None = None, *, level: int | 
     if pids is None:
         build_ids = set(patch_source.build_ids())
         pids = [pid for pid in all_pids() if _maps_object_with(pid, build_ids)]
-    results = []
-    for pid in pids:
+
+    def patch_one(pid: int) -> ProcessResult:
         result = _safely(pid, engine.patch_process, patch_source, level=level, timeout=timeout, retries=retries,
                          check=check)
         if explicit and not result.objects and not result.error and patch_source.store is None:
             result = ProcessResult(pid, result.comm, (), str(NotApplicable(
                 f"no object in process {pid} has build-id {patch_source.build_ids()[0]}, "
                 f"the one {source} was made for")), None)
-        results.append(result)
-    return results
+        return result
+
+    return fleet.run_parallel(patch_one, pids)
 
 
 def unpatch_processes(pids: list[int] | None = None, build_ids: list[str] | None = None, *,
@@ -83,7 +84,8 @@ def unpatch_processes(pids: list[int] | None = None, build_ids: list[str] | None
     """
     if pids is None:
         pids = [pid for pid in all_pids() if _has_applied_patch(pid)]
-    return [_safely(pid, engine.unpatch_process, build_ids, timeout=timeout, check=check) for pid in pids]
+    return fleet.run_parallel(
+        lambda pid: _safely(pid, engine.unpatch_process, build_ids, timeout=timeout, check=check), pids)
 
 
 def _has_applied_patch(pid: int) -> bool:

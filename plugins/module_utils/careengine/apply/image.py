@@ -118,7 +118,7 @@ def patch_identity(patch: PatchFile) -> int:
 def read_patch_image(patch: PatchFile) -> PatchImage:
     """Parse the patch's ELF image (cached by content)."""
     identity = patch_identity(patch)
-    key = (identity, len(patch.elf_image), patch.level)
+    key = (identity, len(patch.elf_image), patch.level, patch.build_id)
     cached = _images.get(key)
     if cached is not None:
         return cached
