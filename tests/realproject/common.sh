@@ -12,6 +12,19 @@ FIX_NAME=CVE-2025-67733.patch
 # allocator (the bundled jemalloc needs its own configure run and does not link
 # with Debian's packaging patches), two jobs.
 MAKE_ARGS=(MALLOC=libc)
+# Compiler flag variants (all passed by hand, see README): upstream (default: -O2 -g),
+# debian (dpkg-buildflags, hardening=+all), debian-cet (that + -fcf-protection=full), O3.
+case "${LIBCARE_REALPROJECT_VARIANT:-upstream}" in
+    upstream) ;;
+    debian|debian-cet)
+        flags="$(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CFLAGS)"
+        flags+=" $(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get CPPFLAGS)"
+        [ "$LIBCARE_REALPROJECT_VARIANT" = debian-cet ] && flags+=" -fcf-protection=full"
+        MAKE_ARGS+=("CFLAGS=$flags" "LDFLAGS=$(DEB_BUILD_MAINT_OPTIONS=hardening=+all dpkg-buildflags --get LDFLAGS)")
+        ;;
+    O3) MAKE_ARGS+=(OPTIMIZATION=-O3) ;;
+    *) echo "realproject: unknown LIBCARE_REALPROJECT_VARIANT=$LIBCARE_REALPROJECT_VARIANT" >&2; exit 1 ;;
+esac
 JOBS=${LIBCARE_REALPROJECT_JOBS:-2}
 
 PRISTINE=$CACHE/pristine        # pre-fix tree, never built in
