@@ -4,12 +4,13 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600
+COLLECTIONS := $(CURDIR)/build/collections
 
-.PHONY: setup setup-debian setup-python setup-containers test lint unit integration \
-        ansible-sanity ansible-lint molecule bench demo clean
+.PHONY: setup setup-debian setup-python setup-ansible setup-realproject test lint unit integration \
+        ansible-test ansible-sanity ansible-lint ansible-integration molecule collection bench demo clean
 
-## setup: Debian packages, .venv/ with pinned packages, container image for molecule
-setup: setup-debian setup-python setup-containers
+## setup: Debian packages, .venv/ with pinned packages, molecule image and wheels, real-project sources
+setup: setup-debian setup-python setup-ansible setup-realproject
 
 setup-debian:
 	$(APT) update
@@ -20,20 +21,27 @@ setup-python:
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements.txt
 
-setup-containers:
+# podman, runc, catatonit, debootstrap; molecule and containers.podman into .venv; target wheels
+# into .cache/wheels; image localhost/libcare-debian:12 (built once, ~3.5 min from scratch)
+setup-ansible:
 	tests/ansible/setup-containers.sh
 
+setup-realproject:
+	tests/realproject/prepare.sh
+
 ## test: everything; any failure fails the run
-test: lint unit integration ansible-sanity ansible-lint molecule
+test: lint unit integration ansible-test
 
 lint:
 	$(VENV)/bin/ruff check .
 
 unit:
-	$(PY) -m pytest -q tests/unit
+	$(PY) -m pytest -q -p no:cacheprovider tests/unit
 
 integration:
-	$(PY) -m pytest -q tests/integration
+	$(PY) -m pytest -q -p no:cacheprovider tests/integration
+
+ansible-test: ansible-sanity ansible-lint ansible-integration molecule
 
 ansible-sanity:
 	tests/ansible/run-sanity.sh
@@ -41,8 +49,20 @@ ansible-sanity:
 ansible-lint:
 	tests/ansible/run-lint.sh
 
+ansible-integration:
+	tests/ansible/run-integration.sh
+
 molecule:
-	tests/ansible/run-molecule.sh default
+	tests/ansible/run-molecule.sh
+
+collection:
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/
+
+## demo: start the buggy sample program, build its fix, patch it live, show the change, clean up
+demo:
+	mkdir -p $(COLLECTIONS)/ansible_collections/libcare
+	ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/libcare/livepatch
+	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS) $(VENV)/bin/ansible-playbook -i playbooks/inventory/demo.ini playbooks/demo.yml
 
 ## bench: performance figures, one JSON object per line (see bench/README.md)
 bench:
