@@ -15,6 +15,7 @@
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/common.sh"
+lock_cache
 
 status=0
 "$here/prepare.sh" || status=$?

@@ -43,5 +43,19 @@ export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 log() { echo "realproject: $*" >&2; }
 die() { log "error: $*"; exit 1; }
 
+# One user of the cache at a time (concurrent test runs share it): an exclusive
+# flock on $CACHE/.lock, held until the script exits; children inherit it through
+# LIBCARE_REALPROJECT_LOCKED (the pytest wrapper takes it for the whole module).
+lock_cache() {
+    [ -z "${LIBCARE_REALPROJECT_LOCKED:-}" ] || return 0
+    mkdir -p "$CACHE"
+    exec 9>"$CACHE/.lock"
+    if ! flock -n 9; then
+        log "waiting for another run to release $CACHE/.lock"
+        flock -w 1200 9 || die "$CACHE is locked by another run"
+    fi
+    export LIBCARE_REALPROJECT_LOCKED=1
+}
+
 PYTHON=$ROOT/.venv/bin/python
 [ -x "$PYTHON" ] || PYTHON=python3

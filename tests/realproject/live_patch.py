@@ -36,6 +36,7 @@ holds, 1 otherwise. Everything started here is stopped on the way out.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import hashlib
 import json
 import os
@@ -327,6 +328,12 @@ def main(argv: list[str]) -> int:
                         help="redis-benchmark requests alongside (0: none)")
     args = parser.parse_args(argv)
 
+    lock = None
+    if not os.environ.get("LIBCARE_REALPROJECT_LOCKED"):
+        # The same lock as common.sh's lock_cache: no build may replace work/ meanwhile.
+        os.makedirs(args.cache, exist_ok=True)
+        lock = open(os.path.join(args.cache, ".lock"), "w")  # noqa: SIM115 - held until exit
+        fcntl.flock(lock, fcntl.LOCK_EX)
     work = os.path.join(args.cache, "work")
     server_path = os.path.join(work, "lpmake", "bin", "redis-server")
     patchroot = os.path.join(work, "patchroot")

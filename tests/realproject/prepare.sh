@@ -13,6 +13,7 @@
 # Exit status 77: the sources cannot be fetched (no deb-src, no network, not root).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+lock_cache
 
 if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
     log "already prepared: $PRISTINE ($(cat "$PREPARED_STAMP"))"

@@ -11,6 +11,7 @@ Skipped only when the sources cannot be fetched (prepare.sh exit status 77).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
@@ -25,8 +26,14 @@ OUTPUT = ROOT / "tests" / "output" / "realproject"
 SKIP_STATUS = 77
 
 
+CACHE = Path(os.environ.get("LIBCARE_REALPROJECT_CACHE", ROOT / ".cache" / "realproject"))
+
+
 def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+    # This module holds the cache lock (see cache_lock): the scripts must not wait for it.
+    env = dict(os.environ, LIBCARE_REALPROJECT_LOCKED="1")
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
+                          env=env)
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -47,7 +54,16 @@ def _record(name: str, run: subprocess.CompletedProcess) -> None:
 
 
 @pytest.fixture(scope="module")
-def prepared() -> None:
+def cache_lock():
+    """Concurrent test runs share the cache: hold its lock for the whole module."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture(scope="module")
+def prepared(cache_lock) -> None:
     run = _run(["bash", str(SCRIPTS / "prepare.sh")], timeout=600)
     if run.returncode == SKIP_STATUS:
         pytest.skip(f"redis sources unavailable (apt-get source redis): {run.stderr.strip()[-300:]}")
@@ -101,8 +117,7 @@ def test_io_threads_refused_cleanly_or_patched(built):
 
 def test_prepared_tree_is_the_pre_fix_version(prepared):
     """The prepared tree lacks the fix and the fix applies to it (-p1)."""
-    cache = Path(os.environ.get("LIBCARE_REALPROJECT_CACHE", ROOT / ".cache" / "realproject"))
-    pristine, fix = cache / "pristine", cache / "fix.patch"
+    pristine, fix = CACHE / "pristine", CACHE / "fix.patch"
     assert "addReplyStatusSafe" not in (pristine / "src" / "networking.c").read_text()
     assert "+void addReplyStatusSafe" in fix.read_text()
     check = subprocess.run(["patch", "-p1", "--dry-run", "--batch", "-s", "-i", str(fix)], cwd=pristine,
