@@ -3,9 +3,11 @@
 Normally named functions and variables pair by name. Names gcc makes up
 (``.LC3``, ``counter.2``, ``CSWTCH.8``, ``foo.part.0``, ``foo.constprop.1``) pair with
 an unpaired block of the same family whose *content* is equal, so gcc renumbering them
-does not look like a change; leftover auto-named functions then pair by family and
-order (they are changed). Pairing repeats until nothing new pairs, because content
-equality of one block may depend on another pair (a table of pointers to literals).
+does not look like a change; leftover auto-named functions then pair by family, one
+equal but for ``__LINE__`` immediates first, else in order. Pairing repeats until
+nothing new pairs, because content equality of one block may depend on another pair
+(a table of pointers to literals). A paired function is changed unless its bodies are
+equal, or equal but for ``__LINE__`` immediates (``line_numbers``, needs gcc -g).
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..errors import UnpatchableChange
-from .normalize import LOCAL_LABEL_PREFIX, block_signature, symbol_tokens
+from .line_numbers import same_but_line_numbers
+from .normalize import LOCAL_LABEL_PREFIX, block_signature, block_statements, symbol_tokens
 from .parse import AsmFile, Block
 
 # Original variables that may disappear from the patched file: compiler-made literals
@@ -114,13 +117,13 @@ def match(original: AsmFile, patched: AsmFile) -> Matching:
                            if block.kind != "other"}
     while _pair_by_content(state, tables, original_signatures):
         pass
-    _pair_leftover_functions(state, tables[0])
+    _pair_leftover_functions(state, tables[0], original_signatures)
     _check_variables(state, tables[1], original_signatures)
     (original_functions, patched_functions), (_, patched_variables) = tables
     changed = tuple(
         name for name in original_functions
-        if name in state.function_pairs and original_signatures[name]
-        != block_signature(patched_functions[state.function_pairs[name]], state.rename_patched)
+        if name in state.function_pairs and not _same_function(
+            state, original_functions[name], patched_functions[state.function_pairs[name]], original_signatures)
     )
     new_functions = tuple(name for name in patched_functions if not state.is_paired_patched(name))
     new_variables = tuple(name for name in patched_variables if not state.is_paired_patched(name))
@@ -154,15 +157,26 @@ def _pair_by_content(state: _Pairing, tables, original_signatures: dict[str, tup
     return progress
 
 
-def _pair_leftover_functions(state: _Pairing, functions: tuple[dict[str, Block], dict[str, Block]]) -> None:
+def _same_function(state: _Pairing, original: Block, patched: Block,
+                   original_signatures: dict[str, tuple[str, ...]]) -> bool:
+    """True if the patched body is the original one, ``__LINE__`` immediates aside."""
+    if original_signatures[original.name] == block_signature(patched, state.rename_patched):
+        return True
+    return same_but_line_numbers(block_statements(original, _identity), block_statements(patched, state.rename_patched))
+
+
+def _pair_leftover_functions(state: _Pairing, functions: tuple[dict[str, Block], dict[str, Block]],
+                             original_signatures: dict[str, tuple[str, ...]]) -> None:
     original_functions, patched_functions = functions
     for original_name, original_block in original_functions.items():
         if original_name in state.paired_original or not is_auto_named(original_name):
             continue
-        for name, block in patched_functions.items():
-            if is_auto_named(name) and not state.is_paired_patched(name) and family(name) == family(original_name):
-                state.pair(original_block, block)
-                break
+        candidates = [block for name, block in patched_functions.items()
+                      if is_auto_named(name) and not state.is_paired_patched(name)
+                      and family(name) == family(original_name)]
+        if candidates:
+            candidates.sort(key=lambda block: not _same_function(state, original_block, block, original_signatures))
+            state.pair(original_block, candidates[0])
 
 
 def _check_variables(state: _Pairing, variables: tuple[dict[str, Block], dict[str, Block]],

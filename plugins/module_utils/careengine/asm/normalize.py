@@ -86,19 +86,24 @@ def statement_text(line: Line, rename: Rename) -> str:
 
 def block_signature(block: Block, rename: Rename) -> tuple[str, ...]:
     """The comparable form of a block: own names and local labels by position, others renamed."""
+    return tuple(text for text, _ in block_statements(block, rename))
+
+
+def block_statements(block: Block, rename: Rename) -> list[tuple[str, Line | None]]:
+    """The block signature's statements with the line each comes from (None for section markers)."""
     positional = {name: f"@self{index}" for index, name in enumerate(block.names)}
     positional.update({label: f".L@{index}" for index, label in enumerate(local_labels(block))})
 
     def rename_in_block(token: str) -> str:
         return positional.get(token) or rename(token)
 
-    signature: list[str] = []
+    statements: list[tuple[str, Line | None]] = []
     section = None
     for line in block.lines:
         if line.kind in IGNORED_KINDS or line.kind is Kind.SECTION:
             continue
         if line.kind not in SECTIONLESS_KINDS and line.section != section:
             section = line.section
-            signature.append("@section " + rename_section(section, rename_in_block))
-        signature.append(collapse_blanks(statement_text(line, rename_in_block)))
-    return tuple(signature)
+            statements.append(("@section " + rename_section(section, rename_in_block), None))
+        statements.append((collapse_blanks(statement_text(line, rename_in_block)), line))
+    return statements

@@ -3,7 +3,9 @@
 A *line* is one statement (``label:``, a directive or an instruction) with its kind and
 the section in force before and after it. Debug-only statements (``.loc``, numbered
 ``.file``, comments and everything inside ``.debug_*`` sections) are dropped here: they
-never take part in a comparison and are not re-emitted.
+never take part in a comparison and are not re-emitted. What ``.loc`` says is kept as
+each line's :class:`SourceLine` (the source line of the nearest preceding ``.loc``),
+which the diff uses to recognise ``__LINE__`` immediates (see ``line_numbers``).
 
 A *block* is a function (from its attribute lines to its ``.size``, including gcc's
 ``.cold`` parts and jump tables placed in between), a variable (attributes, label, data)
@@ -68,6 +70,8 @@ DEBUG_LABEL_RE = re.compile(
 )
 SYMBOL_RE = re.compile(r"^[A-Za-z_.$][\w.$]*$")
 NUMERIC_LABEL_RE = re.compile(r"^\d+$")
+# A quoted file name of a ``.file`` directive.
+QUOTED_RE = re.compile(r'"((?:[^"\\]|\\.)*)"')
 
 # Sections that hold code even when declared without flags.
 CODE_SECTIONS = frozenset((".text", ".text.unlikely", ".text.hot", ".text.startup", ".text.exit", ".init", ".fini",
@@ -81,6 +85,14 @@ BARE_SECTIONS = frozenset((".text", ".data", ".bss"))
 
 
 @dataclass(frozen=True)
+class SourceLine:
+    """A position in the C source named by a ``.loc`` directive (gcc -g)."""
+
+    file: str
+    line: int
+
+
+@dataclass(frozen=True)
 class Line:
     """One logical statement of the assembler file."""
 
@@ -91,6 +103,7 @@ class Line:
     args: str
     section: str
     section_after: str
+    source: SourceLine | None = None
 
     @property
     def label(self) -> str:
@@ -253,9 +266,34 @@ def classify(text: str) -> tuple[Kind, str, str]:
     return kind, head, args
 
 
+class SourceTracker:
+    """The source position ``.file N`` / ``.loc`` directives put in force."""
+
+    def __init__(self) -> None:
+        self.file_names: dict[str, str] = {}
+        self.current: SourceLine | None = None
+
+    def apply(self, head: str, args: str) -> None:
+        """Update the state for one debug directive (other directives are ignored)."""
+        if head == ".file":
+            number, _, names = args.partition('"')
+            quoted = QUOTED_RE.findall('"' + names)
+            if quoted:  # .file N "name" or, for DWARF 5, .file N "dir" "name": the name
+                self.file_names[number.strip()] = quoted[-1]
+        elif head == ".loc":
+            fields = args.split()
+            if len(fields) >= 2 and fields[1].isdigit():
+                self.current = SourceLine(self.file_names.get(fields[0], fields[0]), int(fields[1]))
+
+    def start_symbol(self) -> None:
+        """A new symbol starts (``.type``): nothing is known until its first ``.loc``."""
+        self.current = None
+
+
 def parse_lines(text: str) -> tuple[list[Line], dict[str, str]]:
     """Logical lines of ``text`` without debug-only statements, and the section specs seen."""
     state = SectionState()
+    source = SourceTracker()
     specs: dict[str, str] = {}
     lines: list[Line] = []
     for number, physical in enumerate(text.splitlines(), start=1):
@@ -266,9 +304,13 @@ def parse_lines(text: str) -> tuple[list[Line], dict[str, str]]:
                 state.apply(head, args)
                 if head in (".section", ".pushsection") and "," in args:
                     specs.setdefault(section_name(args), args)
+            elif kind is Kind.DEBUG:
+                source.apply(head, args)
+            elif kind is Kind.TYPE:
+                source.start_symbol()
             if kind is Kind.DEBUG or (state.current.startswith(DROPPED_SECTION_PREFIXES) and kind is not Kind.IDENT):
                 continue
-            lines.append(Line(number, statement, kind, head, args, before, state.current))
+            lines.append(Line(number, statement, kind, head, args, before, state.current, source.current))
     if state.stack:
         raise AsmParseError(".pushsection without .popsection at end of file")
     return lines, specs
