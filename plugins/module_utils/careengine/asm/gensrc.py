@@ -148,7 +148,7 @@ def _normalize_prototype(declaration: str) -> tuple[str, str]:
     name = found.group(1)
     open_paren = found.end() - 1
     close_paren = _matching_paren(declaration, open_paren)
-    parameters = _split_top_level(declaration[open_paren + 1:close_paren])
+    parameters = parse.split_top_level(declaration[open_paren + 1:close_paren], "([", ")]")
     stripped = ", ".join(_drop_parameter_name(parameter) for parameter in parameters)
     prototype = f"{declaration[:open_paren].strip()} ({stripped}){declaration[close_paren + 1:]}"
     return name, " ".join(prototype.split())
@@ -164,25 +164,6 @@ def _matching_paren(text: str, open_paren: int) -> int:
             if depth == 0:
                 return index
     raise AsmParseError(f"unbalanced parentheses in prototype {text!r}")
-
-
-def _split_top_level(text: str) -> list[str]:
-    parts: list[str] = []
-    depth = 0
-    current: list[str] = []
-    for char in text:
-        if char in "([":
-            depth += 1
-        elif char in ")]":
-            depth -= 1
-        if char == "," and depth == 0:
-            parts.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if "".join(current).strip():
-        parts.append("".join(current).strip())
-    return parts
 
 
 def _drop_parameter_name(parameter: str) -> str:

@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import UnpatchableChange
+from . import parse
 from .normalize import LOCAL_LABEL_PREFIX
 from .parse import SECTIONLESS_KINDS, AsmFile, Kind
 
@@ -118,22 +119,7 @@ def defined_symbols(*files: AsmFile) -> frozenset[str]:
 
 def split_operands(args: str) -> tuple[str, ...]:
     """Comma-separated operands, commas inside parentheses or braces kept."""
-    operands: list[str] = []
-    depth = 0
-    current: list[str] = []
-    for char in args:
-        if char in "({":
-            depth += 1
-        elif char in ")}":
-            depth -= 1
-        if char == "," and depth == 0:
-            operands.append("".join(current).strip())
-            current = []
-        else:
-            current.append(char)
-    if "".join(current).strip():
-        operands.append("".join(current).strip())
-    return tuple(operands)
+    return tuple(parse.split_top_level(args, "({", ")}"))
 
 
 def parse_instruction(head: str, args: str) -> Instruction:

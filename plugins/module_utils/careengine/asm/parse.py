@@ -453,3 +453,23 @@ def _with_other_blocks(lines: list[Line], spans: Iterable[tuple[int, int, str, s
     if cursor < len(lines):
         blocks.append(Block("other", "", (), tuple(lines[cursor:])))
     return blocks
+
+
+def split_top_level(text: str, opening: str, closing: str) -> list[str]:
+    """``text`` split at commas that are not inside any of the ``opening``/``closing`` brackets."""
+    parts: list[str] = []
+    depth = 0
+    current: list[str] = []
+    for char in text:
+        if char in opening:
+            depth += 1
+        elif char in closing:
+            depth -= 1
+        if char == "," and depth == 0:
+            parts.append("".join(current).strip())
+            current = []
+        else:
+            current.append(char)
+    if "".join(current).strip():
+        parts.append("".join(current).strip())
+    return parts
