@@ -337,17 +337,26 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
         raise BuildError(f"{source}: the asm diff (careengine.asm.gensrc) is not available: {exc}") from None
     original_text = _read_text(kept_asm_path(unit, "original"))
     original_aux = _read_text(kept_asm_path(unit, "original", ".aux"))
+    patched_text = _read_text(patched_asm)
+    if original_text and patched_text == original_text and _read_text(patched_aux) == original_aux:
+        # Unchanged unit (a header it includes was patched, say): nothing to diff.
+        _write_text(target, original_text)
+        return
     try:
         # No filename= here: the except clause below names the source once for both steps.
-        result = gensrc.generate(original_text, _read_text(patched_asm))
+        result = gensrc.generate(original_text, patched_text)
         if original_text:
             gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
                                     result.changed_functions)
     except CareError as exc:
         raise type(exc)(f"{source}: {exc}") from None
+    _write_text(target, result.text)
+
+
+def _write_text(target: str, text: str) -> None:
     temporary = target + ".tmp"
     with open(temporary, "w", encoding="utf-8", errors="surrogateescape") as stream:
-        stream.write(result.text)
+        stream.write(text)
     os.replace(temporary, target)
 
 
