@@ -146,6 +146,7 @@ class ObjectPlan:
     ifuncs: dict[str, int]               # import name -> resolver address
     import_addresses: dict[str, int]
     replaces: AppliedPatch | None = None
+    cold_ranges: tuple[GuardedRange, ...] = ()   # original ``foo.cold`` parts of replaced functions
 
 
 def read_comm(pid: int) -> str:
@@ -367,7 +368,21 @@ def plan_object(patient: Patient, mapped: MappedObject, image: PatchImage, taken
     taken.append((address, address + size))
     linked = link_patch(image, address, mapped.load_bias, import_addresses)
     _check_entries(linked, mapped)
-    return ObjectPlan(mapped, image, linked, ifuncs, import_addresses, replaces)
+    return ObjectPlan(mapped, image, linked, ifuncs, import_addresses, replaces,
+                      cold_ranges(patient, mapped, image))
+
+
+def cold_ranges(patient: Patient, mapped: MappedObject, image: PatchImage) -> tuple[GuardedRange, ...]:
+    """Step 4c: the ``foo.cold`` parts gcc split off each replaced function, from the
+    object's ``.symtab``. The patch's record for ``foo`` covers only ``foo`` itself, but a
+    thread in the old ``foo.cold`` (or returning into it) goes back into ``foo``'s body,
+    so it counts as inside ``foo``. A stripped object has no names to find them by."""
+    try:
+        parsed = patient.file_of(mapped)
+    except CareError:
+        return ()
+    return tuple(GuardedRange(mapped.load_bias + part.vaddr, part.size, f"{name} ({part.name})")
+                 for name in image.replaced_functions for part in parsed.cold_parts(name))
 
 
 def _check_entries(linked: LinkedPatch, mapped: MappedObject) -> None:
@@ -481,6 +496,7 @@ def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
               for entry, name, new in zip(plan.linked.entries, plan.image.entry_names, plan.image.entry_is_new,
                                           strict=False)
               if not new and not entry.is_new]
+    ranges.extend(plan.cold_ranges)
     if plan.replaces is not None:
         ranges.append(guarded_patch_range(plan.replaces))
     return ranges

@@ -100,6 +100,7 @@ class ObjectFile:
         self._gnu_hash = self._parse_gnu_hash()
         self._names_without_hash: dict[str, list[int]] | None = None
         self._symtab_by_name: dict[str, list[SymbolDef]] | None = None
+        self._cold_by_function: dict[str, list[SymbolDef]] | None = None
         self.soname, self.needed = self._read_dynamic()
         self._fde_table: tuple[list[int], list[int]] | None = None
         self._cfi: CallFrameInfo | None = None
@@ -212,8 +213,8 @@ class ObjectFile:
         return None
 
     # ------------------------------------------------------------------ .symtab
-    def lookup_local(self, name: str) -> SymbolDef | None:
-        """``name`` in ``.symtab`` (locals too), else ``.dynsym``; built once per object."""
+    def _symtab(self) -> dict[str, list[SymbolDef]]:
+        """Defined ``.symtab`` symbols by name (empty when stripped); built once."""
         if self._symtab_by_name is None:
             table: dict[str, list[SymbolDef]] = {}
             symtab = self.elf.get_section_by_name(".symtab")
@@ -222,11 +223,33 @@ class ObjectFile:
                     if symbol.name and symbol["st_shndx"] not in ("SHN_UNDEF", SHN_UNDEF):
                         table.setdefault(symbol.name, []).append(_symbol_def(symbol, None))
             self._symtab_by_name = table
-        found = self._symtab_by_name.get(name)
+        return self._symtab_by_name
+
+    def lookup_local(self, name: str) -> SymbolDef | None:
+        """``name`` in ``.symtab`` (locals too), else ``.dynsym``; built once per object."""
+        found = self._symtab().get(name)
         if found:
             # A global definition wins over a local of the same name.
             return sorted(found, key=lambda s: s.bind == _SYMBOL_BINDS["STB_LOCAL"])[0]
         return self.lookup_dynamic(name, None)
+
+    def cold_parts(self, name: str) -> list[SymbolDef]:
+        """The parts gcc split off function ``name`` (``name.cold``, ``name.cold.N`` in
+        ``.text.unlikely``), from ``.symtab``; none when the object is stripped.
+
+        Every local ``name.cold*`` is returned, even one of a same-named static function
+        in another unit: a wider guard only errs on the safe side.
+        """
+        if self._cold_by_function is None:
+            table: dict[str, list[SymbolDef]] = {}
+            for symbol_name, symbols in self._symtab().items():
+                base, cold, number = symbol_name.partition(".cold")
+                if not cold or not base or (number and not (number[0] == "." and number[1:].isdigit())):
+                    continue
+                table.setdefault(base, []).extend(
+                    s for s in symbols if s.sym_type == _SYMBOL_TYPES["STT_FUNC"] and s.size > 0)
+            self._cold_by_function = table
+        return list(self._cold_by_function.get(name, ()))
 
     # ------------------------------------------------------------------ CFI
     def _load_fde_table(self) -> tuple[list[int], list[int]]:
