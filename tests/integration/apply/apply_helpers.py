@@ -99,19 +99,27 @@ int main(int argc, char **argv)
 	return 0;
 }
 """
-THREADS_MAKEFILE = """CFLAGS ?= -O2 -g -Wall
+
+
+def single_program_makefile(name: str) -> str:
+    """A fixture-style Makefile for one PIE program ``name`` built from ``name.c`` with pthreads."""
+    return f"""CFLAGS ?= -O2 -g -Wall
 PREFIX ?= /usr/local
-all: threads
-threads.o: threads.c
-\t$(CC) $(CFLAGS) -fPIE -c -o $@ threads.c
-threads: threads.o
-\t$(CC) -pie -o $@ threads.o -lpthread $(LDFLAGS)
+all: {name}
+{name}.o: {name}.c
+\t$(CC) $(CFLAGS) -fPIE -c -o $@ {name}.c
+{name}: {name}.o
+\t$(CC) -pie -o $@ {name}.o -lpthread $(LDFLAGS)
 install: all
-\tinstall -D -m 755 threads $(DESTDIR)$(PREFIX)/bin/threads
+\tinstall -D -m 755 {name} $(DESTDIR)$(PREFIX)/bin/{name}
 clean:
-\trm -f threads *.o .kpatch_*
+\trm -f {name} *.o .kpatch_*
 .PHONY: all install clean
 """
+
+
+THREADS_MAKEFILE = single_program_makefile("threads")
+
 # (old, new) replacements that make the fix of each project; the patch is made with diff -u.
 # The fixed compute() calls strlen, an IFUNC in libc: its resolver runs in the patient.
 THREADS_FIX = (("return r + 1;", "const char *volatile word = \"abc\";\n\n\treturn r + (int)strlen(word) - 1;"),

@@ -14,7 +14,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from apply_helpers import Built, ctl, make_diff, patch_make
+from apply_helpers import Built, ctl, make_diff, patch_make, single_program_makefile
 
 from plugins.module_utils.careengine.apply import api
 
@@ -84,19 +84,7 @@ int main(void)
 	return 0;
 }
 """
-COLD_MAKEFILE = """CFLAGS ?= -O2 -g -Wall
-PREFIX ?= /usr/local
-all: cold
-cold.o: cold.c
-\t$(CC) $(CFLAGS) -fPIE -c -o $@ cold.c
-cold: cold.o
-\t$(CC) -pie -o $@ cold.o -lpthread $(LDFLAGS)
-install: all
-\tinstall -D -m 755 cold $(DESTDIR)$(PREFIX)/bin/cold
-clean:
-\trm -f cold *.o .kpatch_*
-.PHONY: all install clean
-"""
+COLD_MAKEFILE = single_program_makefile("cold")
 COLD_FIX = (("return x * 3 + 1;", "return x * 3 + 2;"),)
 ORIGINAL, PATCHED = 16, 17          # foo(5) before and after the fix
 
