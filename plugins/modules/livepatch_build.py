@@ -131,20 +131,19 @@ import shlex  # noqa: E402
 import sys  # noqa: E402
 import traceback  # noqa: E402
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib  # noqa: E402
-
-# The engine needs these on the builder; map import names to package names.
-REQUIRED_LIBS = {"elftools": "pyelftools", "ptrace": "python-ptrace", "capstone": "capstone"}
+from ansible.module_utils.basic import AnsibleModule  # noqa: E402
+from ansible_collections.libcare.livepatch.plugins.module_utils.engine_import import (  # noqa: E402
+    EngineImportError,
+    fail_if_engine_missing,
+)
 
 ENGINE_IMPORT_ERROR = None
-ENGINE_MISSING_LIB = None
 try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build import compiler
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
-    ENGINE_IMPORT_ERROR = traceback.format_exc()
-    ENGINE_MISSING_LIB = REQUIRED_LIBS.get((exc.name or "").split(".", maxsplit=1)[0])
+    ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
 
 # Directories that only ever hold build state, never sources.
@@ -276,10 +275,7 @@ def run_module():
         ),
         supports_check_mode=True,
     )
-    if ENGINE_IMPORT_ERROR is not None:
-        if ENGINE_MISSING_LIB:
-            module.fail_json(msg=missing_required_lib(ENGINE_MISSING_LIB), exception=ENGINE_IMPORT_ERROR)
-        module.fail_json(msg="cannot import the libcare engine", exception=ENGINE_IMPORT_ERROR)
+    fail_if_engine_missing(module, ENGINE_IMPORT_ERROR)
 
     params = module.params
     src, dest, patches, make_args = params["src"], params["dest"], params["patches"], params["make_args"]
