@@ -26,7 +26,8 @@ CTL = str(ROOT / "bin" / "libcare-ctl")
 CC_ARG = f"CC={ROOT / 'bin' / 'libcare-cc'}"
 
 # A multi-threaded patient: 8 workers call compute() in a loop and count wrong answers;
-# in "busy" mode one thread spins forever inside spin(). Both functions are patched.
+# in "busy" mode one thread spins forever inside spin(); in "late" mode one thread waits until
+# compute() is patched and then spins forever inside the new spin(). Both functions are patched.
 THREADS_MAIN = r"""#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -73,7 +74,8 @@ static void *spinner(void *arg)
 static void *late_spinner(void *arg)
 {
 	(void)arg;
-	usleep(400000);
+	while (compute(5) == base)	/* enter spin() only once it is the patched one */
+		usleep(1000);
 	spin();
 	return NULL;
 }

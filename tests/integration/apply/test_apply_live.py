@@ -191,12 +191,13 @@ def test_busy_function_is_refused(threads_project, start):
 def test_unpatch_refused_while_a_thread_runs_new_code(threads_project, start):
     patient = start(threads_project, "late")
     patch = str(threads_project.patch_of(threads_project.binary))
-    assert only(only(api.patch_processes(patch, [patient.pid])).objects).action == "applied"
+    applied = only(only(api.patch_processes(patch, [patient.pid])).objects)
+    assert applied.action == "applied", applied.reason
     maps_patched = map_count(patient.pid)
     patched_spin = function_bytes(patient.pid, threads_project.binary, "spin")
     value = int(re.search(r"value=(\d+)", patient.lines[0]).group(1))
     patient.wait_for(lambda line: f"value={value + 1} " in line)
-    time.sleep(0.5)                          # the late thread is now spinning in the new spin()
+    time.sleep(0.2)                          # the late thread is now spinning in the new spin()
     removed = only(only(api.unpatch_processes([patient.pid], timeout=0.3)).objects)
     assert removed.action == "failed"
     assert re.search(r"thread \d+ executing the level-0 patch code \(compute, spin\)", removed.reason), removed.reason
