@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
-import time
 
 import pytest
+from waiting import eventually
 
 from plugins.module_utils.careengine.errors import ProcessError
 from plugins.module_utils.careengine.process import (
@@ -24,6 +24,12 @@ PAGE = 4096
 
 def mapping_at(pid: int, address: int):
     return next((m for m in read_maps(pid) if m.start == address), None)
+
+
+def blocked_in_read(pid: int, tid: int) -> bool:
+    """Whether thread ``tid`` of ``pid`` sits in read(2)."""
+    with open(f"/proc/{pid}/task/{tid}/syscall") as stream:
+        return stream.read().split()[0] == "0"
 
 
 def counter0(running) -> int:
@@ -50,8 +56,7 @@ def test_mmap_mprotect_munmap_are_visible_in_maps(threads_program):
         patient.munmap(address, 2 * PAGE)
         assert mapping_at(running.pid, address) is None
     before = counter0(running)
-    time.sleep(0.03)
-    assert counter0(running) > before
+    assert eventually(lambda: counter0(running) > before)
 
 
 def test_remote_syscall_error_names_errno(threads_program):
@@ -98,9 +103,7 @@ def test_syscall_site_is_found_again_from_the_cache(threads_program, monkeypatch
 def test_remote_syscall_in_thread_blocked_in_read(threads_program):
     running = threads_program(2, reader=True)
     reader = int(running.values["reader"])
-    time.sleep(0.02)  # let it block in read()
-    with open(f"/proc/{running.pid}/task/{reader}/syscall") as stream:
-        assert stream.read().split()[0] == "0"  # in read(2)
+    assert eventually(lambda: blocked_in_read(running.pid, reader))
     for _ in range(3):
         with StoppedProcess(running.pid) as patient:
             regs = patient.get_regs(reader)
@@ -125,14 +128,13 @@ def test_remote_syscall_in_sleeping_main_thread(threads_program):
             address = patient.mmap(0, PAGE, PROT_READ, MAP_PRIVATE | MAP_ANONYMOUS)
             patient.munmap(address, PAGE)
     before = counter0(running)
-    time.sleep(0.03)
-    assert counter0(running) > before
+    assert eventually(lambda: counter0(running) > before)
 
 
 def test_remote_call_returns_value_and_restores_registers(threads_program):
     running = threads_program(2, reader=True)
     reader = int(running.values["reader"])
-    time.sleep(0.02)
+    assert eventually(lambda: blocked_in_read(running.pid, reader))
     with StoppedProcess(running.pid) as patient:
         trap = make_trap(patient)
         for tid in patient.tids:
@@ -178,8 +180,7 @@ def test_remote_call_that_never_returns_times_out(threads_program):
         assert patient.get_regs(running.pid) == regs
         assert patient.remote_call(running.address("resolver"), (1, 2), trap) == 1044
     before = counter0(running)
-    time.sleep(0.03)
-    assert counter0(running) > before
+    assert eventually(lambda: counter0(running) > before)
 
 
 def test_blocking_remote_syscall_times_out_and_thread_recovers(threads_program):
@@ -196,8 +197,7 @@ def test_blocking_remote_syscall_times_out_and_thread_recovers(threads_program):
     running.process.stdin.flush()
     assert running.wait_for("read") == "read fine"
     before = counter0(running)
-    time.sleep(0.03)
-    assert counter0(running) > before
+    assert eventually(lambda: counter0(running) > before)
 
 
 @pytest.mark.parametrize("offset,size", [(0, 1), (3, 6), (5, 3), (1, 20), (0, 16)])

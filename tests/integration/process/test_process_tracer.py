@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from waiting import eventually
 
 from plugins.module_utils.careengine.errors import PermissionDenied, ProcessGone
 from plugins.module_utils.careengine.process import StoppedProcess, read_memory
@@ -19,6 +20,14 @@ WORD = 8
 
 def task_ids(pid: int) -> set[int]:
     return {int(name) for name in os.listdir(f"/proc/{pid}/task")}
+
+
+def dead(running) -> bool:
+    """Whether the program has died (a zombie, or already reaped)."""
+    try:
+        return running.state() in ("Z", "X")
+    except FileNotFoundError:
+        return True
 
 
 def counters(running, count: int) -> list[int]:
@@ -56,8 +65,7 @@ def test_all_threads_stop_and_resume(threads_program, mode):
             time.sleep(0.005)
             assert counters(running, count) == before  # nothing runs while stopped
     after_stops = counters(running, count)
-    time.sleep(0.05)
-    assert all(now > then for now, then in zip(counters(running, count), after_stops, strict=True))
+    assert eventually(lambda: all(now > then for now, then in zip(counters(running, count), after_stops, strict=True)))
     assert all(running.state(tid) != "t" for tid in task_ids(running.pid))
 
 
@@ -109,9 +117,7 @@ def test_signal_sent_while_stopped_is_delivered_after(threads_program):
         patient.run_for(0.02)  # the signal arrives while we trace: it is handed on, not lost
         os.kill(running.pid, signal.SIGUSR1)  # and this one is pending when we let go
         time.sleep(0.01)
-    deadline = time.monotonic() + 5
-    while int.from_bytes(read_memory(running.pid, usr1, WORD), "little") < 2 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    eventually(lambda: int.from_bytes(read_memory(running.pid, usr1, WORD), "little") >= 2)
     assert int.from_bytes(read_memory(running.pid, usr1, WORD), "little") == 2
 
 
@@ -119,9 +125,7 @@ def test_process_stopped_by_someone_else_stays_stopped(programs, spawn):
     running = spawn([programs["loop"]])
     running.readline()
     os.kill(running.pid, signal.SIGSTOP)
-    deadline = time.monotonic() + 5
-    while running.state() != "T" and time.monotonic() < deadline:
-        time.sleep(0.001)
+    eventually(lambda: running.state() == "T")
     with StoppedProcess(running.pid):
         pass
     time.sleep(0.02)
@@ -138,8 +142,7 @@ def test_exception_inside_block_resumes_everything(threads_program):
         raise RuntimeError("boom")
     assert all(running.state(tid) != "t" for tid in task_ids(running.pid))
     before = counters(running, 4)
-    time.sleep(0.03)
-    assert all(a > b for a, b in zip(counters(running, 4), before, strict=True))
+    assert eventually(lambda: all(a > b for a, b in zip(counters(running, 4), before, strict=True)))
 
 
 def test_other_uid_process(programs, spawn):
@@ -167,7 +170,7 @@ def test_process_killed_inside_block(programs, spawn):
     running.readline()
     with StoppedProcess(running.pid) as patient:
         os.kill(running.pid, signal.SIGKILL)
-        time.sleep(0.05)
+        assert eventually(lambda: dead(running))
         with pytest.raises(ProcessGone):
             patient.mmap(0, 4096, 3, 0x22)
     # The patient is our child here, so our waitpid may have reaped it already.
@@ -223,9 +226,7 @@ def test_queued_signals_are_neither_lost_nor_doubled(threads_program):
         for _ in range(2):
             os.kill(running.pid, signal.SIGRTMIN)
             sent += 1
-    deadline = time.monotonic() + 5
-    while int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") < sent and time.monotonic() < deadline:
-        time.sleep(0.005)
+    eventually(lambda: int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") >= sent)
     time.sleep(0.02)
     assert int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") == sent
 
@@ -248,18 +249,14 @@ def test_signals_arriving_during_stop_cycles(threads_program):
     finally:
         sender.wait(timeout=30)
     assert sender.returncode == 0
-    deadline = time.monotonic() + 5
-    while int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") < 400 and time.monotonic() < deadline:
-        time.sleep(0.005)
+    eventually(lambda: int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") >= 400)
     time.sleep(0.02)
     assert int.from_bytes(read_memory(running.pid, rt_count, WORD), "little") == 400
 
 
 def test_main_thread_exited_process(threads_program):
     running = threads_program(3, "orphan")
-    deadline = time.monotonic() + 5
-    while running.state() != "Z" and time.monotonic() < deadline:
-        time.sleep(0.002)
+    eventually(lambda: running.state() == "Z")
     assert running.state() == "Z"  # the leader is a zombie, the workers run on
     with StoppedProcess(running.pid) as patient:
         assert running.pid not in patient.tids and len(patient.tids) == 2
@@ -268,9 +265,7 @@ def test_main_thread_exited_process(threads_program):
         assert patient.read(address, 10) == b"still here"
         patient.munmap(address, 4096)
     before = counters(running, 3)
-    time.sleep(0.03)
-    after = counters(running, 3)
-    assert after[1] > before[1] and after[2] > before[2]
+    assert eventually(lambda: all(a > b for a, b in zip(counters(running, 3)[1:], before[1:], strict=True)))
 
 
 def test_job_control_stop_during_run_for_is_kept(threads_program):
@@ -279,14 +274,12 @@ def test_job_control_stop_during_run_for_is_kept(threads_program):
         os.kill(running.pid, signal.SIGSTOP)
         patient.run_for(0.05)
         assert set(patient.tids) == task_ids(running.pid)
-    time.sleep(0.02)
-    assert running.state() == "T"
+    assert eventually(lambda: running.state() == "T")
     before = counters(running, 3)
     time.sleep(0.02)
     assert counters(running, 3) == before
     os.kill(running.pid, signal.SIGCONT)
-    time.sleep(0.03)
-    assert all(a > b for a, b in zip(counters(running, 3), before, strict=True))
+    assert eventually(lambda: all(a > b for a, b in zip(counters(running, 3), before, strict=True)))
 
 
 def test_process_traced_by_someone_else(programs, spawn):
