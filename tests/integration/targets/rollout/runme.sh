@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Integration test of playbooks/rollout.yml and playbooks/rollback.yml on this machine:
 # a healthy rollout patches the running demo program, rollback.yml removes the patch,
-# and a rollout whose health check fails rolls its batch back by itself and fails.
+# a rollout whose health check fails rolls its batch back by itself and fails, and
+# --check reports the patch without copying or patching anything.
 # Runs as an ansible-test script target or directly (tests/ansible/run-integration.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -37,6 +38,18 @@ chmod 0755 "$ROLLOUT_WORK_DIR/controller/objects/libcare-demo"   # fetch keeps n
 "$ROLLOUT_WORK_DIR/controller/objects/libcare-demo" 100 >"$ROLLOUT_WORK_DIR/demo.log" 2>&1 </dev/null &
 demo_pid=$!
 export ROLLOUT_DEMO_PID=$demo_pid
+expect_line "libcare-demo: 2 + 3 = -1"
+
+echo "== rollout --check --diff reports the patch and changes nothing"
+check_dirs() { find "${TMPDIR:-/tmp}" -maxdepth 1 -name 'libcare-check.*' | sort; }
+check_dirs >"$ROLLOUT_WORK_DIR/check-dirs.before"
+playbook "$playbooks/rollout.yml" --check --diff | tee "$ROLLOUT_WORK_DIR/check.out"
+grep -q "(check mode) present: applied 1, skipped 0, removed 0, failed 0" "$ROLLOUT_WORK_DIR/check.out"
+grep -q "^+libcare-demo\[$demo_pid\] .*: level 1$" "$ROLLOUT_WORK_DIR/check.out" \
+    || { echo "FAIL: --diff does not show the patch to apply" >&2; exit 1; }
+test ! -e "$ROLLOUT_WORK_DIR/target-store" || { echo "FAIL: --check copied the store" >&2; exit 1; }
+check_dirs | cmp -s - "$ROLLOUT_WORK_DIR/check-dirs.before" \
+    || { echo "FAIL: --check left its temporary directory behind" >&2; exit 1; }
 expect_line "libcare-demo: 2 + 3 = -1"
 
 echo "== healthy rollout patches it"
