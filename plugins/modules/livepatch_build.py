@@ -279,6 +279,11 @@ def run_module():
 
     params = module.params
     src, dest, patches, make_args = params["src"], params["dest"], params["patches"], params["make_args"]
+    missing = [path for path in [src] if not os.path.isdir(path)] + [p for p in patches if not os.path.isfile(p)]
+    if module.check_mode and missing and patches:
+        # A check before the sources were copied: a real run would build them.
+        module.exit_json(changed=True, patches=[], digest=None,
+                         msg=f"would build: {', '.join(missing)} not there yet")
     if not os.path.isdir(src):
         module.fail_json(msg=f"src {src} is not a directory")
     for patch in patches:

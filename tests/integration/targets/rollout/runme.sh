@@ -32,6 +32,14 @@ expect_line() {
     echo "ok: the demo prints '$got'"
 }
 
+echo "== rollout --check before anything was built says what it would do and builds nothing"
+playbook "$playbooks/rollout.yml" --check --diff | tee "$ROLLOUT_WORK_DIR/fresh-check.out"
+grep -q "(check mode) would build the live patches" "$ROLLOUT_WORK_DIR/fresh-check.out"
+grep -q "(check mode) present: the patch store .* has not been built yet" "$ROLLOUT_WORK_DIR/fresh-check.out"
+for made in src store target-store controller/store; do
+    test ! -e "$ROLLOUT_WORK_DIR/$made" || { echo "FAIL: --check made $made" >&2; exit 1; }
+done
+
 echo "== build the demo and its patch"
 playbook build.yml
 chmod 0755 "$ROLLOUT_WORK_DIR/controller/objects/libcare-demo"   # fetch keeps no modes
