@@ -20,16 +20,20 @@ trap cleanup EXIT
 
 playbook() { ansible-playbook -i inventory.ini -e @vars.yml "$@"; }
 
-latest_line() { sleep 0.4; tail -n 1 "$ROLLOUT_WORK_DIR/demo.log"; }
-
+# The demo prints every 100 ms: wait 0.4 s, then poll up to 10 s (a loaded machine is slow).
 expect_line() {
     local want=$1 got
-    got=$(latest_line)
-    if [ "$got" != "$want" ]; then
-        echo "FAIL: the demo prints '$got', expected '$want'" >&2
-        exit 1
-    fi
-    echo "ok: the demo prints '$got'"
+    sleep 0.4
+    for _ in $(seq 50); do
+        got=$(tail -n 1 "$ROLLOUT_WORK_DIR/demo.log")
+        if [ "$got" = "$want" ]; then
+            echo "ok: the demo prints '$got'"
+            return 0
+        fi
+        sleep 0.2
+    done
+    echo "FAIL: the demo prints '$got', expected '$want'" >&2
+    exit 1
 }
 
 echo "== rollout --check before anything was built says what it would do and builds nothing"
