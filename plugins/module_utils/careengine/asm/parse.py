@@ -290,6 +290,21 @@ class SourceTracker:
         self.current = None
 
 
+def _dropped_as_a_whole(physical: str) -> bool:
+    """Whether a line inside a dropped section (debug info, unwind tables) can be skipped
+    unparsed: one data directive or one label, which neither changes the section nor the
+    source position (most of a ``-g`` file; parsing it would be most of the work)."""
+    if ";" in physical:
+        return False
+    stripped = physical.strip()
+    if not stripped:
+        return True
+    head = stripped.split(None, 1)[0]
+    if DIRECTIVE_KINDS.get(head) is Kind.DATA:
+        return True
+    return head == stripped and stripped.endswith(":")
+
+
 def parse_lines(text: str) -> tuple[list[Line], dict[str, str]]:
     """Logical lines of ``text`` without debug-only statements, and the section specs seen."""
     state = SectionState()
@@ -297,6 +312,8 @@ def parse_lines(text: str) -> tuple[list[Line], dict[str, str]]:
     specs: dict[str, str] = {}
     lines: list[Line] = []
     for number, physical in enumerate(text.splitlines(), start=1):
+        if state.current.startswith(DROPPED_SECTION_PREFIXES) and _dropped_as_a_whole(physical):
+            continue
         for statement in split_statements(physical):
             kind, head, args = classify(statement)
             before = state.current

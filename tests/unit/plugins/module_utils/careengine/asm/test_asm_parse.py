@@ -63,6 +63,19 @@ def test_sections_follow_previous_push_and_pop() -> None:
     assert not any(line.section_after == ".debug_info" for line in lines)
 
 
+def test_debug_sections_are_skipped_but_their_section_changes_and_ident_are_seen() -> None:
+    text = "\n".join((
+        "\t.section\t.debug_info,\"\",@progbits", ".Ldebug_info0:", "\t.long\t0x1f", "\t.string\t\"a;b\"",
+        "\t.byte\t1; .text", "x:", "\t.section\t.debug_str,\"MS\",@progbits,1", ".LASF0:", "",
+        "\t.string\t\"c\"", "\t.ident\t\"GCC\"", "\t.pushsection\t.data", "y:", "\t.popsection", "z:",
+    ))
+    lines, _ = parse.parse_lines(text)
+    assert [(line.head, line.section) for line in lines if line.kind is parse.Kind.LABEL] == [
+        ("x", ".text"), ("y", ".data")]
+    assert [line.kind for line in lines if line.section == ".debug_str"] == [parse.Kind.IDENT, parse.Kind.SECTION]
+    assert {line.number for line in lines if line.head == "x"} == {6}
+
+
 def test_unbalanced_popsection_is_a_parse_error() -> None:
     with pytest.raises(AsmParseError, match="popsection"):
         parse.parse("\t.popsection\n")
