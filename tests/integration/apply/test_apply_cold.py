@@ -1,7 +1,8 @@
 """A function gcc split into ``foo`` and ``foo.cold``: a thread in either part is busy.
 
 The patch's record for ``foo`` covers only ``foo``; the original ``foo.cold`` is found by
-name in the object's ``.symtab`` and guarded too. After the patch, the new cold part
+name in the object's ``.symtab`` and guarded too; in a stripped binary it is found from
+foo's jumps and the CFI (apply/split_parts.py). After the patch, the new cold part
 (``foo.cold.kpatch``) lives in the patch mapping, which unpatch guards as a whole.
 """
 
@@ -17,6 +18,7 @@ import pytest
 from apply_helpers import Built, ctl, make_diff, patch_make, single_program_makefile
 
 from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply.objects import forget_objects
 
 # A worker thread calls foo() in a loop. SIGUSR1 makes foo take its cold path, which
 # calls wait_here(): it blocks (sleeping) until SIGUSR2, so the worker's stack holds a
@@ -150,3 +152,40 @@ def test_thread_in_cold_part_blocks_patch_and_unpatch(cold_project, start):
     result, = api.unpatch_processes([patient.pid], timeout=2.0)
     assert result.objects[0].action == "removed", result.objects[0]
     patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
+
+
+def test_thread_in_cold_part_of_a_stripped_binary_blocks_patch(cold_project, start, tmp_path):
+    """Without .symtab the cold part is found from foo's jumps and the CFI (strip keeps
+    .eh_frame and the build-id, so the patch still matches)."""
+    if not any(re.fullmatch(r"foo\.cold(\.\d+)?", name) for name in _symbols(cold_project.binary)):
+        pytest.skip("gcc did not split foo into foo and foo.cold at -O2")
+    stripped_dir = tmp_path / "bin"
+    stripped_dir.mkdir()
+    stripped = stripped_dir / "cold"
+    subprocess.run(["strip", "--strip-all", "-o", str(stripped), str(cold_project.binary)], check=True)
+    assert not _symbols_or_none(stripped)
+    patch = str(cold_project.patch_of(cold_project.binary))
+    forget_objects()            # files are cached by build-id: the unstripped one may be cached
+    patient = start(Built(cold_project.root, stripped, cold_project.libdir, cold_project.patches,
+                          cold_project.patches_dir))
+    patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
+
+    _park(patient)
+    result, = api.patch_processes(patch, [patient.pid], timeout=0.5)
+    refused, = result.objects
+    assert refused.action == "failed", refused
+    assert re.search(r"thread \d+ (returns|may return) into foo \(its split-off part at 0x[0-9a-f]+\)",
+                     refused.reason), refused.reason
+    os.kill(patient.pid, signal.SIGUSR2)
+    patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
+    result, = api.patch_processes(patch, [patient.pid], timeout=2.0)
+    assert result.objects[0].action == "applied", result.objects[0]
+    patient.wait_for(lambda line: f"value={PATCHED} " in line)
+    result, = api.unpatch_processes([patient.pid], timeout=2.0)
+    assert result.objects[0].action == "removed", result.objects[0]
+    forget_objects()
+
+
+def _symbols_or_none(binary: Path) -> set[str]:
+    listing = subprocess.run(["nm", str(binary)], capture_output=True, text=True, check=False)
+    return {line.split()[-1] for line in listing.stdout.splitlines() if line.split()}

@@ -65,6 +65,7 @@ from .layout import (
 )
 from .objects import ObjectFile, object_file, preloaded_libraries, search_order
 from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
+from .split_parts import split_parts
 
 PROT_RWX = 0x7
 MAP_PRIVATE = 0x02
@@ -369,20 +370,32 @@ def plan_object(patient: Patient, mapped: MappedObject, image: PatchImage, taken
     linked = link_patch(image, address, mapped.load_bias, import_addresses)
     _check_entries(linked, mapped)
     return ObjectPlan(mapped, image, linked, ifuncs, import_addresses, replaces,
-                      cold_ranges(patient, mapped, image))
+                      cold_ranges(patient, mapped, image, linked))
 
 
-def cold_ranges(patient: Patient, mapped: MappedObject, image: PatchImage) -> tuple[GuardedRange, ...]:
+def cold_ranges(patient: Patient, mapped: MappedObject, image: PatchImage,
+                linked: LinkedPatch) -> tuple[GuardedRange, ...]:
     """Step 4c: the ``foo.cold`` parts gcc split off each replaced function, from the
     object's ``.symtab``. The patch's record for ``foo`` covers only ``foo`` itself, but a
     thread in the old ``foo.cold`` (or returning into it) goes back into ``foo``'s body,
-    so it counts as inside ``foo``. A stripped object has no names to find them by."""
+    so it counts as inside ``foo``. A stripped object has no names to find them by: there
+    they are found from the code and the CFI (:mod:`.split_parts`)."""
     try:
         parsed = patient.file_of(mapped)
     except CareError:
         return ()
-    return tuple(GuardedRange(mapped.load_bias + part.vaddr, part.size, f"{name} ({part.name})")
-                 for name in image.replaced_functions for part in parsed.cold_parts(name))
+    if parsed.has_symtab:
+        return tuple(GuardedRange(mapped.load_bias + part.vaddr, part.size, f"{name} ({part.name})")
+                     for name in image.replaced_functions for part in parsed.cold_parts(name))
+    ranges = []
+    for entry, name, new in zip(linked.entries, image.entry_names, image.entry_is_new, strict=False):
+        if new or entry.is_new or not entry.dlen:
+            continue
+        for begin, end in split_parts(entry.daddr - mapped.load_bias, entry.dlen, parsed.code_at,
+                                      parsed.fde_range, parsed.is_function_entry):
+            ranges.append(GuardedRange(mapped.load_bias + begin, end - begin,
+                                       f"{name} (its split-off part at {mapped.load_bias + begin:#x})"))
+    return tuple(ranges)
 
 
 def _check_entries(linked: LinkedPatch, mapped: MappedObject) -> None:

@@ -107,6 +107,8 @@ class ObjectFile:
         self._eh_frame_addr = 0
         self._rules: dict[int, FrameRule | None] = {}
         self._trampolines: tuple[int, ...] | None = None
+        self._code_segments: list[tuple[int, bytes]] | None = None
+        self._function_entries: frozenset[int] | None = None
 
     def close(self) -> None:
         """Close the file (the object must not be used afterwards)."""
@@ -294,22 +296,70 @@ class ObjectFile:
         """Load the FDE search table now (before a patient is stopped), not on first use."""
         self._load_fde_table()
 
+    def _fde_at(self, vaddr: int) -> FDE | None:
+        """The FDE whose range holds link address ``vaddr``, decoded alone."""
+        starts, fdes = self._load_fde_table()
+        position = bisect.bisect_right(starts, vaddr) - 1
+        if position < 0 or self._cfi is None:
+            return None
+        try:
+            entry = self._cfi._parse_entry_at(fdes[position] - self._eh_frame_addr)
+        except (ELFError, ValueError, KeyError, struct.error, AttributeError):
+            return None
+        if isinstance(entry, FDE):
+            begin = entry.header["initial_location"]
+            if begin <= vaddr < begin + entry.header["address_range"]:
+                return entry
+        return None
+
+    def fde_range(self, vaddr: int) -> tuple[int, int] | None:
+        """``[begin, end)`` link addresses of the FDE holding ``vaddr`` (None: no CFI there)."""
+        entry = self._fde_at(vaddr)
+        if entry is None:
+            return None
+        begin = entry.header["initial_location"]
+        return begin, begin + entry.header["address_range"]
+
+    def code_at(self, vaddr: int, size: int) -> bytes:
+        """``size`` bytes of the file's executable segments at link address ``vaddr``
+        (empty if they are not all in one)."""
+        for start, data in self._executable_segments():
+            if start <= vaddr and vaddr + size <= start + len(data):
+                return data[vaddr - start:vaddr - start + size]
+        return b""
+
+    def _executable_segments(self) -> list[tuple[int, bytes]]:
+        if self._code_segments is None:
+            self._code_segments = [(segment["p_vaddr"], segment.data()) for segment in self.elf.iter_segments()
+                                   if segment["p_type"] == "PT_LOAD" and segment["p_flags"] & 1]
+        return self._code_segments
+
+    def is_function_entry(self, vaddr: int) -> bool:
+        """Whether link address ``vaddr`` is known to start a function: an exported function,
+        or the target of a direct ``call`` in the object's code (see :mod:`.split_parts`)."""
+        if self._function_entries is None:
+            from .split_parts import call_targets
+
+            entries: set[int] = set()
+            if self.dynsym is not None:
+                entries.update(symbol["st_value"] for symbol in self.dynsym.iter_symbols()
+                               if symbol["st_info"]["type"] in ("STT_FUNC", "STT_GNU_IFUNC") and symbol["st_value"])
+            for start, data in self._executable_segments():
+                entries |= call_targets(data, start)
+            self._function_entries = frozenset(entries)
+        return vaddr in self._function_entries
+
+    @property
+    def has_symtab(self) -> bool:
+        """Whether the file still has its ``.symtab`` (it is not stripped)."""
+        return self.elf.get_section_by_name(".symtab") is not None
+
     def frame_rule(self, vaddr: int) -> FrameRule | None:
         """The unwind rule at link address ``vaddr``, or None if no CFI covers it."""
         if vaddr in self._rules:
             return self._rules[vaddr]
-        rule = None
-        starts, fdes = self._load_fde_table()
-        position = bisect.bisect_right(starts, vaddr) - 1
-        if position >= 0 and self._cfi is not None:
-            try:
-                entry = self._cfi._parse_entry_at(fdes[position] - self._eh_frame_addr)
-            except (ELFError, ValueError, KeyError, struct.error, AttributeError):
-                entry = None
-            if isinstance(entry, FDE):
-                begin = entry.header["initial_location"]
-                if begin <= vaddr < begin + entry.header["address_range"]:
-                    rule = _rule_at(entry, vaddr)
+        entry = self._fde_at(vaddr)
+        rule = _rule_at(entry, vaddr) if entry is not None else None
         if len(self._rules) > 4096:
             self._rules.clear()
         self._rules[vaddr] = rule
