@@ -18,6 +18,10 @@ from plugins.module_utils.careengine.apply import api, engine
 from plugins.module_utils.careengine.apply.objects import ObjectFile
 from plugins.module_utils.careengine.process import StoppedProcess, mapped_objects, read_memory
 
+# A patch occupies two mappings: its code pages (r-x) and its data pages (rw-; every
+# fixture's patch has data: at least its string literals).
+VMAS_PER_PATCH = 2
+
 
 def function_bytes(pid: int, path: Path, name: str) -> bytes:
     """The patient's bytes of function ``name`` of the object at ``path``."""
@@ -47,7 +51,7 @@ def test_patch_and_unpatch_executable_and_library(libdemo, start):
     line = patient.wait_for(lambda line: line.startswith("libdemo PATCHED"))
     counter = int(line.split()[-1])
     assert counter % 2 == 0                   # demo_twice, the new function, is called
-    assert map_count(patient.pid) == maps_before + 2
+    assert map_count(patient.pid) == maps_before + 2 * VMAS_PER_PATCH
     for name, path in (("app_report", libdemo.binary), ("demo_report", library)):
         assert function_bytes(patient.pid, path, name)[:1] == b"\xe9"
 
@@ -130,7 +134,7 @@ def test_levels_replace_skip_and_conflict(libdemo, level_store, start, tmp_path)
     obj = only(only(api.patch_processes(str(store), [patient.pid])).objects)
     assert (obj.action, obj.applied_level, obj.previous_level) == ("applied", 2, 1), obj.reason
     patient.wait_for(lambda line: line.startswith("libdemo LEVEL2"))
-    assert map_count(patient.pid) == maps_before + 1       # the level-1 mapping is gone
+    assert map_count(patient.pid) == maps_before + VMAS_PER_PATCH       # the level-1 mapping is gone
 
     obj = only(only(api.patch_processes(str(store), [patient.pid])).objects)
     assert obj.action == "skipped" and "already applied" in obj.reason
@@ -222,7 +226,7 @@ def test_leftover_of_an_interrupted_run_is_replaced(nonpie, start):
     obj = only(only(api.patch_processes(patch, [patient.pid])).objects)
     assert obj.action == "applied" and "incomplete" in obj.reason, obj.reason
     patient.wait_for(lambda line: line.startswith("nonpie PATCHED"))
-    assert map_count(patient.pid) == maps_before + 1
+    assert map_count(patient.pid) == maps_before + VMAS_PER_PATCH
     assert only(only(api.unpatch_processes([patient.pid])).objects).action == "removed"
     assert function_bytes(patient.pid, nonpie.binary, "report") == original
     assert map_count(patient.pid) == maps_before

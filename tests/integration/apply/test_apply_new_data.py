@@ -1,14 +1,17 @@
 """A fix that brings new variables (an initialised static, a zeroed static local): the patch
-carries them in .kpatch.data and the patched code keeps updating them in the patient."""
+carries them in .kpatch.data and the patched code keeps updating them in the patient.
+W^X: the patch's code is mapped read + execute, its data on pages of their own read + write,
+and no page of the patient is both writable and executable."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from apply_helpers import Built, make_diff, patch_make, single_program_makefile
+from apply_helpers import Built, build_id_of, make_diff, patch_make, single_program_makefile
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import api, engine
+from plugins.module_utils.careengine.process import read_maps
 
 MAIN = r"""#include <stdio.h>
 #include <unistd.h>
@@ -62,6 +65,13 @@ def test_new_variables_live_in_the_patch_and_stay_writable(counter_project, star
     assert int(values[0]["calls"]) >= 101                                    # initialised to 100 by the patch
     assert int(values[1]["calls"]) - int(values[0]["calls"]) == steps       # and written by the new code
     assert 0 < int(values[1]["odd"]) - int(values[0]["odd"]) <= steps
+    applied = engine.read_patient(patient.pid).applied[build_id_of(counter_project.binary)]
+    maps = read_maps(patient.pid)
+    code = next(m for m in maps if m.start == applied.mapping.start)
+    data = next(m for m in maps if m.start == code.end)
+    assert (code.perms, data.perms) == ("r-xp", "rw-p")
+    assert data.size == applied.data_size > 0
+    assert not [m for m in maps if m.writable and m.executable]
     assert only_object(api.unpatch_processes([patient.pid])).action == "removed"
     patient.wait_for(lambda line: line.startswith("counter UNPATCHED"))
 

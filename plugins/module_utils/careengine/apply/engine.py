@@ -55,9 +55,10 @@ from ..process import (
 )
 from ..results import ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource, StoredPatch
-from .image import IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
+from .image import DATA_SIZE_FIELD, IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
 from .layout import (
     JUMP_ENTRY_SLOT,
+    PAGE_SIZE,
     PlacementError,
     choose_address,
     jump_instruction,
@@ -67,7 +68,9 @@ from .objects import ObjectFile, object_file, preloaded_libraries, search_order
 from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
 from .split_parts import split_parts
 
-PROT_RWX = 0x7
+PROT_READ_WRITE = 0x3
+PROT_READ_EXEC = 0x5
+MAX_DATA_SIZE = 1 << 30
 MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
 MAP_FIXED_NOREPLACE = 0x100000
@@ -88,6 +91,12 @@ class AppliedPatch:
     undo: tuple[bytes, ...]          # the saved original bytes, per entry
     names: tuple[str, ...]           # per entry: the function's name
     jumps_in_place: int = -1         # replaced functions that jump to it now (-1: not checked)
+    data_size: int = 0               # its writable pages, right after ``mapping`` (0: none)
+
+    @property
+    def total_size(self) -> int:
+        """Bytes to unmap: the read + execute mapping and the data pages after it."""
+        return self.mapping.size + self.data_size
 
     @property
     def complete(self) -> bool:
@@ -180,7 +189,10 @@ def decode_applied(mapping: Mapping, header_bytes: bytes, contents: bytes | None
             if 0 <= offset < len(contents):
                 name = contents[offset:contents.find(b"\0", offset)].decode("utf-8", "replace")
             names.append(_strip_new_suffix(name) or f"<function at {entry.daddr or entry.saddr:#x}>")
-    return AppliedPatch(mapping, header, identity, tuple(entries), tuple(undo), tuple(names))
+    data_size = struct.unpack_from("<I", header_bytes, DATA_SIZE_FIELD)[0]
+    if data_size % PAGE_SIZE or data_size > MAX_DATA_SIZE:
+        data_size = 0       # not ours (LibCare leaves the field 0): the mapping is all there is
+    return AppliedPatch(mapping, header, identity, tuple(entries), tuple(undo), tuple(names), data_size=data_size)
 
 
 def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, AppliedPatch]:
@@ -441,12 +453,12 @@ def map_patch(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> No
     size = plan.linked.layout.mapping_size
     wanted = plan.linked.address
     try:
-        address = stopped.mmap(wanted, size, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+        address = stopped.mmap(wanted, size, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
     except ProcessError:
         # The range was taken since we read the maps: plan again from the current ones.
         mappings = read_maps(stopped.pid)
         wanted = choose_patch_address(mappings, plan.mapped, size, [])
-        address = stopped.mmap(wanted, size, PROT_RWX, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
+        address = stopped.mmap(wanted, size, PROT_READ_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE)
     journal.mappings.append((address, size))
     if address != plan.linked.address:
         low, high = reach_window(plan.mapped.start, plan.mapped.end, size)
@@ -488,6 +500,13 @@ def write_patch(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes
     mapping = plan.linked.mapping
     stopped.write(plan.linked.address,
                   mapping[:layout.user_undo] + undo_area + mapping[layout.user_undo + len(undo_area):])
+
+
+def seal_code(stopped: StoppedProcess, plan: ObjectPlan) -> None:
+    """Step 5c': the mapping was made read + write; its code part becomes read + execute,
+    its data pages (if any) stay read + write (W^X). Later writes by the engine (IFUNC
+    targets, unpatch) go through /proc/PID/mem, which page protections do not stop."""
+    stopped.mprotect(plan.linked.address, plan.linked.layout.code_size, PROT_READ_EXEC)
 
 
 def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
@@ -619,6 +638,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
             originals = save_original_bytes(stopped, plans)
             for plan, saved in zip(plans, originals, strict=True):
                 write_patch(stopped, plan, saved)
+                seal_code(stopped, plan)
                 if plan.ifuncs:
                     resolve_ifuncs(stopped, plan)
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
@@ -634,7 +654,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
         for plan in plans:
             if plan.replaces is not None:
                 try:
-                    stopped.munmap(plan.replaces.mapping.start, plan.replaces.mapping.size)
+                    stopped.munmap(plan.replaces.mapping.start, plan.replaces.total_size)
                 except CareError:
                     pass    # unreferenced now; only memory is lost
     return stopped.paused_ns
@@ -734,7 +754,7 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
                 # mapping, which info ignores and the next patch or unpatch removes.
                 for applied in selected:
                     try:
-                        stopped.munmap(applied.mapping.start, applied.mapping.size)
+                        stopped.munmap(applied.mapping.start, applied.total_size)
                     except CareError:
                         pass
             paused_us = stopped.paused_ns // 1000

@@ -27,11 +27,12 @@ from ..patchfile import (
     decode_info_table,
     summarize,
 )
-from .layout import TRAP_BYTE, PatchLayout, jump_table_bytes, plan_layout
+from .layout import TRAP_BYTE, PatchLayout, jump_table_bytes, plan_layout, round_up
 from .objects import split_version
 from .relocate import Relocation, RelocationError, RelocationInput, apply_relocations, relocation_name
 
 SHN_UNDEF = 0
+SHF_WRITE = 0x1
 SHN_ABS = 0xFFF1
 STT_SECTION = 3
 STT_TLS = 6
@@ -41,6 +42,9 @@ STB_WEAK = 2
 # the header's entries[3] in the patient copy, so "the same patch at the same level" is
 # recognised from memory alone.
 IDENTITY_FIELD = HEADER_OFFSETS["_entries_rest"]
+# entries[4] of the patient copy: bytes of the writable pages after the read + execute part
+# (0 in a patch LibCare applied: one mapping of the size the kernel reports).
+DATA_SIZE_FIELD = IDENTITY_FIELD + 4
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,8 @@ class ImageSection:
     sh_addr: int
     sh_offset: int
     size: int
+    writable: bool = False   # SHF_WRITE: goes to the patch's writable pages
+    align: int = 1
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,8 @@ class PatchImage:
     entry_names: tuple[str, ...]        # per info record: the function's name
     entry_is_new: tuple[bool, ...]
     identity: int
+    data_offsets: tuple[tuple[int, int], ...] = ()   # (section index, offset in the data pages)
+    data_size: int = 0
 
     @property
     def build_id(self) -> str:
@@ -104,7 +112,7 @@ class PatchImage:
         return tuple(name for name, new in zip(self.entry_names, self.entry_is_new, strict=True) if not new)
 
     def layout(self) -> PatchLayout:
-        return plan_layout(self.patch.header.total_size, len(self.imports), self.info_count)
+        return plan_layout(self.patch.header.total_size, len(self.imports), self.info_count, self.data_size)
 
 
 _images: dict[tuple[int, int, int], PatchImage] = {}
@@ -158,7 +166,9 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
                 raise PatchFormatError(f"patch for {patch.build_id}: {section.name} needs {section['sh_addralign']}-"
                                        "byte alignment, which its place in the patch file does not give")
         sections.append(ImageSection(index, section.name, nobits, section["sh_addr"],
-                                     section["sh_offset"], section["sh_size"]))
+                                     section["sh_offset"], section["sh_size"],
+                                     bool(section["sh_flags"] & SHF_WRITE) and section.name.startswith(".kpatch"),
+                                     max(section["sh_addralign"], 1)))
     symtab = elf.get_section_by_name(".symtab")
     if symtab is None:
         raise PatchFormatError(f"patch for {patch.build_id} has no symbol table")
@@ -204,8 +214,21 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
         symbol = symbols[relocation.symbol]
         if symbol.is_import and symbol.name not in imports:
             imports.append(symbol.name)
+    data_offsets, data_size = _data_placement(sections)
     return PatchImage(patch, tuple(sections), symbols, tuple(relocations), info.sh_offset, len(entries),
-                      tuple(imports), tuple(entry_names), tuple(entry_is_new), identity)
+                      tuple(imports), tuple(entry_names), tuple(entry_is_new), identity, data_offsets, data_size)
+
+
+def _data_placement(sections: list[ImageSection]) -> tuple[tuple[tuple[int, int], ...], int]:
+    """Where each writable section with contents goes in the data pages, and their size."""
+    placed = []
+    size = 0
+    for section in sections:
+        if section.writable and not section.nobits and section.size:
+            offset = round_up(size, section.align)
+            placed.append((section.index, offset))
+            size = offset + section.size
+    return tuple(placed), size
 
 
 @dataclass(frozen=True)
@@ -219,11 +242,14 @@ class LinkedPatch:
 
 
 def section_addresses(image: PatchImage, address: int, load_bias: int) -> dict[int, int]:
-    """Patient address of each section: contents live in the mapping; placeholders
-    (original sections) at their link address plus the object's load bias."""
+    """Patient address of each section: contents live in the mapping (writable ones on the
+    data pages); placeholders (original sections) at their link address plus the load bias."""
     kpatch_offset = image.patch.header.kpatch_offset
-    addresses = {}
+    data_start = address + image.layout().data_offset
+    addresses = {index: data_start + offset for index, offset in image.data_offsets}
     for section in image.sections:
+        if section.index in addresses:
+            continue
         if not section.nobits and section.index:
             addresses[section.index] = address + kpatch_offset + section.sh_offset
         elif section.sh_addr:
@@ -266,7 +292,7 @@ def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses
             value = addresses.get(symbol.shndx, 0) + symbol.value
         section = image.sections[relocation.section]
         place_in_elf = section.sh_offset + relocation.offset
-        place = address + kpatch_offset + place_in_elf
+        place = addresses[section.index] + relocation.offset
         where = f"{section.name}+{relocation.offset:#x} ({relocation_name(relocation.rtype)} {symbol.name or '?'})"
         relocations.append(Relocation(place_in_elf, relocation.rtype,
                                       RelocationInput(value, relocation.addend, place, entry, load_bias), where))
@@ -278,7 +304,13 @@ def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses
                         ("csum", image.patch.header.csum)):
         struct.pack_into("<I", header, HEADER_OFFSETS[name], value & 0xFFFFFFFF)
     struct.pack_into("<I", header, IDENTITY_FIELD, image.identity)
+    struct.pack_into("<I", header, DATA_SIZE_FIELD, layout.data_size)
     mapping = bytearray(layout.mapping_size)
+    for index, offset in image.data_offsets:       # writable sections move to the data pages
+        section = image.sections[index]
+        start = layout.data_offset + offset
+        mapping[start:start + section.size] = elf_bytes[section.sh_offset:section.sh_offset + section.size]
+        elf_bytes[section.sh_offset:section.sh_offset + section.size] = bytes(section.size)
     mapping[:HEADER_SIZE] = header
     mapping[kpatch_offset:kpatch_offset + len(elf_bytes)] = elf_bytes
     if image.imports:

@@ -7,8 +7,11 @@ The patch mapping (LibCare's layout, so either tool can read what the other appl
     jmp_offset        jump table: 16-byte header + one 16-byte entry per imported symbol
     user_undo         5 saved original bytes per .kpatch.info record
     trap_offset       one 0xCC byte: return address for remote calls (IFUNC resolvers)
+    data_offset       the patch's writable sections (.kpatch.data), on pages of their own
 
-rounded up to whole pages. All of it is pure arithmetic over sizes and addresses.
+The part up to ``data_offset`` is rounded up to whole pages and mapped read + execute once
+written; the data pages stay read + write (W^X: no page is both writable and executable,
+unlike LibCare's single RWX mapping). All of it is pure arithmetic over sizes and addresses.
 """
 
 from __future__ import annotations
@@ -54,7 +57,18 @@ class PatchLayout:
     user_undo: int
     info_entries: int
     trap_offset: int
-    mapping_size: int
+    mapping_size: int                # the whole mapping: code part, then data part
+    data_offset: int = 0             # start of the writable pages (0: none)
+
+    @property
+    def code_size(self) -> int:
+        """Bytes mapped read + execute: everything but the data pages."""
+        return self.data_offset or self.mapping_size
+
+    @property
+    def data_size(self) -> int:
+        """Bytes of the writable pages."""
+        return self.mapping_size - self.code_size if self.data_offset else 0
 
     def jump_entry_offset(self, index: int) -> int:
         """Offset of jump-table entry ``index``."""
@@ -65,8 +79,9 @@ class PatchLayout:
         return self.user_undo + JUMP_SIZE * index
 
 
-def plan_layout(total_size: int, jump_entries: int, info_entries: int) -> PatchLayout:
-    """The layout for an image of ``total_size`` bytes (header included)."""
+def plan_layout(total_size: int, jump_entries: int, info_entries: int, data_size: int = 0) -> PatchLayout:
+    """The layout for an image of ``total_size`` bytes (header included) whose writable
+    sections need ``data_size`` bytes."""
     if jump_entries:
         jmp_offset = round_up(total_size, 8)
         table_size = JUMP_TABLE_HEADER_SIZE + jump_entries * JUMP_ENTRY_SIZE
@@ -75,6 +90,7 @@ def plan_layout(total_size: int, jump_entries: int, info_entries: int) -> PatchL
         jmp_offset = 0
         user_undo = round_up(total_size, 8)
     trap_offset = round_up(user_undo + JUMP_SIZE * info_entries, 16)
+    code_size = round_up(trap_offset + len(TRAP_BYTE), PAGE_SIZE)
     return PatchLayout(
         total_size=total_size,
         jmp_offset=jmp_offset,
@@ -82,7 +98,8 @@ def plan_layout(total_size: int, jump_entries: int, info_entries: int) -> PatchL
         user_undo=user_undo,
         info_entries=info_entries,
         trap_offset=trap_offset,
-        mapping_size=round_up(trap_offset + len(TRAP_BYTE), PAGE_SIZE),
+        mapping_size=code_size + round_up(data_size, PAGE_SIZE),
+        data_offset=code_size if data_size else 0,
     )
 
 

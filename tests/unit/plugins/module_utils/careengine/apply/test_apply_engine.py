@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 
 from plugins.module_utils.careengine.apply.engine import decide_level, decode_applied
-from plugins.module_utils.careengine.apply.image import IDENTITY_FIELD, PatchImage
+from plugins.module_utils.careengine.apply.image import DATA_SIZE_FIELD, IDENTITY_FIELD, PatchImage
 from plugins.module_utils.careengine.patchfile import (
     HEADER_OFFSETS,
     HEADER_SIZE,
@@ -58,6 +58,19 @@ def test_decode_applied_patch_from_memory():
     assert applied.replaced_functions == ("report",)
     assert applied.undo[0] == b"\xf3\x0f\x1e\xfa\x55"
     assert applied.entries[1].is_new
+    assert applied.data_size == 0 and applied.total_size == 0x1000     # as LibCare applies it
+
+
+@pytest.mark.parametrize(("field", "data_size"), [(0x2000, 0x2000), (0x1234, 0), (1 << 31, 0)])
+def test_data_pages_after_the_code_mapping(field: int, data_size: int):
+    """Our loader records the size of the data pages after the r-x mapping; a value that
+    cannot be ours (not whole pages, absurdly large) is ignored."""
+    start = 0x7F00_0000_0000
+    contents = bytearray(applied_bytes(1, 7, start))
+    struct.pack_into("<I", contents, DATA_SIZE_FIELD, field)
+    applied = decode_applied(Mapping(start, start + 0x1000, "r-xp", 0, "00:00", 0, ""),
+                             bytes(contents[:HEADER_SIZE]), bytes(contents))
+    assert applied.data_size == data_size and applied.total_size == 0x1000 + data_size
 
 
 @pytest.mark.parametrize(("applied_level", "identity", "requested", "action", "words"), [

@@ -37,6 +37,15 @@ def test_layout_without_imports():
     assert layout.mapping_size == 2 * PAGE_SIZE
 
 
+def test_layout_with_data_pages():
+    layout = plan_layout(0x1870, 3, 1, data_size=0x1001)
+    assert layout.trap_offset == 0x1910                 # the code part is laid out as before
+    assert layout.data_offset == layout.code_size == 0x2000
+    assert layout.data_size == 2 * PAGE_SIZE and layout.mapping_size == 0x4000
+    without = plan_layout(0x1870, 3, 1)
+    assert (without.data_offset, without.data_size, without.code_size) == (0, 0, without.mapping_size)
+
+
 def test_jump_table_bytes():
     table = jump_table_bytes([0x7F00_1234_5678, 0x40_1000])
     assert len(table) == 16 + 2 * 16
