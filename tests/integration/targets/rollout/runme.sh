@@ -64,6 +64,13 @@ check_dirs | cmp -s - "$ROLLOUT_WORK_DIR/check-dirs.before" \
     || { echo "FAIL: --check left its temporary directory behind" >&2; exit 1; }
 expect_line "libcare-demo: 2 + 3 = -1"
 
+echo "== rollout --check when the builder would rebuild says it cannot tell"
+playbook "$playbooks/rollout.yml" --check -e '{"build_patch_make_args": ["CFLAGS=-O1 -g"]}' \
+    | tee "$ROLLOUT_WORK_DIR/rebuild-check.out"
+grep -q "(check mode) would build the live patches" "$ROLLOUT_WORK_DIR/rebuild-check.out"
+grep -q "(check mode) present: the patch store .* would be rebuilt first" "$ROLLOUT_WORK_DIR/rebuild-check.out"
+expect_line "libcare-demo: 2 + 3 = -1"
+
 echo "== healthy rollout patches it"
 playbook "$playbooks/rollout.yml" \
     -e "rollout_health_command='grep -q \"= 5\$\" $ROLLOUT_WORK_DIR/demo.log'"
