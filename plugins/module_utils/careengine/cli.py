@@ -7,9 +7,7 @@ implements ``libcare-dump``.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import os
 import sys
 
@@ -47,6 +45,9 @@ def main(tool: str, argv: list[str]) -> int:
 
 def dump_main(argv: list[str]) -> int:
     """``libcare-dump [--json] PATCHFILE``: show a patch's header and functions."""
+    import argparse
+    import json
+
     from .patchfile import load_patch, summarize
 
     parser = argparse.ArgumentParser(prog="libcare-dump", description="Show what a binary patch contains.")
