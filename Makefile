@@ -34,6 +34,7 @@ setup-ansible:
 
 setup-realproject:
 	tests/realproject/prepare.sh
+	tests/realproject/nginx/prepare.sh
 
 ## test: everything; any failure fails the run
 test: lint unit integration ansible-test
