@@ -25,6 +25,7 @@ import errno
 import os
 import signal
 import time
+from collections.abc import Callable
 
 from ptrace import PtraceError
 from ptrace.binding import func as ptrace_func
@@ -666,6 +667,20 @@ class StoppedProcess:
             )
         return result
 
+    def _await_stop(self, tid: int, deadline: float, on_timeout: Callable[[], Exception]) -> tuple[int, int]:
+        """Thread ``tid``'s next stop after it was resumed: (ptrace event, stop signal),
+        remembered for its resumption. Past ``deadline`` the thread is interrupted and
+        ``on_timeout()`` raised."""
+        try:
+            status = self._wait_thread(tid, deadline)
+        except TimeoutError:
+            self._interrupt_and_wait(tid)
+            raise on_timeout() from None
+        event = status >> 16
+        signo = os.WSTOPSIG(status)
+        self._stop_signal[tid] = signo if event == 0 else 0
+        return event, signo
+
     def _step_over_syscall(self, tid: int, site: int) -> int:
         deadline = time.monotonic() + self.timeout
         for _ in range(64):
@@ -673,18 +688,10 @@ class StoppedProcess:
                 ptrace_func.ptrace_singlestep(tid)
             except PtraceError as exc:
                 self._raise_thread_error(tid, exc, "single-step")
-            try:
-                status = self._wait_thread(tid, deadline)
-            except TimeoutError:
-                # A blocking system call: interrupting it makes it return (the caller
-                # restores the registers, then drops the single-step trap it queued).
-                self._interrupt_and_wait(tid)
-                raise _StepTimeout(
-                    f"remote syscall in thread {tid} of process {self.pid} did not return within {self.timeout} s"
-                ) from None
-            event = status >> 16
-            signo = os.WSTOPSIG(status)
-            self._stop_signal[tid] = signo if event == 0 else 0
+            # On a timeout, a blocking system call: interrupting it makes it return (the
+            # caller restores the registers, then drops the single-step trap it queued).
+            event, signo = self._await_stop(tid, deadline, lambda: _StepTimeout(
+                f"remote syscall in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
             if event != 0:
                 continue  # a stray interrupt or group stop: step again
             if signo != signal.SIGTRAP:
@@ -781,16 +788,8 @@ class StoppedProcess:
             if tid not in self._seized:
                 raise ProcessGone(f"thread {tid} of process {self.pid} exited during a remote call")
             signo = 0
-            try:
-                status = self._wait_thread(tid, deadline)
-            except TimeoutError:
-                self._interrupt_and_wait(tid)
-                raise ProcessError(
-                    f"remote call in thread {tid} of process {self.pid} did not return within {self.timeout} s"
-                ) from None
-            event = status >> 16
-            stop_signal = os.WSTOPSIG(status)
-            self._stop_signal[tid] = stop_signal if event == 0 else 0
+            event, stop_signal = self._await_stop(tid, deadline, lambda: ProcessError(
+                f"remote call in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
             if event != 0:
                 continue
             if stop_signal == signal.SIGTRAP:
