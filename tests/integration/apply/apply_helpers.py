@@ -120,7 +120,6 @@ clean:
 """
 
 
-THREADS_MAKEFILE = single_program_makefile("threads")
 
 # (old, new) replacements that make the fix of each project; the patch is made with diff -u.
 # The fixed compute() calls strlen, an IFUNC in libc: its resolver runs in the patient.
@@ -182,33 +181,41 @@ def patch_make(project: Path, *patches: str) -> tuple[Path, dict[str, Path]]:
     return saved, found
 
 
+def built_with(project: Path, program: str, *patches: str) -> Built:
+    """``project`` after libcare-patch-make with ``patches``; ``program`` is in its bin/."""
+    saved, made = patch_make(project, *patches)
+    root = project / "lpmake" / "usr" / "local"
+    return Built(project, root / "bin" / program, root / "lib", made, saved)
+
+
+def single_program_project(tmp_path_factory, name: str, source: str, fix: tuple[tuple[str, str], ...],
+                           makefile: str | None = None) -> Built:
+    """A project of one program ``name`` built from ``name.c`` = ``source`` (Makefile:
+    ``makefile``, else :func:`single_program_makefile`), and its patch for ``fix``."""
+    project = tmp_path_factory.mktemp("apply") / name
+    project.mkdir()
+    (project / f"{name}.c").write_text(source)
+    (project / "Makefile").write_text(makefile or single_program_makefile(name))
+    make_diff(project, f"{name}.c", fix, "fix.patch")
+    return built_with(project, name, "fix.patch")
+
+
 @pytest.fixture(scope="session")
 def libdemo(tmp_path_factory) -> Built:
     project = Path(shutil.copytree(FIXTURES / "libdemo", tmp_path_factory.mktemp("apply") / "libdemo"))
     make_diff(project, "libdemo.c", LEVEL2_FIX, "level2.patch")
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "demo", root / "lib", patches, saved)
+    return built_with(project, "demo", "fix.patch")
 
 
 @pytest.fixture(scope="session")
 def nonpie(tmp_path_factory) -> Built:
     project = Path(shutil.copytree(FIXTURES / "nonpie", tmp_path_factory.mktemp("apply") / "nonpie"))
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "nonpie", root / "lib", patches, saved)
+    return built_with(project, "nonpie", "fix.patch")
 
 
 @pytest.fixture(scope="session")
 def threads_project(tmp_path_factory) -> Built:
-    project = tmp_path_factory.mktemp("apply") / "threads"
-    project.mkdir()
-    (project / "threads.c").write_text(THREADS_MAIN)
-    (project / "Makefile").write_text(THREADS_MAKEFILE)
-    make_diff(project, "threads.c", THREADS_FIX, "fix.patch")
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "threads", root / "lib", patches, saved)
+    return single_program_project(tmp_path_factory, "threads", THREADS_MAIN, THREADS_FIX)
 
 
 @pytest.fixture(scope="session")

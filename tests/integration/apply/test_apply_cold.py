@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from apply_helpers import Built, ctl, make_diff, patch_make, single_program_makefile
+from apply_helpers import Built, ctl, single_program_project
 
 from plugins.module_utils.careengine.apply import api
 from plugins.module_utils.careengine.apply.objects import forget_objects
@@ -86,21 +86,13 @@ int main(void)
 	return 0;
 }
 """
-COLD_MAKEFILE = single_program_makefile("cold")
 COLD_FIX = (("return x * 3 + 1;", "return x * 3 + 2;"),)
 ORIGINAL, PATCHED = 16, 17          # foo(5) before and after the fix
 
 
 @pytest.fixture(scope="module")
 def cold_project(tmp_path_factory) -> Built:
-    project = tmp_path_factory.mktemp("apply") / "cold"
-    project.mkdir()
-    (project / "cold.c").write_text(COLD_MAIN)
-    (project / "Makefile").write_text(COLD_MAKEFILE)
-    make_diff(project, "cold.c", COLD_FIX, "fix.patch")
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "cold", root / "lib", patches, saved)
+    return single_program_project(tmp_path_factory, "cold", COLD_MAIN, COLD_FIX)
 
 
 def _symbols(binary: Path) -> set[str]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from apply_helpers import Built, build_id_of, make_diff, patch_make, single_program_makefile
+from apply_helpers import Built, build_id_of, single_program_project
 
 from plugins.module_utils.careengine.apply import api, engine
 from plugins.module_utils.careengine.process import read_maps
@@ -43,14 +43,7 @@ FIX = (
 
 @pytest.fixture(scope="module")
 def counter_project(tmp_path_factory) -> Built:
-    project = tmp_path_factory.mktemp("apply") / "counter"
-    project.mkdir()
-    (project / "counter.c").write_text(MAIN)
-    (project / "Makefile").write_text(single_program_makefile("counter"))
-    make_diff(project, "counter.c", FIX, "fix.patch")
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "counter", root / "lib", patches, saved)
+    return single_program_project(tmp_path_factory, "counter", MAIN, FIX)
 
 
 def test_new_variables_live_in_the_patch_and_stay_writable(counter_project, start):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from apply_helpers import Built, make_diff, map_count, patch_make
+from apply_helpers import Built, map_count, single_program_project
 
 from plugins.module_utils.careengine.apply import api
 
@@ -68,14 +68,8 @@ clean:
 
 @pytest.fixture(scope="module")
 def sigalt(tmp_path_factory) -> Built:
-    project = tmp_path_factory.mktemp("apply") / "sigalt"
-    project.mkdir()
-    (project / "sigalt.c").write_text(SOURCE)
-    (project / "Makefile").write_text(MAKEFILE)
-    make_diff(project, "sigalt.c", (("outer UNPATCHED", "outer PATCHED"),), "fix.patch")
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "sigalt", root / "lib", patches, saved)
+    return single_program_project(tmp_path_factory, "sigalt", SOURCE, (("outer UNPATCHED", "outer PATCHED"),),
+                                  MAKEFILE)
 
 
 def test_function_interrupted_by_a_handler_on_an_alternate_stack_is_busy(sigalt, start):

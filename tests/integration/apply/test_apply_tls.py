@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
-from apply_helpers import Built, build_id_of, make_diff, patch_make
+from apply_helpers import Built, build_id_of, built_with, make_diff
 
 from plugins.module_utils.careengine.apply import api
 
@@ -73,9 +73,7 @@ def tls_project(tmp_path_factory) -> Built:
     # Both changes in one patch file: concatenate two diffs.
     make_diff(project, "libtls.c", (("lib_ticks += 1;", "lib_ticks += 100;"),), "lib.patch")
     (project / "fix.patch").write_text((project / "app.patch").read_text() + (project / "lib.patch").read_text())
-    saved, patches = patch_make(project, "fix.patch")
-    root = project / "lpmake" / "usr" / "local"
-    return Built(project, root / "bin" / "tlsapp", root / "lib", patches, saved)
+    return built_with(project, "tlsapp", "fix.patch")
 
 
 def _numbers(lines: list[str], prefix: str) -> list[int]:
