@@ -12,6 +12,7 @@
 # Prints one JSON line on stdout:
 #   {"bench": "build_overhead", "value": <patch-make s>, "unit": "s", "baseline": <make s>, "ratio": <r>}
 # Exit status: 0 ok, 77 sources unavailable (from prepare.sh), 1 failure.
+# shellcheck disable=SC2154  # dsc, applied, build_id, kpatch, patch_s: set by harness.sh functions
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/common.sh"
@@ -20,9 +21,6 @@ lock_cache
 status=0
 "$here/prepare.sh" || status=$?
 [ "$status" = 0 ] || exit "$status"
-
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
 
 # 1. the baseline: a plain build, same make arguments and jobs.
 rm -rf "$PLAIN"
@@ -41,25 +39,10 @@ rm -rf "$WORK"
 cp -a "$PRISTINE" "$WORK"
 make_args=(-m "CC=$ROOT/bin/libcare-cc")
 for arg in "${MAKE_ARGS[@]}"; do make_args+=(-m "$arg"); done
-log "libcare-patch-make -j$JOBS --destdir PREFIX ${make_args[*]} $FIX_PATCH (in $WORK)"
-t0=$(now)
-if ! (cd "$WORK" && "$ROOT/bin/libcare-patch-make" -j "$JOBS" --destdir PREFIX "${make_args[@]}" "$FIX_PATCH") \
-        > "$CACHE/patch-make.out" 2> "$CACHE/patch-make.err"; then
-    cat "$CACHE/patch-make.out" >&2
-    tail -n 80 "$CACHE/patch-make.err" >&2
-    die "libcare-patch-make failed (stderr: $CACHE/patch-make.err, make logs: $WORK/.lpmaketmp/)"
-fi
-patch_s=$(elapsed "$t0" "$(now)")
-cat "$CACHE/patch-make.out" >&2
-log "libcare-patch-make: ${patch_s}s"
+run_patch_make -j "$JOBS" --destdir PREFIX "${make_args[@]}"
 
 # 3. the patch for the server, named by its build-id.
-server=$WORK/lpmake/bin/redis-server
-[ -x "$server" ] || die "no $server: make install PREFIX=lpmake did not install the server"
-build_id=$(readelf -n "$server" | sed -n 's/^ *Build ID: *\([0-9a-f]*\).*/\1/p' | head -n1)
-[ -n "$build_id" ] || die "$server has no GNU build-id"
-kpatch=$WORK/patchroot/$build_id.kpatch
-[ -s "$kpatch" ] || die "no patch for redis-server (build-id $build_id) in $WORK/patchroot: $(ls "$WORK/patchroot" 2>&1)"
+find_patch "$WORK/lpmake/bin/redis-server"
 (cd "$ROOT" && "$PYTHON" - "$kpatch" "$build_id" <<'EOF'
 import sys
 from plugins.module_utils.careengine.patchfile import load_patch, summarize

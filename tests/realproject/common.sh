@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared settings of the real-project harness (sourced by the scripts here).
 #
 # The project: redis 7.0.15 as shipped by Debian 12 (source package "redis"),
@@ -40,22 +41,11 @@ PREPARED_STAMP=$PRISTINE/.libcare-prepared
 export GIT_CEILING_DIRECTORIES=$CACHE
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 
-log() { echo "realproject: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# One user of the cache at a time (concurrent test runs share it): an exclusive
-# flock on $CACHE/.lock, held until the script exits; children inherit it through
-# LIBCARE_REALPROJECT_LOCKED (the pytest wrapper takes it for the whole module).
-lock_cache() {
-    [ -z "${LIBCARE_REALPROJECT_LOCKED:-}" ] || return 0
-    mkdir -p "$CACHE"
-    exec 9>"$CACHE/.lock"
-    if ! flock -n 9; then
-        log "waiting for another run to release $CACHE/.lock"
-        flock -w 1200 9 || die "$CACHE is locked by another run"
-    fi
-    export LIBCARE_REALPROJECT_LOCKED=1
-}
+HARNESS=realproject
+LOCK_VARIABLE=LIBCARE_REALPROJECT_LOCKED
+SOURCE_VERSION=${LIBCARE_REALPROJECT_VERSION:-}    # default: the newest apt can fetch
+# shellcheck source-path=SCRIPTDIR
+source "$ROOT/tests/realproject/harness.sh"
 
 PYTHON=$ROOT/.venv/bin/python
 [ -x "$PYTHON" ] || PYTHON=python3

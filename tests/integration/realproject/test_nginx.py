@@ -13,7 +13,6 @@ Skipped only when the sources cannot be fetched (prepare.sh exit status 77).
 
 from __future__ import annotations
 
-import fcntl
 import http.client
 import json
 import os
@@ -29,20 +28,24 @@ import time
 from pathlib import Path
 
 import pytest
+from realproject_harness import ROOT, RealProject
 
 from plugins.module_utils.careengine.apply import api
 from plugins.module_utils.careengine.apply.objects import ObjectFile
 from plugins.module_utils.careengine.patchfile import load_patch, summarize
 from plugins.module_utils.careengine.process import mapped_objects, read_memory
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPTS = ROOT / "tests" / "realproject" / "nginx"
-OUTPUT = ROOT / "tests" / "output" / "realproject-nginx"
-CACHE = Path(os.environ.get("LIBCARE_NGINX_CACHE", ROOT / ".cache" / "realproject-nginx"))
+NGINX = RealProject(
+    package="nginx",
+    scripts=ROOT / "tests" / "realproject" / "nginx",
+    cache=Path(os.environ.get("LIBCARE_NGINX_CACHE", ROOT / ".cache" / "realproject-nginx")),
+    lock_variable="LIBCARE_NGINX_LOCKED",
+    output=ROOT / "tests" / "output" / "realproject-nginx",
+)
+SCRIPTS, CACHE = NGINX.scripts, NGINX.cache
 WORK = CACHE / "work"
 SERVER = WORK / "lpmake" / "usr" / "local" / "nginx" / "sbin" / "nginx"
 PATCHROOT = WORK / "patchroot"
-SKIP_STATUS = 77
 
 FIXED_FUNCTION = "ngx_http_script_regex_end_code"
 WORKERS = 2
@@ -86,18 +89,6 @@ http {{
 """
 
 
-def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    # This module holds the cache lock (see cache_lock): the scripts must not wait for it.
-    env = dict(os.environ, LIBCARE_NGINX_LOCKED="1")
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env)
-
-
-def _record(name: str, text: str) -> None:
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    (OUTPUT / name).write_text(text)
-
-
 def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
     """Poll ``predicate`` until it returns something true; fail naming ``what``."""
     deadline = time.monotonic() + timeout
@@ -112,26 +103,20 @@ def wait_until(predicate, timeout: float, what: str, interval: float = 0.05):
 
 @pytest.fixture(scope="module")
 def cache_lock():
-    """Concurrent test runs share the cache: hold its lock for the whole module."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with NGINX.locked():
         yield
 
 
 @pytest.fixture(scope="module")
 def prepared(cache_lock) -> None:
-    run = _run(["bash", str(SCRIPTS / "prepare.sh")], timeout=900)
-    if run.returncode == SKIP_STATUS:
-        pytest.skip(f"nginx sources unavailable (apt-get source nginx): {run.stderr.strip()[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
+    NGINX.prepare(timeout=900)
 
 
 @pytest.fixture(scope="module")
 def built(prepared) -> dict:
-    run = _run(["bash", str(SCRIPTS / "build_patch.sh")], timeout=900)
-    _record("build_patch.out", run.stdout)
-    _record("build_patch.err", run.stderr)
+    run = NGINX.run(["bash", str(SCRIPTS / "build_patch.sh")], timeout=900)
+    NGINX.record("build_patch.out", run.stdout)
+    NGINX.record("build_patch.err", run.stderr)
     assert run.returncode == 0, f"build_patch.sh failed:\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
     bench = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
     assert len(bench) == 1 and bench[0]["bench"] == "nginx_build_overhead", run.stdout
@@ -381,7 +366,7 @@ def nginx(built):
         yield server
     finally:
         server.stop()
-        _record("error.log", server.log("error.log"))
+        NGINX.record("error.log", server.log("error.log"))
         server.remove()
 
 
@@ -452,7 +437,7 @@ def test_fix_applied_live_to_master_and_workers_under_load(built, nginx):
     final = load.final
     report = {"seconds": round(time.monotonic() - started, 2), "load": final, "served_by": served,
               "timeline": timeline}
-    _record("live.json", json.dumps(report, indent=1, default=str))
+    NGINX.record("live.json", json.dumps(report, indent=1, default=str))
 
     assert final is not None, f"the load client gave no final count (last: {load.status})"
     assert final["failed"] == 0, f"{final['failed']} failed requests: {final['errors']}"

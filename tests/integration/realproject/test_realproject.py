@@ -11,7 +11,6 @@ Skipped only when the sources cannot be fetched (prepare.sh exit status 77).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
@@ -19,21 +18,16 @@ import sys
 from pathlib import Path
 
 import pytest
+from realproject_harness import ROOT, RealProject
 
-ROOT = Path(__file__).resolve().parents[3]
-SCRIPTS = ROOT / "tests" / "realproject"
-OUTPUT = ROOT / "tests" / "output" / "realproject"
-SKIP_STATUS = 77
-
-
-CACHE = Path(os.environ.get("LIBCARE_REALPROJECT_CACHE", ROOT / ".cache" / "realproject"))
-
-
-def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    # This module holds the cache lock (see cache_lock): the scripts must not wait for it.
-    env = dict(os.environ, LIBCARE_REALPROJECT_LOCKED="1")
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False,
-                          env=env)
+REDIS = RealProject(
+    package="redis",
+    scripts=ROOT / "tests" / "realproject",
+    cache=Path(os.environ.get("LIBCARE_REALPROJECT_CACHE", ROOT / ".cache" / "realproject")),
+    lock_variable="LIBCARE_REALPROJECT_LOCKED",
+    output=ROOT / "tests" / "output" / "realproject",
+)
+SCRIPTS, CACHE = REDIS.scripts, REDIS.cache
 
 
 def _json_lines(text: str) -> list[dict]:
@@ -48,31 +42,24 @@ def _json_lines(text: str) -> list[dict]:
 
 
 def _record(name: str, run: subprocess.CompletedProcess) -> None:
-    OUTPUT.mkdir(parents=True, exist_ok=True)
-    (OUTPUT / f"{name}.out").write_text(run.stdout)
-    (OUTPUT / f"{name}.err").write_text(run.stderr)
+    REDIS.record(f"{name}.out", run.stdout)
+    REDIS.record(f"{name}.err", run.stderr)
 
 
 @pytest.fixture(scope="module")
 def cache_lock():
-    """Concurrent test runs share the cache: hold its lock for the whole module."""
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with open(CACHE / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with REDIS.locked():
         yield
 
 
 @pytest.fixture(scope="module")
 def prepared(cache_lock) -> None:
-    run = _run(["bash", str(SCRIPTS / "prepare.sh")], timeout=600)
-    if run.returncode == SKIP_STATUS:
-        pytest.skip(f"redis sources unavailable (apt-get source redis): {run.stderr.strip()[-300:]}")
-    assert run.returncode == 0, run.stderr[-3000:]
+    REDIS.prepare(timeout=600)
 
 
 @pytest.fixture(scope="module")
 def built(prepared) -> subprocess.CompletedProcess:
-    run = _run(["bash", str(SCRIPTS / "build_patch.sh")], timeout=900)
+    run = REDIS.run(["bash", str(SCRIPTS / "build_patch.sh")], timeout=900)
     _record("build_patch", run)
     return run
 
@@ -92,7 +79,7 @@ def test_fix_applied_live_under_load(built):
     """Zero failed requests while the fix goes in and out; the fixed answer only while patched."""
     if built.returncode != 0:
         pytest.fail("no patch to apply: build_patch.sh failed (see test_build_patch_for_the_server)")
-    run = _run([sys.executable, str(SCRIPTS / "live_patch.py"), "--seconds", "60"], timeout=300)
+    run = REDIS.run([sys.executable, str(SCRIPTS / "live_patch.py"), "--seconds", "60"], timeout=300)
     _record("live_patch", run)
     records = _json_lines(run.stdout)
     result = [r for r in records if r.get("step") == "result"]
@@ -107,7 +94,7 @@ def test_io_threads_refused_cleanly_or_patched(built):
     refused cleanly, naming the busy thread and function: no failed request either way."""
     if built.returncode != 0:
         pytest.fail("no patch to apply: build_patch.sh failed (see test_build_patch_for_the_server)")
-    run = _run([sys.executable, str(SCRIPTS / "live_patch.py"), "--io-threads", "2", "--seconds", "60"],
+    run = REDIS.run([sys.executable, str(SCRIPTS / "live_patch.py"), "--io-threads", "2", "--seconds", "60"],
                timeout=300)
     _record("live_patch_io_threads", run)
     result = [r for r in _json_lines(run.stdout) if r.get("step") == "result"]

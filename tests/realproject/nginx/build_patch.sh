@@ -18,6 +18,7 @@
 #   {"bench": "nginx_build_overhead", "value": <patch-make s>, "unit": "s", "baseline": <make s>,
 #    "ratio": <r>, "configure": <configure s>, "build_id": ..., "functions": [...]}
 # Exit status: 0 ok, 77 sources unavailable (from prepare.sh), 1 failure.
+# shellcheck disable=SC2154  # dsc, applied, build_id, kpatch, patch_s: set by harness.sh functions
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/common.sh"
@@ -53,25 +54,10 @@ log "plain make: ${plain_s}s"
 rm -rf "$WORK"
 cp -a "$PRISTINE" "$WORK"
 configure "$WORK" "$CACHE/work-configure.log"
-log "libcare-patch-make -j$JOBS -m CC=$ROOT/bin/libcare-cc $FIX_PATCH (in $WORK)"
-t0=$(now)
-if ! (cd "$WORK" && "$ROOT/bin/libcare-patch-make" -j "$JOBS" -m "CC=$ROOT/bin/libcare-cc" "$FIX_PATCH") \
-        > "$CACHE/patch-make.out" 2> "$CACHE/patch-make.err"; then
-    cat "$CACHE/patch-make.out" >&2
-    tail -n 80 "$CACHE/patch-make.err" >&2
-    die "libcare-patch-make failed (stderr: $CACHE/patch-make.err, make logs: $WORK/.lpmaketmp/)"
-fi
-patch_s=$(elapsed "$t0" "$(now)")
-cat "$CACHE/patch-make.err" "$CACHE/patch-make.out" >&2
-log "libcare-patch-make: ${patch_s}s"
+run_patch_make -j "$JOBS" -m "CC=$ROOT/bin/libcare-cc"
 
 # 3. the patch for the server, named by its build-id.
-server=$WORK/$SERVER_RELPATH
-[ -x "$server" ] || die "no $server: make install DESTDIR=lpmake did not install the server"
-build_id=$(readelf -n "$server" | sed -n 's/^ *Build ID: *\([0-9a-f]*\).*/\1/p' | head -n1)
-[ -n "$build_id" ] || die "$server has no GNU build-id"
-kpatch=$WORK/patchroot/$build_id.kpatch
-[ -s "$kpatch" ] || die "no patch for nginx (build-id $build_id) in $WORK/patchroot: $(ls "$WORK/patchroot" 2>&1)"
+find_patch "$WORK/$SERVER_RELPATH"
 "$ROOT/bin/libcare-dump" "$kpatch" >&2 || die "libcare-dump cannot read $kpatch"
 dump=$("$ROOT/bin/libcare-dump" --json "$kpatch")
 log "patch for nginx: $kpatch"

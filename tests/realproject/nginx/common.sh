@@ -52,25 +52,11 @@ SERVER_RELPATH=lpmake$NGINX_PREFIX/sbin/nginx   # the original-stage server, und
 
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1700000000}
 
-log() { echo "realproject-nginx: $*" >&2; }
-die() { log "error: $*"; exit 1; }
-
-# One user of the cache at a time: an exclusive flock on $CACHE/.lock, held until the
-# script exits; children inherit it through LIBCARE_NGINX_LOCKED (the pytest module
-# takes it for its whole run).
-lock_cache() {
-    [ -z "${LIBCARE_NGINX_LOCKED:-}" ] || return 0
-    mkdir -p "$CACHE"
-    exec 9>"$CACHE/.lock"
-    if ! flock -n 9; then
-        log "waiting for another run to release $CACHE/.lock"
-        flock -w 1200 9 || die "$CACHE is locked by another run"
-    fi
-    export LIBCARE_NGINX_LOCKED=1
-}
-
-now() { date +%s.%N; }
-elapsed() { python3 -c "import sys; print(f'{float(sys.argv[2]) - float(sys.argv[1]):.2f}')" "$1" "$2"; }
+HARNESS=realproject-nginx
+LOCK_VARIABLE=LIBCARE_NGINX_LOCKED
+SOURCE_VERSION=${LIBCARE_NGINX_VERSION:-}          # default: the newest apt can fetch
+# shellcheck source-path=SCRIPTDIR/..
+source "$ROOT/tests/realproject/harness.sh"
 
 PYTHON=$ROOT/.venv/bin/python
 [ -x "$PYTHON" ] || PYTHON=python3

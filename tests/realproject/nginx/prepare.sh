@@ -16,6 +16,7 @@
 # newest first, until one downloads and has the fix in its series (an apt index can
 # name a security update whose files are gone from the mirror).
 # Exit status 77: the sources cannot be fetched (no deb-src, no network, not root).
+# shellcheck disable=SC2154  # dsc, applied, build_id, kpatch, patch_s: set by harness.sh functions
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 lock_cache
@@ -39,101 +40,10 @@ if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
     exit 0
 fi
 
-# (sed reads all of apt-cache's output: with pipefail, grep -q could fail the pipeline
-# by making apt-cache die of SIGPIPE.)
-have_source() { [ -n "$(apt-cache showsrc "$SRC_PACKAGE" 2>/dev/null | sed -n "/^Package: $SRC_PACKAGE\$/p")" ]; }
-
-enable_deb_src() {
-    # One deb-src entry per Debian deb entry (deb822 and one-line formats), in the same
-    # files the redis harness (tests/realproject/prepare.sh) writes, so the two never
-    # add the same entry twice.
-    local out=/etc/apt/sources.list.d/libcare-deb-src.sources list=/etc/apt/sources.list.d/libcare-deb-src.list tmp f
-    [ "$(id -u)" = 0 ] || { log "deb-src entries missing and not root"; exit 77; }
-    tmp=$(mktemp)
-    for f in /etc/apt/sources.list.d/*.sources; do
-        if [ ! -f "$f" ] || [ "$f" = "$out" ]; then continue; fi
-        awk 'BEGIN { RS = ""; ORS = "\n\n" }
-             /(^|\n)Types:[^\n]*(^|[ \t])deb([ \t]|\n|$)/ && !/deb-src/ && /debian/ {
-                 sub(/Types:[^\n]*/, "Types: deb-src"); print }' "$f" >> "$tmp"
-    done
-    if [ -f /etc/apt/sources.list ]; then
-        grep -E '^deb [^#]*debian' /etc/apt/sources.list | sed 's/^deb /deb-src /' > "$list" || rm -f "$list"
-    fi
-    if [ -s "$tmp" ]; then
-        install -m 0644 "$tmp" "$out"
-    fi
-    rm -f "$tmp"
-    log "enabled deb-src entries; apt-get update"
-    apt-get -o DPkg::Lock::Timeout=600 -qq update >&2 || true
-}
-
-if ! have_source; then
-    enable_deb_src
-    have_source || { log "apt has no source package $SRC_PACKAGE"; exit 77; }
-fi
-
-# unpack DSC: the tree without Debian's patches in $PRISTINE.tmp; fails if the
-# download is incomplete or the series lacks the fix.
-unpack() {
-    rm -rf "$PRISTINE.tmp"
-    local status=0
-    dpkg-source --no-check --skip-patches -x "$1" "$PRISTINE.tmp" >/dev/null 2>&1 || status=$?
-    # dpkg-source leaves a copy of the upstream tarball beside the tree.
-    rm -f "$CACHE/${SRC_PACKAGE}"_*.orig.tar.*
-    [ "$status" = 0 ] || { log "cannot unpack $(basename "$1")"; return 1; }
-    grep -qx "$FIX_NAME" "$PRISTINE.tmp/debian/patches/series" || {
-        log "$(basename "$1") has no $FIX_NAME in debian/patches/series"; return 1; }
-}
-
-rm -rf "$PRISTINE" "$PRISTINE.tmp"
-dsc=$(ls "$CACHE"/dl/"${SRC_PACKAGE}"_*.dsc 2>/dev/null | head -n1 || true)
-if [ -n "$dsc" ] && ! unpack "$dsc"; then
-    rm -rf "$CACHE/dl"
-    dsc=
-fi
-if [ -z "$dsc" ]; then
-    if [ -n "${LIBCARE_NGINX_VERSION:-}" ]; then
-        versions=$LIBCARE_NGINX_VERSION
-    else
-        versions=$(apt-cache showsrc "$SRC_PACKAGE" | sed -n 's/^Version: *//p' | sort -u -r -V)
-    fi
-    downloaded=
-    for version in $versions; do
-        rm -rf "$CACHE/dl.tmp"
-        mkdir -p "$CACHE/dl.tmp"
-        log "apt-get source --download-only $SRC_PACKAGE=$version"
-        if ! (cd "$CACHE/dl.tmp" && apt-get -qq source --download-only "$SRC_PACKAGE=$version" >&2); then
-            log "apt-get source $SRC_PACKAGE=$version failed"
-            continue
-        fi
-        candidate=$(ls "$CACHE"/dl.tmp/"${SRC_PACKAGE}"_*.dsc 2>/dev/null | head -n1 || true)
-        [ -n "$candidate" ] || continue
-        downloaded+=" $version"
-        unpack "$candidate" || continue
-        rm -rf "$CACHE/dl"
-        mv "$CACHE/dl.tmp" "$CACHE/dl"
-        dsc=$CACHE/dl/$(basename "$candidate")
-        break
-    done
-    rm -rf "$CACHE/dl.tmp"
-    if [ -z "$dsc" ]; then
-        rm -rf "$PRISTINE.tmp"
-        [ -z "$downloaded" ] || die "no version of $SRC_PACKAGE with $FIX_NAME in its series (fetched:$downloaded)"
-        log "no version of $SRC_PACKAGE (${versions//$'\n'/ }) could be fetched"
-        exit 77
-    fi
-fi
+require_source_package
+fetch_source
 log "unpacked $(basename "$dsc") without its patches"
-
-series=$PRISTINE.tmp/debian/patches/series
-applied=0
-while read -r name _; do
-    case "$name" in ''|'#'*) continue ;; esac
-    [ "$name" = "$FIX_NAME" ] && break
-    patch -d "$PRISTINE.tmp" -p1 -s --batch --no-backup-if-mismatch -i "debian/patches/$name" \
-        || die "debian patch $name does not apply"
-    applied=$((applied + 1))
-done < "$series"
+apply_series_before_fix
 
 # The fix as a plain diff of the C files it touches, from the pre-fix file and that
 # file with Debian's patch applied (drops the mail header and trailer).
@@ -154,10 +64,4 @@ for f in $files; do
     diff -up --label "a/$f" --label "b/$f" "$PRISTINE.tmp/$f" "$scratch/$f" >> "$FIX_PATCH.tmp" || status=$?
     [ "$status" = 1 ] || die "$FIX_NAME does not change $f (diff exit $status)"
 done
-patch -d "$PRISTINE.tmp" -p1 --dry-run -s --batch -i "$FIX_PATCH.tmp" >/dev/null \
-    || die "fix.patch does not apply to the pre-fix tree"
-mv "$FIX_PATCH.tmp" "$FIX_PATCH"
-echo "$(basename "$dsc" .dsc): $applied debian patches applied, stopped before $FIX_NAME" \
-    > "$PRISTINE.tmp/.libcare-prepared"
-mv "$PRISTINE.tmp" "$PRISTINE"
-log "prepared $PRISTINE; fix in $FIX_PATCH"
+finish_prepare
