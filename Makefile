@@ -4,7 +4,6 @@ PYTHON ?= /usr/bin/python3
 VENV := .venv
 PY := $(VENV)/bin/python
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600
-COLLECTIONS := $(CURDIR)/build/collections
 
 .PHONY: setup setup-debian setup-python setup-ansible setup-realproject test lint unit integration \
         ansible-test ansible-sanity ansible-lint ansible-integration molecule collection bench demo clean bytecode
@@ -67,9 +66,7 @@ collection:
 
 ## demo: start the buggy sample program, build its fix, patch it live, show the change, clean up
 demo:
-	mkdir -p $(COLLECTIONS)/ansible_collections/libcare
-	ln -sfn $(CURDIR) $(COLLECTIONS)/ansible_collections/libcare/livepatch
-	ANSIBLE_COLLECTIONS_PATH=$(COLLECTIONS) $(VENV)/bin/ansible-playbook -i playbooks/inventory/demo.ini playbooks/demo.yml
+	. tests/ansible/collection-env.sh && $(VENV)/bin/ansible-playbook -i playbooks/inventory/demo.ini playbooks/demo.yml
 
 ## bench: performance figures, one JSON object per line (see bench/README.md)
 bench: bytecode

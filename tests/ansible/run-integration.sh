@@ -5,10 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-link=$ROOT/build/collections/ansible_collections/libcare/livepatch
-mkdir -p "$(dirname "$link")"
-[ "$(readlink "$link" 2>/dev/null)" = "$ROOT" ] || ln -sfn "$ROOT" "$link"
-export ANSIBLE_COLLECTIONS_PATH=$ROOT/build/collections
+# shellcheck source=tests/ansible/collection-env.sh
+. tests/ansible/collection-env.sh
 export PATH=$ROOT/.venv/bin:$PATH
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then

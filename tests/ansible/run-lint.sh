@@ -5,10 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-link=$ROOT/build/collections/ansible_collections/libcare/livepatch
-mkdir -p "$(dirname "$link")"
-[ "$(readlink "$link" 2>/dev/null)" = "$ROOT" ] || ln -sfn "$ROOT" "$link"
-export ANSIBLE_COLLECTIONS_PATH=$ROOT/build/collections
+# shellcheck source=tests/ansible/collection-env.sh
+. tests/ansible/collection-env.sh
 export ANSIBLE_HOME=$ROOT/.cache/ansible-lint-home
 "$ROOT/.venv/bin/ansible-lint" --offline -c tests/ansible/ansible-lint.yml \
     roles/ playbooks/ extensions/molecule/ tests/integration/targets/ "$@"
