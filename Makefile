@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600
 
-.PHONY: setup setup-debian setup-python setup-ansible setup-realproject test lint unit integration \
+.PHONY: setup setup-debian setup-python setup-ansible setup-realproject test lint collected unit integration \
         ansible-test ansible-sanity ansible-lint ansible-integration molecule collection bench demo clean bytecode
 
 ## setup: Debian packages, .venv/ with pinned packages, molecule image and wheels, real-project sources
@@ -36,10 +36,14 @@ setup-realproject:
 	tests/realproject/nginx/prepare.sh
 
 ## test: everything; any failure fails the run
-test: lint unit integration ansible-test
+test: lint collected unit integration ansible-test
 
 lint:
 	$(VENV)/bin/ruff check .
+
+# every test file on disk is collected by pytest (a folder pytest skips fails the suite)
+collected:
+	$(PY) tests/check_collected.py
 
 unit:
 	$(PY) -m pytest -q -p no:cacheprovider tests/unit
@@ -62,7 +66,7 @@ molecule:
 	tests/ansible/run-molecule.sh
 
 collection:
-	$(VENV)/bin/ansible-galaxy collection build --force --output-path build/
+	$(VENV)/bin/ansible-galaxy collection build --force --output-path dist/
 
 ## demo: start the buggy sample program, build its fix, patch it live, show the change, clean up
 demo:
@@ -73,4 +77,4 @@ bench: bytecode
 	bench/run_all.sh
 
 clean:
-	rm -rf build .pytest_cache tests/output
+	rm -rf dist .pytest_cache tests/output

@@ -139,9 +139,9 @@ from ansible_collections.libcare.livepatch.plugins.module_utils.engine_import im
 
 ENGINE_IMPORT_ERROR = None
 try:
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build import compiler
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild import compiler
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.api import build_patches
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
@@ -254,7 +254,7 @@ def compiler_wrapper(directory):
     marker = os.sep + os.path.join("ansible_collections", "libcare", "livepatch") + os.sep
     payload_root = package_file[: package_file.rindex(marker)]
     code = (f"import sys; sys.path.insert(0, {payload_root!r}); "
-            "from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.build.compiler import main; "
+            "from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.compiler import main; "
             "raise SystemExit(main(sys.argv[1:]))")
     path = os.path.join(directory, "libcare-cc")
     with open(path, "w") as stream:

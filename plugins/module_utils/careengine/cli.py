@@ -16,9 +16,9 @@ from .errors import CareError
 # tool name -> (module relative to this package, function taking argv, returning exit code)
 TOOLS: dict[str, tuple[str, str]] = {
     "ctl": (".apply.ctl", "main"),
-    "patch-make": (".build.patchmake", "main"),
-    "cc": (".build.compiler", "main"),
-    "c++": (".build.compiler", "main_cxx"),
+    "patch-make": (".patchbuild.patchmake", "main"),
+    "cc": (".patchbuild.compiler", "main"),
+    "c++": (".patchbuild.compiler", "main_cxx"),
     "dump": (".cli", "dump_main"),
 }
 

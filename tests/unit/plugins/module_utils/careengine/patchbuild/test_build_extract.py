@@ -9,8 +9,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine import patchfile
-from plugins.module_utils.careengine.build import extract
 from plugins.module_utils.careengine.errors import BuildError
+from plugins.module_utils.careengine.patchbuild import extract
 
 ORIGINAL_C = r"""
 #include <stdio.h>

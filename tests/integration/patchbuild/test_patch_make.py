@@ -13,8 +13,8 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine import patchfile
-from plugins.module_utils.careengine.build import api
 from plugins.module_utils.careengine.errors import BuildError
+from plugins.module_utils.careengine.patchbuild import api
 
 pytest.importorskip("plugins.module_utils.careengine.asm.gensrc", reason="the asm diff has not landed yet")
 

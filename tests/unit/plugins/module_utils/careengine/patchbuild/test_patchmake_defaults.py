@@ -1,6 +1,6 @@
 """libcare-patch-make builds through our wrappers unless the user names a compiler."""
 
-from plugins.module_utils.careengine.build.patchmake import with_default_compiler
+from plugins.module_utils.careengine.patchbuild.patchmake import with_default_compiler
 
 
 def test_default_compilers_are_our_wrappers(tmp_path):

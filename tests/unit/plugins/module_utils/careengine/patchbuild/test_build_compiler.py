@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from elftools.elf.elffile import ELFFile
 
-from plugins.module_utils.careengine.build import compiler
+from plugins.module_utils.careengine.patchbuild import compiler
 
 ROOT = Path(__file__).resolve().parents[6]
 LIBCARE_CC = str(ROOT / "bin" / "libcare-cc")
@@ -197,7 +197,7 @@ def test_patched_stage_refuses_a_signature_change(project):
 
 def test_pass_through_path_imports_no_elf_reader():
     code = ("import sys; from plugins.module_utils.careengine import cli; "
-            "from plugins.module_utils.careengine.build import compiler; "
+            "from plugins.module_utils.careengine.patchbuild import compiler; "
             "print(sorted(m for m in sys.modules if m.startswith(('elftools', 'subprocess'))))")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"

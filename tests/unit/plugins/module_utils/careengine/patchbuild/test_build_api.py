@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from plugins.module_utils.careengine.build import api
 from plugins.module_utils.careengine.errors import BuildError
+from plugins.module_utils.careengine.patchbuild import api
 
 PATCH = """\
 --- a/src/a.txt
