@@ -19,10 +19,11 @@ Unpatch (:func:`unpatch_process`) checks that no thread is anywhere in the patch
 mapping (new functions and the jump table included), restores the saved bytes and
 unmaps. Info (:func:`info_process`) only reads memory: it never stops the patient.
 
-Memory protection: the patch mapping stays read-write-execute, as LibCare's does. Its
-ELF image interleaves ``.kpatch.text`` and ``.kpatch.data`` within pages, so splitting
-protections would mean re-laying out the image; one RWX anonymous mapping is what
-``info``/``unpatch`` (ours and LibCare's) recognise.
+Memory protection (W^X): the patch mapping is made read + write while it is filled, then
+its code part (header, ELF image, jump table, undo bytes) becomes read + execute and its
+data (``.kpatch.data``, on pages of its own, see :mod:`.layout`) stays read + write; no page
+is both writable and executable. LibCare maps one RWX region, so its ``info``/``unpatch``
+do not recognise a patch applied by this engine.
 """
 
 from __future__ import annotations
