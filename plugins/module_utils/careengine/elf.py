@@ -15,6 +15,7 @@ from elftools.elf.elffile import ELFFile
 
 from .errors import CareError
 
+ELF_MAGIC = b"\x7fELF"
 NT_GNU_BUILD_ID = 3
 
 
@@ -68,6 +69,6 @@ def is_elf(path: str) -> bool:
         if not os.path.isfile(path):
             return False
         with open(path, "rb") as stream:
-            return stream.read(4) == b"\x7fELF"
+            return stream.read(4) == ELF_MAGIC
     except OSError:
         return False

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 from ..errors import CareError
 from ..patchfile import JUMP_SIZE
+from ..process.maps import PAGE_SIZE
 
-PAGE_SIZE = 4096
 JUMP_ENTRY_SIZE = 16
 JUMP_TABLE_HEADER_SIZE = 16
 # jmp *2(%rip); nop; nop — then the 8-byte absolute target the jmp reads.

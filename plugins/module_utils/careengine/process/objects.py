@@ -10,17 +10,21 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
+from elftools.elf.enums import ENUM_E_TYPE, ENUM_EI_CLASS, ENUM_EI_DATA, ENUM_P_TYPE_BASE
+
 from .. import elf
 from ..errors import CareError
+from ..patchfile import HEADER_SIZE as PATCH_HEADER_SIZE
+from ..patchfile import MAGIC as PATCH_MAGIC
 from .maps import Mapping, page_down, read_maps
 from .memory import read_ranges_lenient
 
-ELF_MAGIC = b"\x7fELF"
-ELFCLASS64 = 2
-ET_EXEC = 2
-ET_DYN = 3
-PT_LOAD = 1
-PT_NOTE = 4
+ELFCLASS64 = ENUM_EI_CLASS["ELFCLASS64"]
+ELFDATA2LSB = ENUM_EI_DATA["ELFDATA2LSB"]
+ET_EXEC = ENUM_E_TYPE["ET_EXEC"]
+ET_DYN = ENUM_E_TYPE["ET_DYN"]
+PT_LOAD = ENUM_P_TYPE_BASE["PT_LOAD"]
+PT_NOTE = ENUM_P_TYPE_BASE["PT_NOTE"]
 _ELF_TYPE_NAMES = {ET_EXEC: "ET_EXEC", ET_DYN: "ET_DYN"}
 # e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum
 _EHDR = struct.Struct("<HHIQQQIHHH")
@@ -28,9 +32,6 @@ _EHDR_OFFSET = 16
 _PHDR = struct.Struct("<IIQQQQQQ")  # p_type, p_flags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, p_align
 _HEADER_READ = 4096
 _MAX_NOTE_SIZE = 64 * 1024
-
-PATCH_MAGIC = b"KPATCH1\0"
-PATCH_HEADER_SIZE = 688
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def group_file_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
 
 def _parse_headers(header: bytes) -> tuple[int, int, int, int] | None:
     """(e_type, e_phoff, e_phentsize, e_phnum) of a 64-bit little-endian ELF header, else None."""
-    if len(header) < 64 or header[:4] != ELF_MAGIC or header[4] != ELFCLASS64 or header[5] != 1:
+    if len(header) < 64 or header[:4] != elf.ELF_MAGIC or header[4] != ELFCLASS64 or header[5] != ELFDATA2LSB:
         return None
     e_type, _, _, _, e_phoff, _, _, _, e_phentsize, e_phnum = _EHDR.unpack_from(header, _EHDR_OFFSET)
     if e_type not in _ELF_TYPE_NAMES or e_phentsize < _PHDR.size:
