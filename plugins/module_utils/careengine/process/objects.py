@@ -126,23 +126,43 @@ def _first_mapping(group: list[Mapping]) -> Mapping | None:
     return None
 
 
-def mapped_objects(pid: int, mappings: list[Mapping] | None = None) -> list[MappedObject]:
-    """The ELF objects mapped by process ``pid``, in maps order.
+@dataclass(frozen=True)
+class _ParsedObject:
+    """An object whose ELF and program headers were read from the patient."""
 
-    Two bulk reads of the patient's memory serve all objects: one for the first page of
-    every object (ELF and program headers), one for the notes holding the build-ids.
-    """
-    if mappings is None:
-        mappings = read_maps(pid)
+    group: tuple[Mapping, ...]
+    first: Mapping
+    e_type: int
+    segments: tuple[_Segment, ...]
+
+
+@dataclass(frozen=True)
+class _TableRead:
+    """An object whose program header table lies beyond the first read: read it apart."""
+
+    group: tuple[Mapping, ...]
+    first: Mapping
+    e_type: int
+    e_phoff: int
+    e_phentsize: int
+    e_phnum: int
+
+
+def _header_candidates(mappings: list[Mapping]) -> list[tuple[list[Mapping], Mapping]]:
+    """Each file's mappings with the mapping of its start, when that could hold an ELF header."""
     candidates = []
     for group in group_file_mappings(mappings):
         first = _first_mapping(group)
         if first is not None and first.readable and first.size >= 64:
             candidates.append((group, first))
-    headers = read_ranges_lenient(pid, [(first.start, min(first.size, _HEADER_READ)) for _, first in candidates])
+    return candidates
 
-    parsed = []  # (group, first, e_type, segments)
-    extra_reads = []
+
+def _parse_candidates(pid: int, candidates: list[tuple[list[Mapping], Mapping]]) -> list[_ParsedObject]:
+    """The ELF objects among ``candidates``, in maps order: one bulk read of their first page,
+    a second one for the program header tables that do not fit in it."""
+    headers = read_ranges_lenient(pid, [(first.start, min(first.size, _HEADER_READ)) for _, first in candidates])
+    parsed: list[_ParsedObject | _TableRead] = []
     for (group, first), header in zip(candidates, headers, strict=True):
         facts = _parse_headers(header) if header else None
         if facts is None:
@@ -150,37 +170,62 @@ def mapped_objects(pid: int, mappings: list[Mapping] | None = None) -> list[Mapp
         e_type, e_phoff, e_phentsize, e_phnum = facts
         table_end = e_phoff + e_phentsize * e_phnum
         if table_end <= len(header):
-            segments = _parse_segments(header[e_phoff:table_end], e_phentsize, e_phnum)
-            parsed.append((group, first, e_type, segments))
+            segments = tuple(_parse_segments(header[e_phoff:table_end], e_phentsize, e_phnum))
+            parsed.append(_ParsedObject(tuple(group), first, e_type, segments))
         else:
-            extra_reads.append((group, first, e_type, e_phoff, e_phentsize, e_phnum))
-    if extra_reads:
-        tables = read_ranges_lenient(
-            pid, [(first.start + phoff, size * num) for _, first, _, phoff, size, num in extra_reads]
-        )
-        for (group, first, e_type, _, size, num), table in zip(extra_reads, tables, strict=True):
-            if table is not None:
-                parsed.append((group, first, e_type, _parse_segments(table, size, num)))
-    # Keep maps order.
-    order = {id(first): index for index, (_, first) in enumerate(candidates)}
-    parsed.sort(key=lambda item: order[id(item[1])])
+            parsed.append(_TableRead(tuple(group), first, e_type, e_phoff, e_phentsize, e_phnum))
+    return _read_far_tables(pid, parsed)
 
+
+def _read_far_tables(pid: int, parsed: list[_ParsedObject | _TableRead]) -> list[_ParsedObject]:
+    """``parsed`` with every pending program header table read (one bulk read), order kept;
+    an object whose table cannot be read is left out."""
+    pending = [item for item in parsed if isinstance(item, _TableRead)]
+    if not pending:
+        return [item for item in parsed if isinstance(item, _ParsedObject)]
+    tables = read_ranges_lenient(
+        pid, [(item.first.start + item.e_phoff, item.e_phentsize * item.e_phnum) for item in pending]
+    )
+    tables_read = iter(tables)
+    done = []
+    for item in parsed:
+        if isinstance(item, _ParsedObject):
+            done.append(item)
+            continue
+        table = next(tables_read)
+        if table is not None:
+            segments = tuple(_parse_segments(table, item.e_phentsize, item.e_phnum))
+            done.append(_ParsedObject(item.group, item.first, item.e_type, segments))
+    return done
+
+
+def _load_bias(parsed: _ParsedObject) -> int:
+    """How far the object was moved from its link-time addresses (0 for ET_EXEC)."""
+    loads = [segment for segment in parsed.segments if segment.p_type == PT_LOAD]
+    if parsed.e_type == ET_EXEC or not loads:
+        return 0
+    return parsed.first.start - page_down(min(segment.p_vaddr for segment in loads))
+
+
+def _note_ranges(parsed: _ParsedObject, load_bias: int) -> list[tuple[int, int]]:
+    """The patient ranges of the object's PT_NOTE segments that are mapped readable."""
+    ranges = []
+    for segment in parsed.segments:
+        if segment.p_type == PT_NOTE and 0 < segment.p_filesz <= _MAX_NOTE_SIZE:
+            address = load_bias + segment.p_vaddr
+            if any(m.contains(address) and m.readable for m in parsed.group):
+                ranges.append((address, segment.p_filesz))
+    return ranges
+
+
+def _build_ids_from_memory(pid: int, parsed: list[_ParsedObject], load_biases: list[int]) -> dict[int, str]:
+    """Build-id per index into ``parsed``, from the notes in the patient's memory (one bulk read)."""
     note_ranges: list[tuple[int, int]] = []
     note_owner: list[int] = []
-    layouts = []
-    for index, (group, first, e_type, segments) in enumerate(parsed):
-        loads = [segment for segment in segments if segment.p_type == PT_LOAD]
-        if e_type == ET_EXEC or not loads:
-            load_bias = 0
-        else:
-            load_bias = first.start - page_down(min(segment.p_vaddr for segment in loads))
-        layouts.append(load_bias)
-        for segment in segments:
-            if segment.p_type == PT_NOTE and 0 < segment.p_filesz <= _MAX_NOTE_SIZE:
-                address = load_bias + segment.p_vaddr
-                if any(m.contains(address) and m.readable for m in group):
-                    note_ranges.append((address, segment.p_filesz))
-                    note_owner.append(index)
+    for index, (item, load_bias) in enumerate(zip(parsed, load_biases, strict=True)):
+        ranges = _note_ranges(item, load_bias)
+        note_ranges.extend(ranges)
+        note_owner.extend([index] * len(ranges))
     notes = read_ranges_lenient(pid, note_ranges) if note_ranges else []
     build_ids: dict[int, str] = {}
     for owner, note_bytes in zip(note_owner, notes, strict=True):
@@ -188,21 +233,35 @@ def mapped_objects(pid: int, mappings: list[Mapping] | None = None) -> list[Mapp
             found = elf.build_id_from_notes(note_bytes)
             if found:
                 build_ids[owner] = found
+    return build_ids
 
+
+def mapped_objects(pid: int, mappings: list[Mapping] | None = None) -> list[MappedObject]:
+    """The ELF objects mapped by process ``pid``, in maps order.
+
+    Two bulk reads of the patient's memory serve all objects: one for the first page of
+    every object (ELF and program headers), one for the notes holding the build-ids (and
+    a third when a program header table lies beyond an object's first page).
+    """
+    if mappings is None:
+        mappings = read_maps(pid)
+    parsed = _parse_candidates(pid, _header_candidates(mappings))
+    load_biases = [_load_bias(item) for item in parsed]
+    build_ids = _build_ids_from_memory(pid, parsed, load_biases)
     objects = []
-    for index, (group, first, e_type, _) in enumerate(parsed):
+    for index, item in enumerate(parsed):
         build_id = build_ids.get(index)
         if build_id is None:
-            build_id = _build_id_from_file(pid, first)
+            build_id = _build_id_from_file(pid, item.first)
         objects.append(
             MappedObject(
-                path=first.clean_path,
+                path=item.first.clean_path,
                 build_id=build_id,
-                load_bias=layouts[index],
-                start=min(m.start for m in group),
-                end=max(m.end for m in group),
-                mappings=tuple(group),
-                elf_type=_ELF_TYPE_NAMES[e_type],
+                load_bias=load_biases[index],
+                start=min(m.start for m in item.group),
+                end=max(m.end for m in item.group),
+                mappings=item.group,
+                elf_type=_ELF_TYPE_NAMES[item.e_type],
             )
         )
     return objects
