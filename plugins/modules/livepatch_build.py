@@ -124,8 +124,6 @@ digest:
   sample: 0f4c2d9be1c1f1f6c3e5b1b0a8c8e9a7d3b2c1e0f9a8b7c6d5e4f3a2b1c0d9e8
 """
 
-import hashlib  # noqa: E402
-import json  # noqa: E402
 import os  # noqa: E402
 import shlex  # noqa: E402
 import sys  # noqa: E402
@@ -142,106 +140,18 @@ try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild import compiler
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.api import build_patches
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.digest import (
+        build_digest,
+        built_patch_json,
+        manifest_after_build,
+        manifest_path,
+        read_manifest,
+        tree_files,
+        write_manifest,
+    )
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
-
-# Directories that only ever hold build state, never sources.
-SKIPPED_DIRS = frozenset((".git", ".hg", ".svn", "lpmake", "patchroot", ".lpmaketmp", "__pycache__"))
-# Build products recognisable by name; ELF files are recognised by their magic as well.
-SKIPPED_SUFFIXES = (".o", ".a", ".so", ".lo", ".la", ".pyc")
-ELF_MAGIC = b"\x7fELF"
-MANIFEST_PREFIX = ".livepatch_build."
-
-
-def file_digest(path):
-    """sha256 of a file's content (of the link text for a symlink), or None for an ELF file."""
-    if os.path.islink(path):
-        return hashlib.sha256(os.readlink(path).encode()).hexdigest()
-    digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        head = stream.read(65536)
-        if head.startswith(ELF_MAGIC):
-            return None
-        while head:
-            digest.update(head)
-            head = stream.read(65536)
-    return digest.hexdigest()
-
-
-def tree_files(src, excluded, skip_dir=None):
-    """``{relative path: content digest}`` of the source files under ``src``.
-
-    Skips build-state directories, ``skip_dir`` (the store when it lies inside ``src``),
-    object files, ELF files and the paths in ``excluded`` (what an earlier build produced).
-    """
-    files = {}
-    for top, dirs, names in os.walk(src):
-        dirs[:] = sorted(
-            d for d in dirs
-            if d not in SKIPPED_DIRS and os.path.realpath(os.path.join(top, d)) != skip_dir
-        )
-        for name in names:
-            if name.endswith(SKIPPED_SUFFIXES) or ".so." in name:
-                continue
-            path = os.path.join(top, name)
-            relative = os.path.relpath(path, src)
-            if relative in excluded or not (os.path.isfile(path) or os.path.islink(path)):
-                continue
-            content = file_digest(path)
-            if content is not None:
-                files[relative] = content
-    return files
-
-
-def build_digest(files, patches, make_args):
-    """One digest over the source files, the patches (in order) and the make arguments."""
-    digest = hashlib.sha256()
-    for patch in patches:
-        digest.update(b"patch\0" + file_digest(patch).encode() + b"\0")
-    for argument in make_args:
-        digest.update(b"make_arg\0" + argument.encode() + b"\0")
-    for relative in sorted(files):
-        digest.update(b"file\0" + relative.encode() + b"\0" + files[relative].encode() + b"\0")
-    return digest.hexdigest()
-
-
-def manifest_path(dest, src):
-    """Where the digest of the last build of ``src`` into ``dest`` is kept."""
-    key = hashlib.sha256(os.path.realpath(src).encode()).hexdigest()[:16]
-    return os.path.join(dest, MANIFEST_PREFIX + key + ".json")
-
-
-def read_manifest(path):
-    """The manifest of the last successful build, or an empty one."""
-    try:
-        with open(path) as stream:
-            manifest = json.load(stream)
-    except (OSError, ValueError):
-        return {"digest": None, "outputs": [], "patches": []}
-    manifest.setdefault("outputs", [])
-    manifest.setdefault("patches", [])
-    return manifest
-
-
-def write_manifest(path, manifest):
-    temporary = path + ".tmp"
-    with open(temporary, "w") as stream:
-        json.dump(manifest, stream, indent=1, sort_keys=True)
-    os.replace(temporary, path)
-
-
-def built_patch_json(patch):
-    stored_path = getattr(patch, "stored_path", None)
-    return {
-        "build_id": patch.build_id,
-        "path": stored_path or patch.path,
-        "level": getattr(patch, "level", None),
-        "object": patch.object,
-        "functions": list(patch.functions),
-        "new_functions": list(patch.new_functions),
-    }
-
 
 def compiler_wrapper(directory):
     """Write a ``libcare-cc`` for this host into ``directory``; return its path.
@@ -263,6 +173,23 @@ def compiler_wrapper(directory):
     return path
 
 
+def check_inputs(module, src, patches):
+    """Fail (or, in check mode before the sources were copied, exit "would build")
+    unless ``src`` is a directory and every patch a file."""
+    missing = [path for path in [src] if not os.path.isdir(path)] + [p for p in patches if not os.path.isfile(p)]
+    if module.check_mode and missing and patches:
+        # A check before the sources were copied: a real run would build them.
+        module.exit_json(changed=True, patches=[], digest=None,
+                         msg=f"would build: {', '.join(missing)} not there yet")
+    if not os.path.isdir(src):
+        module.fail_json(msg=f"src {src} is not a directory")
+    for patch in patches:
+        if not os.path.isfile(patch):
+            module.fail_json(msg=f"patch {patch} does not exist")
+    if not patches:
+        module.fail_json(msg="patches must name at least one patch file")
+
+
 def run_module():
     module = AnsibleModule(
         argument_spec=dict(
@@ -279,32 +206,15 @@ def run_module():
 
     params = module.params
     src, dest, patches, make_args = params["src"], params["dest"], params["patches"], params["make_args"]
-    missing = [path for path in [src] if not os.path.isdir(path)] + [p for p in patches if not os.path.isfile(p)]
-    if module.check_mode and missing and patches:
-        # A check before the sources were copied: a real run would build them.
-        module.exit_json(changed=True, patches=[], digest=None,
-                         msg=f"would build: {', '.join(missing)} not there yet")
-    if not os.path.isdir(src):
-        module.fail_json(msg=f"src {src} is not a directory")
-    for patch in patches:
-        if not os.path.isfile(patch):
-            module.fail_json(msg=f"patch {patch} does not exist")
-    if not patches:
-        module.fail_json(msg="patches must name at least one patch file")
+    check_inputs(module, src, patches)
 
     store_dir = os.path.realpath(dest)
     manifest_file = manifest_path(dest, src)
     manifest = read_manifest(manifest_file)
-    previous_outputs = set(manifest["outputs"])
-    before = tree_files(src, previous_outputs, store_dir)
+    before = tree_files(src, manifest.outputs, store_dir)
     digest = build_digest(before, patches, make_args)
-    up_to_date = (
-        manifest.get("digest") == digest
-        and manifest["patches"]
-        and all(os.path.isfile(p["path"]) for p in manifest["patches"])
-    )
-    if up_to_date:
-        module.exit_json(changed=False, patches=manifest["patches"], digest=digest)
+    if manifest.is_current(digest):
+        module.exit_json(changed=False, patches=list(manifest.patches), digest=digest)
     if module.check_mode:
         module.exit_json(changed=True, patches=[], digest=digest)
 
@@ -318,22 +228,14 @@ def run_module():
     except CareError as exc:
         module.fail_json(msg=str(exc), exception=traceback.format_exc())
 
-    after = tree_files(src, previous_outputs, store_dir)
-    produced = {path for path, content in after.items() if before.get(path) != content}
-    outputs = sorted(produced | previous_outputs)
-    sources = {path: content for path, content in after.items() if path not in produced}
+    after = tree_files(src, manifest.outputs, store_dir)
     built = [built_patch_json(patch) for patch in result.patches]
     if not built:
         module.warn("the build produced no patch: do the patches change any function, and does the "
                     "project compile with CC set to libcare-cc?")
-    manifest = {
-        "src": os.path.realpath(src),
-        "digest": build_digest(sources, patches, make_args),
-        "outputs": outputs,
-        "patches": built,
-    }
+    manifest = manifest_after_build(src, patches, make_args, before, after, manifest, built)
     write_manifest(manifest_file, manifest)
-    module.exit_json(changed=True, patches=built, digest=manifest["digest"])
+    module.exit_json(changed=True, patches=built, digest=manifest.digest)
 
 
 def main():
