@@ -6,8 +6,14 @@ Layout (LibCare's)::
     <store>/<build-id>/latest -> <level>        (the level in force)
     <store>/<build-id>.kpatch                   (flat form, level from its header)
 
+    <store>/SHA256SUMS                          (digest of every patch file, see integrity)
+    <store>/SHA256SUMS.sig                      (optional OpenSSH signature of SHA256SUMS)
+
 A :class:`PatchSource` is what ``libcare-ctl patch`` and the ``livepatch`` module take:
-either a store directory or a single patch file.
+either a store directory or a single patch file. Unless told not to verify, it hands out
+only patches whose bytes have the digest its ``SHA256SUMS`` lists (a single file: the
+``SHA256SUMS`` in its own directory), and with ``allowed_signers`` only from a store whose
+``SHA256SUMS`` is signed by an allowed key.
 """
 
 from __future__ import annotations
@@ -15,8 +21,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .errors import StoreError
-from .patchfile import PatchFile, load_patch, normalize_build_id
+from .errors import PatchFormatError, StoreError
+from .integrity import IntegrityError, check_listed, read_sums, verify_signature, write_sums
+from .patchfile import PatchFile, decode_patch, load_patch, normalize_build_id
 
 PATCH_FILENAME = "kpatch.bin"
 LATEST_LINK = "latest"
@@ -118,6 +125,7 @@ class PatchStore:
         with open(temporary, "wb") as stream:
             stream.write(data)
         os.replace(temporary, path)
+        write_sums(self.root)
         if make_latest:
             self._point_latest(patch.build_id, level)
         return path
@@ -136,15 +144,61 @@ def _same_patch(stored: bytes, new: bytes) -> bool:
     return stored[:336] == new[:336] and stored[344:] == new[344:]
 
 
-class PatchSource:
-    """Where patches come from: a store directory or one patch file."""
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as stream:
+            return stream.read()
+    except OSError as exc:
+        raise PatchFormatError(f"cannot read patch file {path}: {exc.strerror}") from None
 
-    def __init__(self, path: str) -> None:
+
+class PatchSource:
+    """Where patches come from: a store directory or one patch file.
+
+    ``verify`` (default): refuse a directory without ``SHA256SUMS`` at once, and hand out
+    only patches whose digest it lists. ``allowed_signers``: also require ``SHA256SUMS.sig``
+    to verify with that ``allowed_signers`` file (the signer is kept in :attr:`signer`).
+    Everything is checked here, before the engine touches any process.
+    """
+
+    def __init__(self, path: str, *, verify: bool = True, allowed_signers: str | None = None) -> None:
         if not os.path.exists(path):
             raise StoreError(f"patch source {path} does not exist")
+        if allowed_signers and not verify:
+            raise IntegrityError("--allowed-signers and --no-verify exclude each other")
         self.path = path
         self.store = PatchStore(path) if os.path.isdir(path) else None
-        self._single: PatchFile | None = None if self.store else load_patch(path)
+        self.verified = verify
+        self.signer: str | None = None
+        self.sums_dir = path if self.store is not None else (os.path.dirname(path) or ".")
+        self._sums: dict[str, str] | None = None
+        self._checked: dict[tuple[str, int, int], PatchFile] = {}
+        if verify:
+            self._sums = read_sums(self.sums_dir)
+            if self._sums is None:
+                what = "patch store" if self.store is not None else f"directory of {path}"
+                raise IntegrityError(f"the {what} {self.sums_dir} has no SHA256SUMS: cannot check the patches "
+                                     "(rebuild them with libcare-patch-make, or apply unverified with --no-verify)")
+            if allowed_signers:
+                self.signer = verify_signature(self.sums_dir, allowed_signers)
+        self._single: PatchFile | None = None if self.store else self._read(path)
+
+    def _read(self, path: str) -> PatchFile:
+        """Decode the patch at ``path``; when verifying, from the very bytes whose digest was checked."""
+        if not self.verified:
+            return load_patch(path)
+        try:
+            status = os.stat(path)
+        except OSError as exc:
+            raise PatchFormatError(f"cannot read patch file {path}: {exc.strerror}") from None
+        key = (path, status.st_size, status.st_mtime_ns)
+        cached = self._checked.get(key)
+        if cached is None:
+            raw = _read_bytes(path)
+            assert self._sums is not None
+            check_listed(self.sums_dir, self._sums, path, raw)
+            cached = self._checked[key] = decode_patch(raw, source=path)
+        return cached
 
     def find(self, build_id: str) -> StoredPatch | None:
         """The patch to apply to the object with ``build_id``, or None."""
@@ -163,7 +217,8 @@ class PatchSource:
         return [self._single.build_id]
 
     def load(self, found: StoredPatch) -> PatchFile:
-        """Read the patch found by :meth:`find`, with its level set."""
+        """Read the patch found by :meth:`find`, with its level set (checked against
+        ``SHA256SUMS`` unless the source does not verify)."""
         if self._single is not None and found.path == self.path:
             return self._single.with_level(found.level)
-        return load_patch(found.path).with_level(found.level)
+        return self._read(found.path).with_level(found.level)

@@ -178,6 +178,9 @@ def patch_make(project: Path, *patches: str) -> tuple[Path, dict[str, Path]]:
         copy = saved / path.name
         shutil.copy(path, copy)
         found[path.name[: -len(".kpatch")]] = copy
+    for name in ("SHA256SUMS", "SHA256SUMS.sig"):      # the digests (and signature) patch-make wrote
+        if (project / "patchroot" / name).exists():
+            shutil.copy(project / "patchroot" / name, saved / name)
     return saved, found
 
 

@@ -311,8 +311,9 @@ def test_errors_are_one_line_and_leave_the_patient_alone(libdemo, nonpie, start,
     cases = [
         (["patch", "-p", str(patient.pid), str(nonpie.patch_of(nonpie.binary))], "has build-id"),
         (["patch", "-p", str(_dead_pid()), str(libdemo.patch_of(libdemo.binary))], "does not exist"),
-        (["patch", "-p", str(patient.pid), str(truncated)], "truncated"),
-        (["patch", "-p", str(patient.pid), str(noise)], "not a patch file"),
+        (["patch", "-p", str(patient.pid), str(truncated)], "has no SHA256SUMS"),
+        (["patch", "--no-verify", "-p", str(patient.pid), str(truncated)], "truncated"),
+        (["patch", "--no-verify", "-p", str(patient.pid), str(noise)], "not a patch file"),
         (["patch", "-p", str(patient.pid), str(tmp_path / "missing")], "does not exist"),
         (["unpatch", "-p", str(_dead_pid())], "does not exist"),
     ]

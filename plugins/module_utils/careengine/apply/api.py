@@ -50,15 +50,29 @@ def _safely(pid: int, action, *args, **kwargs):
         return _failed_process(pid, f"internal error: {type(exc).__name__}: {exc}")
 
 
-def patch_processes(source: str, pids: list[int] | None = None, *, level: int | None = None,
-                    timeout: float = 5.0, retries: int = 0, check: bool = False) -> list[ProcessResult]:
+def open_source(source: str | PatchSource, *, verify: bool = True,
+                allowed_signers: str | None = None) -> PatchSource:
+    """The patch source at ``source``, its ``SHA256SUMS`` (and signature) checked (see
+    :class:`PatchSource`); raises a CareError before any process is looked at."""
+    if isinstance(source, PatchSource):
+        return source
+    return PatchSource(source, verify=verify, allowed_signers=allowed_signers)
+
+
+def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *, level: int | None = None,
+                    timeout: float = 5.0, retries: int = 0, check: bool = False, verify: bool = True,
+                    allowed_signers: str | None = None) -> list[ProcessResult]:
     """Apply the patches of ``source`` (store directory or patch file) to processes.
 
     ``pids`` None: every process (but ourselves and pid 1) mapping an object the source
     has a patch for. ``check``: read memory only and report what would happen
     (``paused_us`` None). ``retries``: extra whole attempts after a busy refusal.
+    ``verify`` / ``allowed_signers``: see :func:`open_source` (ignored when ``source``
+    is an opened :class:`PatchSource`). Each patch is also validated against itself and
+    its target object before the process is stopped (:mod:`.validate`).
     """
-    patch_source = PatchSource(source)
+    patch_source = open_source(source, verify=verify, allowed_signers=allowed_signers)
+    source = patch_source.path
     explicit = pids is not None
     if pids is None:
         build_ids = set(patch_source.build_ids())
@@ -101,7 +115,7 @@ def info_processes(pids: list[int] | None = None, source: str | None = None) -> 
     if source:
         if not os.path.exists(source):
             raise StoreError(f"patch source {source} does not exist")
-        patch_source = PatchSource(source)
+        patch_source = PatchSource(source, verify=False)   # read only: compares levels, applies nothing
     explicit = pids is not None
     if pids is None:
         pids = all_pids()
@@ -153,4 +167,4 @@ def select_pids(*, pid: int | None = None, pids: list[int] | None = None, exe: s
     return selected
 
 
-__all__ = ["ObjectResult", "info_processes", "patch_processes", "select_pids", "unpatch_processes"]
+__all__ = ["ObjectResult", "info_processes", "open_source", "patch_processes", "select_pids", "unpatch_processes"]

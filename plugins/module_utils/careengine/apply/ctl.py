@@ -47,7 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("--level", type=int, default=None, help="patch level to apply (default: latest)")
     patch.add_argument("--check", action="store_true", help="only report what would be done")
     patch.add_argument("--json", action="store_true", help="print one JSON object")
-    patch.add_argument("source", metavar="FILE|DIR", help="a patch file or a patch store directory")
+    trust = patch.add_mutually_exclusive_group()
+    trust.add_argument("--allowed-signers", metavar="FILE", default=None,
+                       help="require SHA256SUMS.sig, signed by a key this ssh allowed_signers file lists")
+    trust.add_argument("--no-verify", action="store_true",
+                       help="apply patches without checking them against SHA256SUMS (e.g. built by LibCare)")
+    patch.add_argument("source", metavar="FILE|DIR",
+                       help="a patch file or a patch store directory (checked against its SHA256SUMS)")
 
     unpatch = commands.add_parser("unpatch", aliases=["unpatch-user"], help="remove applied patches")
     unpatch.add_argument("-p", "--pid", type=_pid_argument, required=True, help="PID or 'all'")
@@ -97,18 +103,23 @@ def _pids(args) -> list[int] | None:
     return None if args.pid is None else [args.pid]
 
 
-def _print_json(results: list[ProcessResult]) -> None:
-    print(json.dumps({"processes": [r.to_json() for r in results], "summary": summarize_results(results)},
-                     indent=2))
+def _print_json(results: list[ProcessResult], extra: dict | None = None) -> None:
+    print(json.dumps({"processes": [r.to_json() for r in results], "summary": summarize_results(results),
+                      **(extra or {})}, indent=2))
 
 
 def _patch(args) -> int:
-    results = api.patch_processes(args.source, _pids(args), level=args.level, timeout=args.timeout,
+    source = api.open_source(args.source, verify=not args.no_verify, allowed_signers=args.allowed_signers)
+    if args.no_verify and not args.json:
+        print(f"The patches in '{args.source}' were NOT verified against SHA256SUMS (--no-verify)")
+    results = api.patch_processes(source, _pids(args), level=args.level, timeout=args.timeout,
                                   retries=args.retries, check=args.check)
     ok = all(result.ok for result in results)
     if args.json:
-        _print_json(results)
+        _print_json(results, {"integrity": {"verified": source.verified, "signer": source.signer}})
         return EXIT_OK if ok else EXIT_FAILED
+    if source.signer and args.verbose:
+        print(f"'{args.source}' is signed by {source.signer}")
     for result in results:
         _report_patch(result, args)
     if args.pid is None and not results:

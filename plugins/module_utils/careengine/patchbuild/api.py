@@ -232,6 +232,7 @@ def run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool = False)
 def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
     """Step 6: one patch per object of the patched install that has changes."""
     from ..elf import is_elf, read_build_id
+    from ..integrity import write_sums
     from ..patchfile import save_patch
     from .extract import extract_patch, has_patch_sections, has_symbol_table
 
@@ -271,6 +272,7 @@ def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
                 build.progress(f"warning: the patch for {relative} replaces no function, it only adds new ones "
                                "(was the tree built without libcare-cc before? then use --clean)")
             built[build_id] = BuiltPatch(build_id, path, original, extracted.functions, extracted.new_functions)
+    write_sums(patchroot)
     return list(built.values())
 
 
@@ -346,13 +348,15 @@ def install_into_store(built: BuiltPatch, store_root: str) -> BuiltPatch:
 def build_patches(src: str, patches: list[str], dest: str | None = None, make_args: Sequence[str] = (),
                   jobs: int | None = None, clean: bool = False, *, srcdir: str | None = None,
                   update: bool = False, destdir_variable: str = "DESTDIR",
-                  progress: Progress | None = None) -> BuildResult:
+                  progress: Progress | None = None, sign_key: str | None = None) -> BuildResult:
     """Build the project at ``src`` twice (original, patched) and extract its patches.
 
     ``patches`` are unified diffs applied with ``patch -p1`` in ``srcdir`` (default
     ``src``); ``make_args`` go to every make run (e.g. ``CC=/path/bin/libcare-cc``).
     With ``dest``, every patch is also installed in the patch store ``dest``.
     With ``update``, the builds are skipped and only extraction is redone.
+    ``patchroot/`` (and the store) get a ``SHA256SUMS``; with ``sign_key`` (an OpenSSH
+    private key) it is signed into ``SHA256SUMS.sig``.
     """
     project = os.path.abspath(src)
     if not os.path.isdir(project):
@@ -367,4 +371,11 @@ def build_patches(src: str, patches: list[str], dest: str | None = None, make_ar
     built = extract_all(build)
     if dest is not None:
         built = [install_into_store(patch, dest) for patch in built]
+    if sign_key:
+        from ..integrity import sign_sums
+
+        for directory in [build.path(PATCHROOT_DIR)] + ([dest] if dest is not None else []):
+            if os.path.isfile(os.path.join(directory, "SHA256SUMS")):
+                sign_sums(directory, sign_key)
+                build.progress(f"signed {directory}/SHA256SUMS with {sign_key}")
     return BuildResult(tuple(built))

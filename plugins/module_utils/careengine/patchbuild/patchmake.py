@@ -3,7 +3,9 @@
 Run in the project's directory (see :mod:`build.api` for the steps)::
 
     libcare-patch-make [--clean] [--update] [--srcdir DIR] [--destdir VAR] [-j N]
-                       [--make-arg ARG]... PATCH...
+                       [--make-arg ARG]... [--store DIR] [--sign KEY] PATCH...
+
+``patchroot/`` gets a ``SHA256SUMS`` of its patches (signed with ``--sign``).
 
 Progress goes to stderr, one line per stage; a failing build prints the end of make's
 output (the compiler's own error) and the tree is restored.
@@ -39,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
                         help="extra argument for every make run; without a CC=... here, "
                              "CC=<this tool's directory>/libcare-cc is passed to make")
     parser.add_argument("--store", help="also install the patches into this patch store")
+    parser.add_argument("--sign", metavar="KEY",
+                        help="sign SHA256SUMS of patchroot/ (and of --store) with this OpenSSH private key "
+                             "(ssh-keygen -Y sign, namespace libcare-livepatch) into SHA256SUMS.sig")
     parser.add_argument("patches", nargs="*", metavar="PATCH", help="unified diffs (-p1)")
     return parser
 
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> int:
     try:
         result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=make_args,
                                jobs=args.jobs, clean=args.clean, srcdir=args.srcdir, update=args.update,
-                               destdir_variable=args.destdir, progress=_progress)
+                               destdir_variable=args.destdir, progress=_progress, sign_key=args.sign)
     except MakeFailed as exc:
         tail = exc.output.splitlines()[-LOG_TAIL_LINES:]
         sys.stderr.write("".join(line + "\n" for line in tail))
