@@ -456,11 +456,21 @@ class _Extractor:
 
     # -- writing -------------------------------------------------------------------
     def _write(self, relocations: dict[int, list[_Rela]]) -> bytes:
+        """The relocatable ELF image: symbols, relocation sections, string tables, then layout."""
         structs = ELFStructs(little_endian=True, elfclass=64)
         structs.create_basic_structs()
         structs.create_advanced_structs("ET_REL", "EM_X86_64", "ELFOSABI_SYSV")
+        self._add_kpatch_symbols()
+        ordered = [s for s in self.symbols if s.bind == "STB_LOCAL"]
+        ordered += [s for s in self.symbols if s.bind != "STB_LOCAL"]
+        symtab_index = len(self.sections) + len(relocations)
+        self._append_relocation_sections(structs, relocations, ordered, symtab_index)
+        self._append_symbol_tables(structs, ordered, symtab_index)
+        name_offsets = self._append_section_names()
+        return _layout_image(structs, self.sections, name_offsets)
 
-        # Every kpatch section gets a section symbol; functions in .kpatch.text a symbol.
+    def _add_kpatch_symbols(self) -> None:
+        """Every kpatch section gets a section symbol; functions and objects in them a symbol."""
         for out_index in self.index_of.values():
             if is_kpatch_section(self.sections[out_index].name):
                 self.symbols.setdefault(self._section_symbol(out_index))
@@ -471,18 +481,10 @@ class _Extractor:
                     and symbol["st_info"]["type"] in ("STT_FUNC", "STT_OBJECT")):
                 self.symbols.setdefault(self.output_symbol(symbol, 0, "symbol")[0])
 
-        ordered = [s for s in self.symbols if s.bind == "STB_LOCAL"]
-        ordered += [s for s in self.symbols if s.bind != "STB_LOCAL"]
-        first_global = 1 + sum(1 for s in ordered if s.bind == "STB_LOCAL")
-        strtab = _StringTable()
+    def _append_relocation_sections(self, structs: ELFStructs, relocations: dict[int, list[_Rela]],
+                                    ordered: list[_Symbol], symtab_index: int) -> None:
+        """One ``.rela<section>`` per patched section, entries sorted by offset."""
         symbol_index = {symbol: number + 1 for number, symbol in enumerate(ordered)}
-        symtab_bytes = structs.Elf_Sym.build(_container(_sym_fields("", 0, 0, "STB_LOCAL", "STT_NOTYPE", "SHN_UNDEF", 0)))
-        for symbol in ordered:
-            symtab_bytes += structs.Elf_Sym.build(_container(_sym_fields(
-                symbol.name, symbol.value, symbol.size, symbol.bind, symbol.sym_type, symbol.shndx,
-                strtab.add(symbol.name) if symbol.name else 0, symbol.visibility)))
-
-        symtab_index = len(self.sections) + len(relocations)
         for patched_index in sorted(relocations):
             target = self.index_of[patched_index]
             data = b"".join(structs.Elf_Rela.build(_container({
@@ -492,48 +494,74 @@ class _Extractor:
             self.sections.append(_Section(".rela" + self.sections[target].name, "SHT_RELA", _SHF_INFO_LINK, 0,
                                           data=data, sh_addralign=8, sh_entsize=24,
                                           sh_link=symtab_index, sh_info=target))
+
+    def _append_symbol_tables(self, structs: ELFStructs, ordered: list[_Symbol], symtab_index: int) -> None:
+        """``.symtab`` (locals first, as ELF requires) and its ``.strtab``."""
+        first_global = 1 + sum(1 for s in ordered if s.bind == "STB_LOCAL")
+        strtab = _StringTable()
+        symtab_bytes = structs.Elf_Sym.build(_container(_sym_fields("", 0, 0, "STB_LOCAL", "STT_NOTYPE", "SHN_UNDEF", 0)))
+        for symbol in ordered:
+            symtab_bytes += structs.Elf_Sym.build(_container(_sym_fields(
+                symbol.name, symbol.value, symbol.size, symbol.bind, symbol.sym_type, symbol.shndx,
+                strtab.add(symbol.name) if symbol.name else 0, symbol.visibility)))
         self.sections.append(_Section(".symtab", "SHT_SYMTAB", 0, 0, data=symtab_bytes, sh_addralign=8,
                                       sh_entsize=24, sh_link=symtab_index + 1, sh_info=first_global))
         self.sections.append(_Section(".strtab", "SHT_STRTAB", 0, 0, data=strtab.data()))
+
+    def _append_section_names(self) -> list[int]:
+        """``.shstrtab`` appended last; the name offset of every section, in order."""
         shstrtab = _StringTable()
         name_offsets = [shstrtab.add(section.name) if section.name else 0 for section in self.sections]
         name_offsets.append(shstrtab.add(".shstrtab"))
         self.sections.append(_Section(".shstrtab", "SHT_STRTAB", 0, 0, data=shstrtab.data()))
+        return name_offsets
 
-        ehdr_size = structs.Elf_Ehdr.sizeof()
-        body = bytearray()
-        offsets = []
-        for section in self.sections:
-            align = max(section.sh_addralign, 1) if section.data else 1
-            position = ehdr_size + len(body)
-            padding = (-position) % align
-            body += b"\0" * padding
-            offsets.append(ehdr_size + len(body))
-            body += section.data
-        body += b"\0" * ((-(ehdr_size + len(body))) % 8)
-        shoff = ehdr_size + len(body)
-        headers = b""
-        for number, section in enumerate(self.sections):
-            size = len(section.data) if section.sh_type != "SHT_NOBITS" else section.size
-            if section.sh_type == "SHT_NULL":
-                fields = dict(sh_name=0, sh_type="SHT_NULL", sh_flags=0, sh_addr=0, sh_offset=0, sh_size=0,
-                              sh_link=0, sh_info=0, sh_addralign=0, sh_entsize=0)
-            else:
-                fields = dict(sh_name=name_offsets[number], sh_type=section.sh_type, sh_flags=section.sh_flags,
-                              sh_addr=section.sh_addr, sh_offset=offsets[number], sh_size=size,
-                              sh_link=section.sh_link, sh_info=section.sh_info,
-                              sh_addralign=section.sh_addralign, sh_entsize=section.sh_entsize)
-            headers += structs.Elf_Shdr.build(_container(fields))
-        ehdr = structs.Elf_Ehdr.build(_container({
-            "e_ident": {"EI_MAG": [0x7F, ord("E"), ord("L"), ord("F")], "EI_CLASS": "ELFCLASS64",
-                        "EI_DATA": "ELFDATA2LSB", "EI_VERSION": "EV_CURRENT", "EI_OSABI": "ELFOSABI_SYSV",
-                        "EI_ABIVERSION": 0},
-            "e_type": "ET_REL", "e_machine": "EM_X86_64", "e_version": "EV_CURRENT", "e_entry": 0,
-            "e_phoff": 0, "e_shoff": shoff, "e_flags": 0, "e_ehsize": ehdr_size, "e_phentsize": 0,
-            "e_phnum": 0, "e_shentsize": structs.Elf_Shdr.sizeof(), "e_shnum": len(self.sections),
-            "e_shstrndx": len(self.sections) - 1,
-        }))
-        return ehdr + bytes(body) + headers
+
+def _section_bodies(sections: list[_Section], ehdr_size: int) -> tuple[bytes, list[int]]:
+    """The section contents after the ELF header, each aligned, and their file offsets."""
+    body = bytearray()
+    offsets = []
+    for section in sections:
+        align = max(section.sh_addralign, 1) if section.data else 1
+        position = ehdr_size + len(body)
+        body += b"\0" * ((-position) % align)
+        offsets.append(ehdr_size + len(body))
+        body += section.data
+    body += b"\0" * ((-(ehdr_size + len(body))) % 8)
+    return bytes(body), offsets
+
+
+def _section_header(section: _Section, name_offset: int, offset: int) -> dict:
+    """The ``Elf64_Shdr`` fields of one section (all zero for the null section)."""
+    if section.sh_type == "SHT_NULL":
+        return dict(sh_name=0, sh_type="SHT_NULL", sh_flags=0, sh_addr=0, sh_offset=0, sh_size=0,
+                    sh_link=0, sh_info=0, sh_addralign=0, sh_entsize=0)
+    size = len(section.data) if section.sh_type != "SHT_NOBITS" else section.size
+    return dict(sh_name=name_offset, sh_type=section.sh_type, sh_flags=section.sh_flags,
+                sh_addr=section.sh_addr, sh_offset=offset, sh_size=size,
+                sh_link=section.sh_link, sh_info=section.sh_info,
+                sh_addralign=section.sh_addralign, sh_entsize=section.sh_entsize)
+
+
+def _layout_image(structs: ELFStructs, sections: list[_Section], name_offsets: list[int]) -> bytes:
+    """ELF header, section contents, section header table: the relocatable object's bytes."""
+    ehdr_size = structs.Elf_Ehdr.sizeof()
+    body, offsets = _section_bodies(sections, ehdr_size)
+    shoff = ehdr_size + len(body)
+    headers = b"".join(
+        structs.Elf_Shdr.build(_container(_section_header(section, name_offsets[number], offsets[number])))
+        for number, section in enumerate(sections)
+    )
+    ehdr = structs.Elf_Ehdr.build(_container({
+        "e_ident": {"EI_MAG": [0x7F, ord("E"), ord("L"), ord("F")], "EI_CLASS": "ELFCLASS64",
+                    "EI_DATA": "ELFDATA2LSB", "EI_VERSION": "EV_CURRENT", "EI_OSABI": "ELFOSABI_SYSV",
+                    "EI_ABIVERSION": 0},
+        "e_type": "ET_REL", "e_machine": "EM_X86_64", "e_version": "EV_CURRENT", "e_entry": 0,
+        "e_phoff": 0, "e_shoff": shoff, "e_flags": 0, "e_ehsize": ehdr_size, "e_phentsize": 0,
+        "e_phnum": 0, "e_shentsize": structs.Elf_Shdr.sizeof(), "e_shnum": len(sections),
+        "e_shstrndx": len(sections) - 1,
+    }))
+    return ehdr + body + headers
 
 
 def _container(fields: dict) -> Container:
