@@ -60,3 +60,7 @@ class UnsafeToPatch(CareError):
 
 class NotApplicable(CareError):
     """Nothing in the process matches the patch (no object with that build-id)."""
+
+
+class SyscallForbidden(CareError):
+    """The patient's seccomp policy would kill it or deny a system call the engine needs."""

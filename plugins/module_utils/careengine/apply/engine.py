@@ -68,6 +68,7 @@ from .layout import (
 from .objects import ObjectFile, object_file, preloaded_libraries, search_order
 from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
 from .split_parts import split_parts
+from .syscall_policy import check_seccomp, patch_mapping_calls, return_trampoline_calls
 
 PROT_READ_WRITE = 0x3
 PROT_READ_EXEC = 0x5
@@ -632,6 +633,9 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
     """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns."""
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
     with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
+        check_seccomp(stopped, [call for plan in plans for call in patch_mapping_calls(
+            plan.linked.address, plan.linked.layout.mapping_size, plan.linked.layout.code_size)]
+            + return_trampoline_calls())
         journal = Journal(stopped)
         try:
             for plan in plans:
@@ -743,6 +747,8 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
         try:
             warm_caches(patient, [guarded_patch_range(a) for a in selected])
             with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
+                check_seccomp(stopped, [call for applied in selected for call in patch_mapping_calls(
+                    applied.mapping.start, applied.total_size, applied.mapping.size)] + return_trampoline_calls())
                 journal = Journal(stopped)
                 try:
                     wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in selected], timeout, "unpatch")

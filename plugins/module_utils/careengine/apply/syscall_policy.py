@@ -1,0 +1,42 @@
+"""The system calls apply and unpatch will make in the patient, checked against its seccomp
+policy before the first one is made (a filter that kills on ``mmap(PROT_EXEC)`` must
+not cost the patient its life: we refuse instead)."""
+
+from __future__ import annotations
+
+from ..process import StoppedProcess, find_syscall_instruction
+from ..process.seccomp import PlannedSyscall, check_syscalls_allowed
+
+SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_GETPID = 9, 10, 11, 39
+PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
+MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
+PAGE = 4096
+_NO_FD = (1 << 64) - 1
+
+
+def patch_mapping_calls(address: int, size: int, code_size: int) -> list[PlannedSyscall]:
+    """Map a patch read + write, seal its code read + execute, unmap it (rollback, unpatch)."""
+    return [
+        PlannedSyscall("mmap(PROT_READ|PROT_WRITE)", SYS_MMAP,
+                       (address, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED_NOREPLACE,
+                        _NO_FD, 0)),
+        PlannedSyscall("mprotect(PROT_READ|PROT_EXEC)", SYS_MPROTECT, (address, code_size, PROT_READ | PROT_EXEC)),
+        PlannedSyscall("munmap", SYS_MUNMAP, (address, size)),
+    ]
+
+
+def return_trampoline_calls() -> list[PlannedSyscall]:
+    """The trampoline page of run-until-return (:mod:`.run_to_return`) and its marker syscall."""
+    return [
+        PlannedSyscall("mmap(PROT_READ|PROT_EXEC)", SYS_MMAP,
+                       (0, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, _NO_FD, 0)),
+        PlannedSyscall("getpid", SYS_GETPID, ()),
+        PlannedSyscall("munmap", SYS_MUNMAP, (0, PAGE)),
+    ]
+
+
+def check_seccomp(stopped: StoppedProcess, calls: list[PlannedSyscall]) -> None:
+    """SyscallForbidden (before any remote syscall) if a seccomp filter of the stopped
+    patient would kill it or deny one of ``calls``."""
+    site = find_syscall_instruction(stopped.pid)
+    check_syscalls_allowed(stopped.pid, stopped.tids, calls, site + 2)

@@ -1,0 +1,255 @@
+"""What a seccomp filter would do with the engine's own remote system calls.
+
+A patient under ``SECCOMP_MODE_FILTER`` may be killed (SIGSYS) or refused when the
+engine makes it call ``mmap``/``mprotect``/``munmap``. Before the first remote syscall,
+the filters of every stopped thread are read (``PTRACE_SECCOMP_GET_FILTER``, index 0, 1,
+... until ENOENT; needs CAP_SYS_ADMIN) and run, here, over the exact ``struct
+seccomp_data`` each planned call will present to the kernel. The most restrictive result
+across a thread's filters is what the kernel does (it takes the lowest action, compared
+as a signed 32-bit value). ``SECCOMP_MODE_STRICT`` allows only read/write/exit/sigreturn:
+refused outright.
+
+The interpreter (:func:`run_filter`) is pure: classic BPF as seccomp accepts it (loads
+of the 64-byte ``seccomp_data``, ALU, jumps, scratch memory, returns).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import struct
+from dataclasses import dataclass
+
+from ptrace import PtraceError
+from ptrace.binding import func as ptrace_func
+
+from ..errors import CareError, PermissionDenied, ProcessError, SyscallForbidden
+
+PTRACE_SECCOMP_GET_FILTER = 0x420C
+AUDIT_ARCH_X86_64 = 0xC000003E
+SECCOMP_MODE_DISABLED, SECCOMP_MODE_STRICT, SECCOMP_MODE_FILTER = 0, 1, 2
+INSTRUCTION_SIZE = 8                # struct sock_filter: u16 code, u8 jt, u8 jf, u32 k
+SECCOMP_DATA_SIZE = 64
+BPF_MAXINSNS = 4096
+_MEMWORDS = 16
+_U32 = 0xFFFFFFFF
+
+# Return values (action in the upper 16 bits, data in the lower 16).
+RET_KILL_PROCESS = 0x80000000
+RET_KILL_THREAD = 0x00000000
+RET_TRAP = 0x00030000
+RET_ERRNO = 0x00050000
+RET_USER_NOTIF = 0x7FC00000
+RET_TRACE = 0x7FF00000
+RET_LOG = 0x7FFC0000
+RET_ALLOW = 0x7FFF0000
+ACTION_MASK = 0xFFFF0000
+DATA_MASK = 0x0000FFFF
+
+# action -> (outcome, what it means for the patient); outcome "allow" lets the call run.
+ACTIONS = {
+    RET_KILL_PROCESS: ("kill", "kill the process on"),
+    RET_KILL_THREAD: ("kill", "kill the thread on"),
+    RET_TRAP: ("kill", "send SIGSYS on"),
+    RET_ERRNO: ("deny", "deny"),
+    RET_USER_NOTIF: ("deny", "hand to a user-space supervisor"),
+    RET_TRACE: ("deny", "deny (ENOSYS: no tracer asked for it)"),
+    RET_LOG: ("allow", "log and allow"),
+    RET_ALLOW: ("allow", "allow"),
+}
+
+
+class FilterError(CareError):
+    """A filter program this interpreter cannot run (the kernel would not have accepted it)."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    """One ``struct sock_filter``."""
+
+    code: int
+    jt: int
+    jf: int
+    k: int
+
+
+@dataclass(frozen=True)
+class PlannedSyscall:
+    """A system call the engine will make in the patient, as the filter sees it."""
+
+    label: str                 # for messages: "mmap(PROT_READ|PROT_EXEC)"
+    nr: int
+    args: tuple[int, ...]
+
+
+def decode_filter(raw: bytes) -> list[Instruction]:
+    """The instructions of a filter as the kernel returns it (8 bytes each)."""
+    if len(raw) % INSTRUCTION_SIZE:
+        raise FilterError(f"a seccomp filter of {len(raw)} bytes is not whole instructions")
+    return [Instruction(*fields) for fields in struct.iter_unpack("<HBBI", raw)]
+
+
+def seccomp_data(nr: int, args: tuple[int, ...], instruction_pointer: int, arch: int = AUDIT_ARCH_X86_64) -> bytes:
+    """The ``struct seccomp_data`` the kernel builds for this call."""
+    padded = tuple(arg & (1 << 64) - 1 for arg in args) + (0,) * (6 - len(args))
+    return struct.pack("<iIQ6Q", nr, arch, instruction_pointer, *padded)
+
+
+def _alu(op: int, a: int, operand: int) -> int:
+    if op in (0x30, 0x90) and operand == 0:
+        return -1                          # division by zero: the filter returns 0 (kill)
+    results = {
+        0x00: lambda: a + operand, 0x10: lambda: a - operand, 0x20: lambda: a * operand,
+        0x30: lambda: a // operand, 0x40: lambda: a | operand, 0x50: lambda: a & operand,
+        0x60: lambda: a << (operand & 31) if operand < 32 else 0,
+        0x70: lambda: a >> operand if operand < 32 else 0,
+        0x80: lambda: -a, 0x90: lambda: a % operand, 0xA0: lambda: a ^ operand,
+    }
+    if op not in results:
+        raise FilterError(f"unknown BPF ALU operation {op:#x}")
+    return results[op]() & _U32
+
+
+_JUMPS = {
+    0x10: lambda a, b: a == b,
+    0x20: lambda a, b: a > b,
+    0x30: lambda a, b: a >= b,
+    0x40: lambda a, b: bool(a & b),
+}
+
+
+def run_filter(program: list[Instruction], data: bytes) -> int:
+    """The 32-bit value the filter returns for ``data`` (a ``seccomp_data``)."""
+    a = x = 0
+    memory = [0] * _MEMWORDS
+    pc = 0
+    for _ in range(BPF_MAXINSNS + 1):
+        if not 0 <= pc < len(program):
+            raise FilterError(f"the filter runs off its end at instruction {pc}")
+        insn = program[pc]
+        pc += 1
+        kind = insn.code & 0x07
+        if kind in (0x00, 0x01):                       # LD, LDX
+            mode = insn.code & 0xE0
+            if mode == 0x00:
+                value = insn.k
+            elif mode == 0x20 and kind == 0x00 and (insn.code & 0x18) == 0x00:
+                if insn.k % 4 or insn.k + 4 > len(data):
+                    raise FilterError(f"the filter loads seccomp_data at offset {insn.k}")
+                value = struct.unpack_from("<I", data, insn.k)[0]
+            elif mode == 0x60:
+                value = memory[insn.k % _MEMWORDS]
+            elif mode == 0x80:
+                value = len(data)
+            else:
+                raise FilterError(f"BPF load {insn.code:#x} is not valid in a seccomp filter")
+            if kind == 0x00:
+                a = value
+            else:
+                x = value
+        elif kind == 0x02:                             # ST
+            memory[insn.k % _MEMWORDS] = a
+        elif kind == 0x03:                             # STX
+            memory[insn.k % _MEMWORDS] = x
+        elif kind == 0x04:                             # ALU
+            a = _alu(insn.code & 0xF0, a, x if insn.code & 0x08 else insn.k)
+            if a < 0:
+                return RET_KILL_THREAD
+        elif kind == 0x05:                             # JMP
+            op = insn.code & 0xF0
+            if op == 0x00:
+                pc += insn.k
+                continue
+            if op not in _JUMPS:
+                raise FilterError(f"unknown BPF jump {insn.code:#x}")
+            taken = _JUMPS[op](a, x if insn.code & 0x08 else insn.k)
+            pc += insn.jt if taken else insn.jf
+        elif kind == 0x06:                             # RET
+            return (a if (insn.code & 0x18) == 0x10 else insn.k) & _U32
+        else:                                          # MISC
+            if insn.code & 0xF8 == 0x00:
+                x = a
+            else:
+                a = x
+    raise FilterError("the filter does not return")
+
+
+def _signed(value: int) -> int:
+    return value - (1 << 32) if value & 0x80000000 else value
+
+
+def most_restrictive(values: list[int]) -> int:
+    """The result the kernel acts on among several filters' results."""
+    return min(values, key=lambda value: _signed(value & ACTION_MASK), default=RET_ALLOW)
+
+
+def describe(value: int) -> tuple[str, str]:
+    """(outcome "allow" | "deny" | "kill", words for a message) of a filter's result."""
+    action = value & ACTION_MASK
+    if action not in ACTIONS:
+        action = RET_KILL_PROCESS if _signed(action) < 0 else RET_KILL_THREAD   # the kernel's fallback
+    outcome, words = ACTIONS[action]
+    if action == RET_ERRNO:
+        code = value & DATA_MASK
+        words = f"deny ({errno.errorcode.get(code, str(code))})"
+    return outcome, words
+
+
+# ------------------------------------------------------------------------- the live patient
+def seccomp_mode(pid: int, tid: int) -> int:
+    """``Seccomp:`` of the thread's status (0 when the kernel does not say)."""
+    try:
+        with open(f"/proc/{pid}/task/{tid}/status") as stream:
+            for line in stream:
+                if line.startswith("Seccomp:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return SECCOMP_MODE_DISABLED
+
+
+def read_filters(tid: int) -> list[list[Instruction]]:
+    """Every filter of the ptrace-stopped thread ``tid``, newest first."""
+    filters = []
+    for index in range(1024):
+        try:
+            count = ptrace_func.ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, 0)
+        except PtraceError as exc:
+            if exc.errno == errno.ENOENT:
+                return filters
+            if exc.errno in (errno.EACCES, errno.EPERM):
+                raise PermissionDenied(f"cannot read the seccomp filter of thread {tid}: needs CAP_SYS_ADMIN "
+                                       "to check that it allows the engine's system calls") from None
+            raise ProcessError(f"cannot read seccomp filter {index} of thread {tid}: {exc}") from None
+        buffer = ctypes.create_string_buffer(int(count) * INSTRUCTION_SIZE)
+        try:
+            ptrace_func.ptrace(PTRACE_SECCOMP_GET_FILTER, tid, index, ctypes.addressof(buffer))
+        except PtraceError as exc:
+            raise ProcessError(f"cannot read seccomp filter {index} of thread {tid}: {exc}") from None
+        filters.append(decode_filter(buffer.raw))
+    raise ProcessError(f"thread {tid} has more seccomp filters than the kernel allows")
+
+
+def verdict(filters: list[list[Instruction]], call: PlannedSyscall, instruction_pointer: int) -> int:
+    """What the thread's filters together return for ``call``."""
+    data = seccomp_data(call.nr, call.args, instruction_pointer)
+    return most_restrictive([run_filter(program, data) for program in filters])
+
+
+def check_syscalls_allowed(pid: int, tids: list[int], calls: list[PlannedSyscall], instruction_pointer: int) -> None:
+    """SyscallForbidden if a filter of any stopped thread would not let ``calls`` run
+    (made at ``instruction_pointer``, the address after the ``syscall`` instruction)."""
+    for tid in tids:
+        mode = seccomp_mode(pid, tid)
+        if mode == SECCOMP_MODE_DISABLED:
+            continue
+        if mode == SECCOMP_MODE_STRICT:
+            raise SyscallForbidden(f"process {pid} runs under strict seccomp (thread {tid}): only read, write, "
+                                   "exit and sigreturn are allowed, the engine cannot map a patch")
+        filters = read_filters(tid)
+        for call in calls:
+            outcome, words = describe(verdict(filters, call, instruction_pointer))
+            if outcome != "allow":
+                raise SyscallForbidden(f"the seccomp filter of process {pid} (thread {tid}) would {words} "
+                                       f"{call.label}, which the engine needs; not patched")
+
