@@ -62,5 +62,13 @@ class NotApplicable(CareError):
     """Nothing in the process matches the patch (no object with that build-id)."""
 
 
+class InsecureStore(CareError):
+    """Someone other than root could change a patch before it is loaded (owner or mode of a path)."""
+
+
+class AuditError(CareError):
+    """The audit log cannot be written: nothing is done without a record of it."""
+
+
 class SyscallForbidden(CareError):
     """The patient's seccomp policy would kill it or deny a system call the engine needs."""

@@ -2,18 +2,28 @@
 
 The Ansible modules and ``libcare-ctl`` call exactly these. One process failing (or
 exiting meanwhile) never stops the others and never raises out of here: it becomes a
-result whose ``error`` or object ``action == "failed"`` says why.
+result whose ``error`` or object ``action == "failed"`` says why. What concerns the whole
+request is raised before any process is touched: a source that is missing, that someone but
+root could change (:mod:`..store_permissions`), that fails its integrity check, or an audit
+log that cannot be written.
+
+Every patch, unpatch and refusal outside check mode leaves one line per object in the
+audit log (:mod:`..audit`), naming ``requested_by``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sys
 
-from ..errors import CareError, NotApplicable, StoreError
+from ..audit import AuditLog, DigestLookup, Requester, index_applied, refusal_records, result_records
+from ..errors import AuditError, CareError, NotApplicable, StoreError
 from ..process import mapped_objects, read_maps
 from ..results import ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource
+from ..store_permissions import check_patch_source
 from . import engine, fleet
 
 
@@ -61,7 +71,8 @@ def open_source(source: str | PatchSource, *, verify: bool = True,
 
 def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *, level: int | None = None,
                     timeout: float = 5.0, retries: int = 0, check: bool = False, verify: bool = True,
-                    allowed_signers: str | None = None) -> list[ProcessResult]:
+                    allowed_signers: str | None = None, requested_by: Requester | None = None,
+                    audit_log: str | None = None, insecure_store: bool = False) -> list[ProcessResult]:
     """Apply the patches of ``source`` (store directory or patch file) to processes.
 
     ``pids`` None: every process (but ourselves and pid 1) mapping an object the source
@@ -70,8 +81,25 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
     ``verify`` / ``allowed_signers``: see :func:`open_source` (ignored when ``source``
     is an opened :class:`PatchSource`). Each patch is also validated against itself and
     its target object before the process is stopped (:mod:`.validate`).
+    ``requested_by``: who asked, for the audit log (default: this command line);
+    ``audit_log``: its path (default :func:`..audit.default_audit_log_path`); check mode
+    logs nothing. ``insecure_store``: skip the owner and mode check of the source
+    (:func:`..store_permissions.check_patch_source`; tests and labs only).
     """
-    patch_source = open_source(source, verify=verify, allowed_signers=allowed_signers)
+    requester = requested_by or Requester.from_command(sys.argv)
+    trail = None if check else AuditLog(audit_log)
+    if trail is not None:
+        trail.prepare()
+    source_path = source.path if isinstance(source, PatchSource) else source
+    try:
+        if not insecure_store:
+            check_patch_source(source_path)
+        patch_source = open_source(source, verify=verify, allowed_signers=allowed_signers)
+    except CareError as exc:          # insecure, missing, not listed in SHA256SUMS, badly signed ...
+        if trail is not None:
+            trail.append_all(refusal_records("patch", str(exc), requester, pids=pids, source=source_path,
+                                             insecure_store=insecure_store))
+        raise
     source = patch_source.path
     explicit = pids is not None
     if pids is None:
@@ -87,19 +115,73 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
                 f"the one {source} was made for")), None)
         return result
 
-    return fleet.run_parallel(patch_one, pids)
+    results = fleet.run_parallel(patch_one, pids)
+    if trail is not None:
+        _record(trail, result_records("patch", results, requester, source=source,
+                                      patch_sha256=_patch_digests(patch_source, level),
+                                      signer=patch_source.signer, insecure_store=insecure_store))
+    return results
+
+
+def _patch_digests(patch_source: PatchSource, requested_level: int | None) -> DigestLookup:
+    """The sha256 of the patch file ``patch_source`` holds for a build-id at a level (cached per file)."""
+    digests: dict[str, str] = {}
+
+    def digest(build_id: str, level: int | None) -> str | None:
+        path = _patch_path(patch_source, build_id, requested_level if level is None else level)
+        if path is None:
+            return None
+        if path not in digests:
+            try:
+                with open(path, "rb") as stream:
+                    digests[path] = hashlib.file_digest(stream, "sha256").hexdigest()
+            except OSError:
+                return None
+        return digests[path]
+
+    return digest
+
+
+def _patch_path(patch_source: PatchSource, build_id: str, level: int | None) -> str | None:
+    if patch_source.store is None:
+        return patch_source.path
+    try:
+        found = patch_source.store.find(build_id, level)
+        if found is None and level is not None:
+            found = patch_source.store.find(build_id)       # a flat <build-id>.kpatch has its level inside
+            found = found if found is not None and found.level == level else None
+    except CareError:
+        return None
+    return found.path if found is not None else None
+
+
+def _record(trail: AuditLog, records: list[dict]) -> None:
+    """Append ``records``; the actions are done, so a failure is reported on stderr, not raised."""
+    try:
+        trail.append_all(records)
+    except AuditError as exc:
+        print(f"libcare: warning: {exc}; {len(records)} audit record(s) not written", file=sys.stderr)
 
 
 def unpatch_processes(pids: list[int] | None = None, build_ids: list[str] | None = None, *,
-                      timeout: float = 5.0, check: bool = False) -> list[ProcessResult]:
+                      timeout: float = 5.0, check: bool = False, requested_by: Requester | None = None,
+                      audit_log: str | None = None) -> list[ProcessResult]:
     """Remove applied patches (all, or those for ``build_ids``) from processes.
 
-    ``pids`` None: every process that has an applied patch.
+    ``pids`` None: every process that has an applied patch. ``requested_by`` and
+    ``audit_log`` as for :func:`patch_processes`; check mode logs nothing.
     """
+    requester = requested_by or Requester.from_command(sys.argv)
+    trail = None if check else AuditLog(audit_log)
+    if trail is not None:
+        trail.prepare()
     if pids is None:
         pids = [pid for pid in all_pids() if _has_applied_patch(pid)]
-    return fleet.run_parallel(
+    results = fleet.run_parallel(
         lambda pid: _safely(pid, engine.unpatch_process, build_ids, timeout=timeout, check=check), pids)
+    if trail is not None:
+        _record(trail, result_records("unpatch", results, requester, known=index_applied(trail.records())))
+    return results
 
 
 def _has_applied_patch(pid: int) -> bool:
