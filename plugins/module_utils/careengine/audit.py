@@ -228,7 +228,8 @@ def _base_record(event: str, outcome: str, reason: str, requester: Requester, pi
         "pid": pid, "process_start": facts.start if facts else None,
         "comm": facts.comm if facts else None, "exe": facts.exe if facts else None,
         "object": None, "build_id": None, "level": None, "previous_level": None,
-        "patch_sha256": None, "signer": None, "source": source, "insecure_store": insecure_store,
+        "patch_sha256": None, "signer": None, "source": os.path.abspath(source) if source else None,
+        "insecure_store": insecure_store,
         "paused_us": None, "host": socket.gethostname(), "tool_pid": os.getpid(),
     }
 

@@ -69,6 +69,31 @@ def open_source(source: str | PatchSource, *, verify: bool = True,
     return PatchSource(source, verify=verify, allowed_signers=allowed_signers)
 
 
+def admit_source(source: str | PatchSource, *, pids: list[int] | None = None, verify: bool = True,
+                 allowed_signers: str | None = None, insecure_store: bool = False,
+                 requested_by: Requester | None = None, audit_log: str | None = None,
+                 check: bool = False) -> PatchSource:
+    """:func:`open_source` for patching, after checking that the audit log can be written and
+    that only root can change the source (unless ``insecure_store``).
+
+    A refusal (insecure, missing, not matching SHA256SUMS, badly signed) is logged (outside
+    check mode) for each of ``pids`` and raised, before any process is looked at.
+    """
+    trail = None if check else AuditLog(audit_log)
+    if trail is not None:
+        trail.prepare()
+    source_path = source.path if isinstance(source, PatchSource) else source
+    try:
+        if not insecure_store:
+            check_patch_source(source_path)
+        return open_source(source, verify=verify, allowed_signers=allowed_signers)
+    except CareError as exc:
+        if trail is not None:
+            trail.append_all(refusal_records("patch", str(exc), requested_by or Requester.from_command(sys.argv),
+                                             pids=pids, source=source_path, insecure_store=insecure_store))
+        raise
+
+
 def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *, level: int | None = None,
                     timeout: float = 5.0, retries: int = 0, check: bool = False, verify: bool = True,
                     allowed_signers: str | None = None, requested_by: Requester | None = None,
@@ -87,19 +112,10 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
     (:func:`..store_permissions.check_patch_source`; tests and labs only).
     """
     requester = requested_by or Requester.from_command(sys.argv)
+    patch_source = admit_source(source, pids=pids, verify=verify, allowed_signers=allowed_signers,
+                                insecure_store=insecure_store, requested_by=requester, audit_log=audit_log,
+                                check=check)
     trail = None if check else AuditLog(audit_log)
-    if trail is not None:
-        trail.prepare()
-    source_path = source.path if isinstance(source, PatchSource) else source
-    try:
-        if not insecure_store:
-            check_patch_source(source_path)
-        patch_source = open_source(source, verify=verify, allowed_signers=allowed_signers)
-    except CareError as exc:          # insecure, missing, not listed in SHA256SUMS, badly signed ...
-        if trail is not None:
-            trail.append_all(refusal_records("patch", str(exc), requester, pids=pids, source=source_path,
-                                             insecure_store=insecure_store))
-        raise
     source = patch_source.path
     explicit = pids is not None
     if pids is None:
@@ -249,4 +265,4 @@ def select_pids(*, pid: int | None = None, pids: list[int] | None = None, exe: s
     return selected
 
 
-__all__ = ["ObjectResult", "info_processes", "open_source", "patch_processes", "select_pids", "unpatch_processes"]
+__all__ = ["ObjectResult", "admit_source", "info_processes", "open_source", "patch_processes", "select_pids", "unpatch_processes"]

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 
+from ..audit import AuditLog, Requester, applied_record, index_applied
 from ..results import ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
 from . import api
@@ -52,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="require SHA256SUMS.sig, signed by a key this ssh allowed_signers file lists")
     trust.add_argument("--no-verify", action="store_true",
                        help="apply patches without checking them against SHA256SUMS (e.g. built by LibCare)")
+    patch.add_argument("--insecure-store", action="store_true",
+                       help="do not refuse a source that users other than root could change (tests, labs)")
+    _add_audit_log(patch)
     patch.add_argument("source", metavar="FILE|DIR",
                        help="a patch file or a patch store directory (checked against its SHA256SUMS)")
 
@@ -60,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     unpatch.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for busy code (5)")
     unpatch.add_argument("--check", action="store_true", help="only report what would be done")
     unpatch.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_audit_log(unpatch)
     unpatch.add_argument("build_ids", nargs="*", metavar="BUILD-ID", help="only these objects (default: all)")
 
     info = commands.add_parser("info", aliases=["info-user"], help="show objects and applied patches")
@@ -68,12 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"patch store or file to compare with (default {DEFAULT_STORE} if it exists; '' for none)")
     info.add_argument("-b", "--build-id", default=None, help="only processes mapping this build-id")
     info.add_argument("--json", action="store_true", help="print one JSON object")
+    _add_audit_log(info, "the audit log that tells when and by whom each patch was applied")
     return parser
+
+
+def _add_audit_log(parser: argparse.ArgumentParser, what: str = "append one JSON line per change here") -> None:
+    parser.add_argument("--audit-log", metavar="PATH", default=None,
+                        help=f"{what} (default $LIBCARE_AUDIT_LOG, else /var/log/libcare/audit.jsonl as root)")
 
 
 def main(argv: list[str]) -> int:
     """Run ``libcare-ctl`` with ``argv``; the exit status."""
     args = build_parser().parse_args(argv)
+    args.requester = Requester.from_command(["libcare-ctl", *argv])
     command = COMMAND_ALIASES.get(args.command, args.command)
     for signo in (signal.SIGTERM, signal.SIGHUP):
         # Turn termination into an exception: a stopped patient is rolled back and
@@ -109,11 +121,17 @@ def _print_json(results: list[ProcessResult], extra: dict | None = None) -> None
 
 
 def _patch(args) -> int:
-    source = api.open_source(args.source, verify=not args.no_verify, allowed_signers=args.allowed_signers)
+    if args.insecure_store:
+        print(f"libcare-ctl: WARNING: --insecure-store: the owners and modes of '{args.source}' are NOT checked; "
+              f"whoever can write there can run code as root in the patched processes", file=sys.stderr)
+    source = api.admit_source(args.source, pids=_pids(args), verify=not args.no_verify,
+                              allowed_signers=args.allowed_signers, insecure_store=args.insecure_store,
+                              requested_by=args.requester, audit_log=args.audit_log, check=args.check)
     if args.no_verify and not args.json:
         print(f"The patches in '{args.source}' were NOT verified against SHA256SUMS (--no-verify)")
     results = api.patch_processes(source, _pids(args), level=args.level, timeout=args.timeout,
-                                  retries=args.retries, check=args.check)
+                                  retries=args.retries, check=args.check, requested_by=args.requester,
+                                  audit_log=args.audit_log, insecure_store=args.insecure_store)
     ok = all(result.ok for result in results)
     if args.json:
         _print_json(results, {"integrity": {"verified": source.verified, "signer": source.signer}})
@@ -150,7 +168,8 @@ def _report_patch(result: ProcessResult, args) -> None:
 
 
 def _unpatch(args) -> int:
-    results = api.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check)
+    results = api.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check,
+                                    requested_by=args.requester, audit_log=args.audit_log)
     ok = all(result.ok for result in results)
     if args.json:
         _print_json(results)
@@ -189,8 +208,15 @@ def _info(args) -> int:
         infos = [ProcessInfo(i.pid, i.comm, tuple(o for o in i.objects if o.build_id == wanted), i.unpatchable)
                  for i in infos if any(o.build_id == wanted for o in i.objects)]
     failed = [i for i in infos if i.unpatchable and not i.objects]
+    history = _applied_history(infos, args.audit_log)
     if args.json:
-        print(json.dumps({"processes": [i.to_json() for i in infos]}, indent=2))
+        processes = [i.to_json() for i in infos]
+        for info, shown in zip(infos, processes, strict=True):
+            for obj, entry in zip(info.objects, shown["objects"], strict=True):
+                record = history.get((info.pid, obj.build_id, obj.applied_level))
+                entry["applied_at"] = record["time"] if record else None
+                entry["applied_by"] = record["requested_by"] if record else None
+        print(json.dumps({"processes": processes}, indent=2))
         return EXIT_FAILED if failed and args.pid is not None else EXIT_OK
     for info in infos:
         if info.unpatchable and not info.objects:
@@ -217,5 +243,33 @@ def _info(args) -> int:
                     line += " VULNERABLE"
             if obj.functions:
                 line += " functions=" + ",".join(obj.functions)
+            record = history.get((info.pid, obj.build_id, obj.applied_level))
+            if record:
+                line += f" applied={record['time']} by={_who(record.get('requested_by') or {})}"
             print(line)
     return EXIT_FAILED if failed and args.pid is not None else EXIT_OK
+
+
+def _applied_history(infos: list[ProcessInfo], audit_log: str | None) -> dict[tuple, dict]:
+    """(pid, build-id, level) -> the audit record of when that applied patch was applied.
+
+    Only for patches in force; an unreadable or missing log gives none.
+    """
+    wanted = [(i.pid, o.build_id, o.applied_level) for i in infos for o in i.objects if o.applied_level is not None]
+    if not wanted:
+        return {}
+    index = index_applied(AuditLog(audit_log, to_syslog=False).records())
+    history = {}
+    for pid, build_id, level in wanted:
+        record = applied_record(index, pid, build_id, level)
+        if record is not None:
+            history[(pid, build_id, level)] = record
+    return history
+
+
+def _who(requested_by: dict) -> str:
+    """``root/command``, ``root/ansible:alice@10.0.0.5``, ``alice/service``: one word."""
+    who = f"{requested_by.get('user')}/{requested_by.get('via')}"
+    if requested_by.get("via") == "ansible":
+        who += f":{requested_by.get('ansible_user')}@{requested_by.get('ansible_host')}"
+    return who
