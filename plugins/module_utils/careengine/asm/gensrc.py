@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import zip_longest
 
 from ..errors import AsmParseError, CareError, UnpatchableChange
@@ -33,8 +33,12 @@ class GensrcResult:
     new_variables: tuple[str, ...]
 
 
-def generate(original_asm: str, patched_asm: str, *, filename: str = "") -> GensrcResult:
+def generate(original_asm: str, patched_asm: str, *, filename: str = "",
+             ignore_changes: Iterable[str] = ()) -> GensrcResult:
     """Compare two gcc assembler outputs and write the instrumented assembler.
+
+    Functions named in ``ignore_changes`` (LibCare's ``--ignore-changes``) keep their
+    original code even when they changed.
 
     Raises :class:`UnpatchableChange` for changes a live patch cannot carry (existing
     data changed or removed, top-level statements changed, new thread-local data) and
@@ -44,6 +48,10 @@ def generate(original_asm: str, patched_asm: str, *, filename: str = "") -> Gens
         original = parse.parse(original_asm)
         patched = parse.parse(patched_asm)
         matching = match.match(original, patched)
+        ignored = set(ignore_changes)
+        if ignored:
+            matching = replace(matching, changed_functions=tuple(
+                name for name in matching.changed_functions if name not in ignored))
         _check_other_blocks(original, patched, matching)
         names = _output_names(original, patched, matching)
         patched_functions = patched.functions()

@@ -3,42 +3,55 @@
 
 Steps (LibCare's ``libcare-patch-make``), run in the project directory:
 
-1. ``make clean`` (only with ``clean=True``; otherwise the tree is used as it stands);
-2. ``KPATCH_STAGE=original make``, then ``make install DESTDIR=<project>/lpmake``;
-3. apply the patches (``patch -p1`` in the source dir; touched files are saved first);
-4. ``KPATCH_STAGE=patched make`` (make's timestamps: only what the patches touch is
-   rebuilt), then ``make install DESTDIR=<project>/.lpmaketmp/patched``;
-5. restore the tree: saved files are put back (with a fresh mtime, so the next
-   original-stage build recompiles them), files the patches created are removed;
-   also when a build fails or the run is interrupted;
+0. finish the restore of a run that was killed while the tree was patched
+   (:func:`.sourcetree.recover`), then check that every patch applies, in order, on a
+   scratch copy (:func:`.sourcetree.check_patches`): nothing is built for a bad patch;
+1. clean (only with ``clean=True``; otherwise the tree is used as it stands);
+2. configure when the build system needs it (CMake, Meson: stage ``configure``), then
+   ``KPATCH_STAGE=original`` build and install into ``$LPMAKE_ORIGINAL_DIR``
+   (default ``<project>/lpmake``);
+3. apply the patches (``patch -p1`` in the source dir; the originals of touched files
+   are kept outside the tree, see :mod:`.sourcetree`);
+4. ``KPATCH_STAGE=patched`` build (timestamps: only what the patches touch is
+   rebuilt) and install into ``$LPMAKE_PATCHED_DIR`` (default ``.lpmaketmp/patched``);
+5. restore the tree byte for byte (fresh mtime, so the next original-stage build
+   recompiles the files), also when a build fails, crashes or is interrupted;
 6. for every ELF file of the patched install with a non-empty ``.kpatch.info``: extract
-   the patch against its twin in ``lpmake/`` and write ``patchroot/<build-id>.kpatch``
-   (build-id of the original-stage object: what users run).
+   the patch against its original-stage twin and write ``$LPMAKE_PATCHROOT/<build-id>.kpatch``
+   (default ``patchroot``; build-id of the original-stage object: what users run).
 
-The project must compile through ``libcare-cc`` (configure it with
-``CC=.../bin/libcare-cc`` or pass ``CC=...`` in ``make_args``).
+Every build command runs with ``KPATCH_STAGE``, ``IS_LIBCARE_CC=y`` (LibCare's test
+makefiles rely on it) and ``LPMAKE_PROGRESS_FILE`` (units compiled, for progress) in
+its environment, in its own process group (killed as a whole on an interrupt). Which
+commands build and install the project: :mod:`.buildsystems`.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
+import signal
 import subprocess
+import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from ..errors import BuildError
+from . import buildsystems, sourcetree
+from .progress import PROGRESS_ENV, Reporter, UnitCounter, UnitCounts
 
 ORIGINAL_DIR = "lpmake"
 WORK_DIR = ".lpmaketmp"
 PATCHED_DIR = os.path.join(WORK_DIR, "patched")
-BACKUP_DIR = os.path.join(WORK_DIR, "backup")
+BUILD_DIR = os.path.join(WORK_DIR, "build")
 PATCHROOT_DIR = "patchroot"
-MAKEFILE_OVERRIDE = "lpmakefile"
+MAKEFILE_OVERRIDE = buildsystems.MAKEFILE_OVERRIDE
 LOG_TAIL_LINES = 60
+POLL_SECONDS = 0.5
+KILL_GRACE_SECONDS = 5.0
 
 Progress = Callable[[str], None]
+Ticker = Callable[[str, UnitCounts, float, "int | None"], None]
 
 
 @dataclass(frozen=True)
@@ -62,7 +75,7 @@ class BuildResult:
 
 
 class MakeFailed(BuildError):
-    """A make run failed; ``output`` holds what it printed (the compiler's error)."""
+    """A build command failed; ``output`` holds what it printed (the compiler's error)."""
 
     def __init__(self, message: str, output: str = "", log_path: str = "") -> None:
         super().__init__(message)
@@ -74,9 +87,24 @@ def _no_progress(message: str) -> None:
     del message
 
 
+def _no_tick(what: str, counts: UnitCounts, elapsed: float, total: int | None) -> None:
+    del what, counts, elapsed, total
+
+
+def output_dir(project: str, variable: str, default: str) -> str:
+    """``$variable`` (LibCare's ``LPMAKE_*``; relative to the project) or ``<project>/<default>``."""
+    return os.path.join(project, os.environ.get(variable) or default)
+
+
+def default_wrappers() -> buildsystems.Wrappers:
+    """``libcare-cc``/``libcare-c++`` of this checkout's (or collection's) ``bin/``."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    return buildsystems.Wrappers.beside(os.path.normpath(os.path.join(here, "..", "..", "..", "..", "bin")))
+
+
 @dataclass(frozen=True)
 class ProjectBuild:
-    """Where and how to build: the project dir, its source dir and make's arguments."""
+    """Where and how to build: the project dir, its source dir and its build system."""
 
     project: str
     srcdir: str
@@ -84,41 +112,136 @@ class ProjectBuild:
     jobs: int | None = None
     destdir_variable: str = "DESTDIR"
     progress: Progress = _no_progress
+    system: buildsystems.BuildSystem | None = None
+    tick: Ticker = _no_tick
+    original_dir: str = ""
+    patched_dir: str = ""
+    patchroot: str = ""
+    _system: buildsystems.BuildSystem = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        system = self.system or buildsystems.MakeBuild(
+            self.project, self.path(BUILD_DIR), default_wrappers(), self.jobs, self.make_args,
+            destdir_variable=self.destdir_variable)
+        object.__setattr__(self, "_system", system)
+        for name, variable, default in (("original_dir", "LPMAKE_ORIGINAL_DIR", ORIGINAL_DIR),
+                                        ("patched_dir", "LPMAKE_PATCHED_DIR", PATCHED_DIR),
+                                        ("patchroot", "LPMAKE_PATCHROOT", PATCHROOT_DIR)):
+            if not getattr(self, name):
+                object.__setattr__(self, name, output_dir(self.project, variable, default))
+
+    @property
+    def build_system(self) -> buildsystems.BuildSystem:
+        return self._system
 
     def path(self, *parts: str) -> str:
         return os.path.join(self.project, *parts)
 
+    def output_dirs(self) -> tuple[str, ...]:
+        """Our directories inside the project: never build outputs of the project itself."""
+        return (self.original_dir, self.patched_dir, self.patchroot)
+
     def make(self, stage: str, targets: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
-        """Run make in ``stage``; raise :class:`MakeFailed` with its output if it fails."""
-        command = ["make"]
-        if os.path.isfile(self.path(MAKEFILE_OVERRIDE)):
-            command += ["-f", MAKEFILE_OVERRIDE]
-        if self.jobs:
-            command.append(f"-j{self.jobs}")
-        command += list(self.make_args) + list(extra) + list(targets)
-        environment = dict(os.environ, KPATCH_STAGE=stage)
-        what = " ".join(["make", *targets]) if targets else "make"
+        """Run the build (no ``targets``), ``install`` or ``clean`` in ``stage``."""
+        if list(targets) == ["install"]:
+            destination = next((a.split("=", 1)[1] for a in extra if a.startswith(self.destdir_variable + "=")), "")
+            self.run(self._system.install(destination), stage, "install")
+        elif list(targets) == ["clean"]:
+            step = self._system.clean()
+            if step is not None:
+                self.run(step, stage, "clean")
+        else:
+            self.run(self._system.build(), stage, "all")
+
+    def install(self, stage: str, destination: str) -> None:
+        """Install the ``stage`` build into a fresh ``destination``."""
+        _remove_tree(destination)
+        self.run(self._system.install(destination), stage, "install")
+
+    def run(self, step: buildsystems.Step, stage: str, log_name: str) -> None:
+        """Run one build command; raise :class:`MakeFailed` with its output if it fails."""
+        what = step.title
         self.progress(f"stage {stage}: {what}")
-        os.makedirs(self.path(WORK_DIR), exist_ok=True)
-        log_path = self.path(WORK_DIR, f"{stage}-{'-'.join(targets) or 'all'}.log")
-        with open(log_path, "wb") as log:
-            try:
-                status = subprocess.run(command, cwd=self.project, env=environment, stdout=log,
-                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, check=False).returncode
-            except OSError as exc:
-                raise BuildError(f"cannot run make: {exc.strerror}") from None
+        work = self.path(WORK_DIR)
+        os.makedirs(work, exist_ok=True)
+        log_path = os.path.join(work, f"{stage}-{log_name}.log")
+        counts_path = os.path.join(work, f"units-{stage}")
+        total = _read_count(counts_path) if stage == "original" else None
+        progress_path = os.path.join(work, f"progress-{stage}-{log_name}")
+        if os.path.lexists(progress_path):
+            os.unlink(progress_path)
+        environment = dict(os.environ, KPATCH_STAGE=stage, IS_LIBCARE_CC="y")
+        environment[PROGRESS_ENV] = progress_path
+        environment.update(step.environment)
+        started = time.monotonic()
+        counter = UnitCounter(progress_path)
+        with open(log_path, "w+b") as log:
+            status = _run_in_group(step, environment, log,
+                                   lambda: self.tick(what, counter.read(), time.monotonic() - started, total))
+            log.seek(0)
+            output = log.read().decode("utf-8", errors="replace")
+        counts = counter.read()
+        self.tick(what, counts, time.monotonic() - started, total)
+        if hasattr(self.progress, "done"):
+            self.progress.done(what, counts, time.monotonic() - started, total)
         if status:
-            with open(log_path, encoding="utf-8", errors="replace") as log:
-                output = log.read()
             first_error = next((line.strip() for line in output.splitlines() if "error" in line.lower()), "")
             detail = f": {first_error}" if first_error else ""
             raise MakeFailed(f"{what} failed in stage {stage} (exit {status}){detail}; full log in {log_path}",
                              output=output, log_path=log_path)
+        if stage == "original" and log_name == "all" and counts.compiled and os.path.isdir(work):
+            with open(counts_path, "w", encoding="utf-8") as stream:
+                stream.write(f"{counts.compiled}\n")
 
-    def install(self, stage: str, destination: str) -> None:
-        """``make install DESTDIR=<destination>`` in ``stage`` into a fresh directory."""
-        _remove_tree(destination)
-        self.make(stage, ["install"], [f"{self.destdir_variable}={os.path.abspath(destination)}"])
+
+def _read_count(path: str) -> int | None:
+    try:
+        with open(path, encoding="utf-8") as stream:
+            return int(stream.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _run_in_group(step: buildsystems.Step, environment: dict[str, str], log, poll: Callable[[], None]) -> int:
+    """Run ``step`` in its own process group, logging to ``log``; kill the group if we are interrupted.
+
+    Its own group: a Ctrl-C on the terminal reaches only us, and we stop the whole build
+    (make, its compilers) before the tree is restored, so nothing writes to it afterwards.
+    """
+    command = step.argv[0] if step.shell else list(step.argv)
+    try:
+        process = subprocess.Popen(command, cwd=step.cwd, env=environment, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, shell=step.shell, process_group=0)
+    except OSError as exc:
+        raise BuildError(f"cannot run {step.title}: {exc.strerror}") from None
+    try:
+        while True:
+            try:
+                return process.wait(timeout=POLL_SECONDS)
+            except subprocess.TimeoutExpired:
+                poll()
+    except BaseException:
+        _kill_group(process)
+        raise
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the build's process group, SIGKILL after a grace period; reap the leader."""
+    for kill_signal in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(process.pid, kill_signal)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=KILL_GRACE_SECONDS)
+        except subprocess.TimeoutExpired:
+            continue
+        if kill_signal == signal.SIGTERM:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)   # children that outlived the leader
+            except ProcessLookupError:
+                pass
+        break
 
 
 def _remove_tree(path: str) -> None:
@@ -129,100 +252,38 @@ def _remove_tree(path: str) -> None:
             os.unlink(path)
 
 
-class PatchedTree:
-    """Patches applied to a source dir, with everything needed to put it back.
-
-    Each patch is checked with ``patch --dry-run`` first (so a patch that does not
-    apply changes nothing); the files it will touch are saved (or noted as absent)
-    before it is applied.
-    """
-
-    def __init__(self, srcdir: str, backup_dir: str) -> None:
-        self.srcdir = srcdir
-        self.backup_dir = backup_dir
-        self.saved: dict[str, str | None] = {}   # relative path -> backup path, None = did not exist
-        self.applied: list[str] = []
-
-    def _patch(self, patch_path: str, *options: str) -> subprocess.CompletedProcess:
-        command = ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-i",
-                   os.path.abspath(patch_path), *options]
-        try:
-            return subprocess.run(command, cwd=self.srcdir, capture_output=True, text=True,
-                                  stdin=subprocess.DEVNULL, check=False)
-        except OSError as exc:
-            raise BuildError(f"cannot run patch: {exc.strerror}") from None
-
-    def apply(self, patch_path: str) -> None:
-        """Apply one patch (-p1) after saving the files it touches."""
-        if not os.path.isfile(patch_path):
-            raise BuildError(f"patch {patch_path} does not exist")
-        dry = self._patch(patch_path, "--dry-run")
-        if dry.returncode:
-            message = (dry.stdout + dry.stderr).strip().replace("\n", "; ")
-            raise BuildError(f"patch {patch_path} does not apply to {self.srcdir}: {message}")
-        for line in dry.stdout.splitlines():
-            if line.startswith("checking file "):
-                self._save(_unquote(line[len("checking file "):]))
-        applied = self._patch(patch_path)
-        if applied.returncode:
-            message = (applied.stdout + applied.stderr).strip().replace("\n", "; ")
-            raise BuildError(f"patch {patch_path} failed: {message}")
-        self.applied.append(patch_path)
-
-    def _save(self, relative: str) -> None:
-        if relative in self.saved:
-            return
-        source = os.path.join(self.srcdir, relative)
-        if not os.path.lexists(source):
-            self.saved[relative] = None
-            return
-        backup = os.path.join(self.backup_dir, f"{len(self.saved)}.orig")
-        os.makedirs(self.backup_dir, exist_ok=True)
-        shutil.copy2(source, backup)
-        self.saved[relative] = backup
-
-    def restore(self) -> None:
-        """Put every saved file back (fresh mtime) and delete files the patches created."""
-        for relative, backup in self.saved.items():
-            target = os.path.join(self.srcdir, relative)
-            if backup is None:
-                if os.path.lexists(target):
-                    os.unlink(target)
-                continue
-            shutil.copyfile(backup, target)
-            shutil.copymode(backup, target)
-            os.utime(target)
-        self.saved.clear()
-        self.applied.clear()
-        _remove_tree(self.backup_dir)
-
-
-def _unquote(name: str) -> str:
-    name = name.strip()
-    if name[:1] in ("'", '"'):
-        try:
-            return shlex.split(name)[0]
-        except ValueError:
-            return name.strip("'\"")
-    return name
+PatchedTree = sourcetree.PatchedTree
 
 
 def run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool = False) -> None:
-    """Steps 1-5 of the module docstring: both builds and installs, tree restored."""
+    """Steps 0-5 of the module docstring: both builds and installs, tree restored."""
+    state_dir = sourcetree.state_dir_for(build.srcdir)
+    if sourcetree.recover(build.srcdir, state_dir):
+        build.progress(f"restored {build.srcdir}: a previous run was killed while it was patched")
+    build.progress("checking the patches")
+    sourcetree.check_patches(build.srcdir, patches)
+    system = build.build_system
     if clean:
         build.progress("cleaning")
-        build.make("original", ["clean"])
-        for directory in (ORIGINAL_DIR, WORK_DIR, PATCHROOT_DIR):
-            _remove_tree(build.path(directory))
+        if system.scratch_dirs():
+            for directory in system.scratch_dirs():
+                _remove_tree(directory)
+        else:
+            build.make("original", ["clean"])
+        for directory in (build.original_dir, build.path(WORK_DIR), build.patchroot):
+            _remove_tree(directory)
+    if system.needs_configure():
+        for step in system.configure():
+            build.run(step, "configure", "configure")
     build.make("original")
-    build.install("original", build.path(ORIGINAL_DIR))
-    tree = PatchedTree(build.srcdir, build.path(BACKUP_DIR))
+    build.install("original", build.original_dir)
+    tree = PatchedTree(build.srcdir, state_dir)
     try:
         for patch_path in patches:
             build.progress(f"applying {patch_path}")
             tree.apply(patch_path)
         build.make("patched")
-        build.install("patched", build.path(PATCHED_DIR))
+        build.install("patched", build.patched_dir)
     finally:
         if tree.saved:
             build.progress("reverting the patches")
@@ -236,12 +297,12 @@ def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
     from ..patchfile import save_patch
     from .extract import extract_patch, has_patch_sections, has_symbol_table
 
-    build_tree = _BuildTree(build.project)
-    patched_root = build.path(PATCHED_DIR)
-    original_root = build.path(ORIGINAL_DIR)
+    build_tree = _BuildTree(build.project, build.output_dirs())
+    patched_root = build.patched_dir
+    original_root = build.original_dir
     if not os.path.isdir(patched_root) or not os.path.isdir(original_root):
         raise BuildError(f"no installed builds in {original_root} and {patched_root}: run without --update first")
-    patchroot = build.path(PATCHROOT_DIR)
+    patchroot = build.patchroot
     os.makedirs(patchroot, exist_ok=True)
     for stale in os.listdir(patchroot):
         if stale.endswith(".kpatch"):
@@ -283,8 +344,9 @@ class _BuildTree:
     unstripped file with the same build-id is still in the build tree.
     """
 
-    def __init__(self, project: str) -> None:
+    def __init__(self, project: str, skipped: Sequence[str] = ()) -> None:
         self.project = project
+        self.skipped = {os.path.abspath(path) for path in skipped}
         self._by_build_id: dict[str, str] | None = None
 
     def _index(self) -> dict[str, str]:
@@ -292,10 +354,8 @@ class _BuildTree:
         from .extract import has_symbol_table
 
         found: dict[str, str] = {}
-        skipped = {ORIGINAL_DIR, WORK_DIR, PATCHROOT_DIR}
         for directory, subdirs, files in os.walk(self.project):
-            if directory == self.project:
-                subdirs[:] = [d for d in subdirs if d not in skipped]
+            subdirs[:] = [d for d in subdirs if os.path.join(directory, d) not in self.skipped]
             subdirs.sort()
             for name in sorted(files):
                 path = os.path.join(directory, name)
@@ -348,13 +408,21 @@ def install_into_store(built: BuiltPatch, store_root: str) -> BuiltPatch:
 def build_patches(src: str, patches: list[str], dest: str | None = None, make_args: Sequence[str] = (),
                   jobs: int | None = None, clean: bool = False, *, srcdir: str | None = None,
                   update: bool = False, destdir_variable: str = "DESTDIR",
-                  progress: Progress | None = None, sign_key: str | None = None) -> BuildResult:
+                  progress: Progress | None = None, sign_key: str | None = None,
+                  build_system: str | None = None, build_command: str = "", install_command: str = "",
+                  configure_args: Sequence[str] = (), wrappers: buildsystems.Wrappers | None = None) -> BuildResult:
     """Build the project at ``src`` twice (original, patched) and extract its patches.
 
     ``patches`` are unified diffs applied with ``patch -p1`` in ``srcdir`` (default
     ``src``); ``make_args`` go to every make run (e.g. ``CC=/path/bin/libcare-cc``).
     With ``dest``, every patch is also installed in the patch store ``dest``.
     With ``update``, the builds are skipped and only extraction is redone.
+    ``build_system`` (``make``, ``cmake``, ``meson``; default: detected from the tree) or
+    ``build_command``/``install_command`` (shell lines; ``DESTDIR`` names the install
+    root) say how the project is built (:mod:`.buildsystems`); ``configure_args`` go to
+    CMake's or Meson's configure step; ``wrappers`` default to this checkout's ``bin/``.
+    ``progress`` gets stage messages; when it is a :class:`.progress.Reporter`, it also
+    gets the live unit counts.
     ``patchroot/`` (and the store) get a ``SHA256SUMS``; with ``sign_key`` (an OpenSSH
     private key) it is signed into ``SHA256SUMS.sig``.
     """
@@ -362,8 +430,13 @@ def build_patches(src: str, patches: list[str], dest: str | None = None, make_ar
     if not os.path.isdir(project):
         raise BuildError(f"project directory {src} does not exist")
     absolute_patches = [os.path.abspath(p) for p in patches]
+    system = buildsystems.choose(project, os.path.join(project, BUILD_DIR), wrappers or default_wrappers(),
+                                 kind=build_system, jobs=jobs, extra_args=make_args, configure_args=configure_args,
+                                 destdir_variable=destdir_variable, build_command=build_command,
+                                 install_command=install_command)
+    tick = progress.tick if isinstance(progress, Reporter) else _no_tick
     build = ProjectBuild(project, os.path.abspath(srcdir or src), tuple(make_args), jobs,
-                         destdir_variable, progress or _no_progress)
+                         destdir_variable, progress or _no_progress, system, tick)
     if not update:
         if not absolute_patches:
             raise BuildError("no patches given")
@@ -374,7 +447,7 @@ def build_patches(src: str, patches: list[str], dest: str | None = None, make_ar
     if sign_key:
         from ..integrity import sign_sums
 
-        for directory in [build.path(PATCHROOT_DIR)] + ([dest] if dest is not None else []):
+        for directory in [build.patchroot] + ([dest] if dest is not None else []):
             if os.path.isfile(os.path.join(directory, "SHA256SUMS")):
                 sign_sums(directory, sign_key)
                 build.progress(f"signed {directory}/SHA256SUMS with {sign_key}")

@@ -10,6 +10,12 @@ Driven by environment variables, like LibCare's wrapper:
     the real C / C++ compiler (default ``/usr/bin/gcc`` / ``/usr/bin/g++``).
 ``KPATCH_PREFIX``
     prefix of the kept assembler files (default ``.kpatch_``).
+``KPCC_REMOVE_ARGS``, ``KPCC_APPEND_ARGS``, ``KPCC_DBGFILTER_ARGS``, ``KPCC_PATCH_ARGS``, ``KPCC_DEBUG``
+    LibCare's settings, with its meaning (differences: :mod:`.ccsettings`).
+``LPMAKE_PROGRESS_FILE``
+    set by ``libcare-patch-make``: one line per unit compiled or diffed (:mod:`.progress`).
+
+Response files (``@file`` arguments) are expanded first, as gcc does.
 
 For a compile (``-c`` or ``-S``) of one C source with output ``DIR/BASE.o`` it runs
 the real compiler with ``-S -o DIR/.kpatch_BASE.<stage>.s -aux-info
@@ -97,14 +103,68 @@ def run(argv: list[str], cxx: bool = False) -> int:
     stage = os.environ.get("KPATCH_STAGE", "")
     if stage not in STAGES or any("conftest." in arg for arg in argv):
         return _exec(real, argv)
+    if any(arg.startswith("@") for arg in argv):
+        argv = expand_response_files(argv)
     invocation = parse_invocation(argv)
     if invocation.query or not invocation.inputs:
         return _exec(real, argv)
+    from .ccsettings import from_environment
+
+    global _settings
+    _settings = from_environment()
+    if _settings.debug:
+        _settings.trace(f"KPATCH_STAGE={stage} real compiler {real}; remove {sorted(_settings.remove_args)}, "
+                        f"append {list(_settings.append_args)}, ignore changes of {list(_settings.ignore_changes)}")
+        if _settings.debug > 1:
+            _settings.trace("ran as " + " ".join(argv))
+    if _settings.remove_args or _settings.append_args:
+        argv = _settings.modify(argv)
+        invocation = parse_invocation(argv)
     if invocation.compile_only:
         return _compile(real, invocation, stage)
     if invocation.sources and _we_compile_before_linking(invocation):
         return _compile_and_link(real, invocation, stage)
     return _exec(real, argv + _link_args(argv))
+
+
+class _QuietSettings:
+    """Stands in for :class:`.ccsettings.WrapperSettings` before the environment is read."""
+
+    debug = 0
+    ignore_changes: tuple[str, ...] = ()
+
+    def trace(self, message: str) -> None:
+        del message
+
+    def ignored_functions(self, source: str) -> tuple[str, ...]:
+        del source
+        return ()
+
+
+_settings = _QuietSettings()
+_MAX_RESPONSE_DEPTH = 10
+
+
+def expand_response_files(argv: list[str], depth: int = 0) -> list[str]:
+    """``@file`` arguments replaced by the words of that file (quotes and backslashes as gcc reads them).
+
+    A ``@name`` that is not a readable file stays as it is, as with gcc.
+    """
+    import shlex
+
+    expanded: list[str] = []
+    for arg in argv:
+        if not arg.startswith("@") or depth >= _MAX_RESPONSE_DEPTH:
+            expanded.append(arg)
+            continue
+        try:
+            with open(arg[1:], encoding="utf-8", errors="surrogateescape") as stream:
+                words = shlex.split(stream.read(), posix=True)
+        except (OSError, ValueError):
+            expanded.append(arg)
+            continue
+        expanded.extend(expand_response_files(words, depth + 1))
+    return expanded
 
 
 def _we_compile_before_linking(invocation: Invocation) -> bool:
@@ -189,6 +249,7 @@ def _is_c(language: str, path: str) -> bool:
 
 
 def _exec(real: str, argv: list[str]) -> int:
+    _settings.trace(" ".join([real] + argv))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -208,6 +269,7 @@ def _link_args(argv: list[str]) -> list[str]:
 def _run(command: list[str]) -> int:
     import subprocess
 
+    _settings.trace(" ".join(command))
     sys.stdout.flush()
     sys.stderr.flush()
     try:
@@ -305,10 +367,14 @@ def compile_unit(real: str, flags: list[str], source: str, output: str, mode: st
     status = _run([real] + compile_flags + ["-S", "-o", stage_asm, "-aux-info", stage_aux, source])
     if status:
         return status
+    from .progress import COMPILED, DIFFED, note_unit
+
+    note_unit(COMPILED, unit)
     asm_path = stage_asm
     if stage == "patched":
         asm_path = kept_asm_path(unit, None)
-        _write_instrumented(source, unit, stage_asm, stage_aux, asm_path)
+        changed = _write_instrumented(source, unit, stage_asm, stage_aux, asm_path)
+        note_unit(DIFFED, "changed" if changed else "same")
     if mode == "-S":
         import shutil
 
@@ -327,8 +393,11 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: str, target: str) -> None:
-    """Diff the unit's original and patched assembler; write the instrumented file."""
+def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: str, target: str) -> bool:
+    """Diff the unit's original and patched assembler; write the instrumented file.
+
+    Returns True when the unit has changed or new functions.
+    """
     from ..errors import BuildError, CareError
 
     try:
@@ -341,16 +410,17 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
     if original_text and patched_text == original_text and _read_text(patched_aux) == original_aux:
         # Unchanged unit (a header it includes was patched, say): nothing to diff.
         _write_text(target, original_text)
-        return
+        return False
     try:
         # No filename= here: the except clause below names the source once for both steps.
-        result = gensrc.generate(original_text, patched_text)
+        result = gensrc.generate(original_text, patched_text, ignore_changes=_settings.ignored_functions(source))
         if original_text:
             gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
                                     result.changed_functions)
     except CareError as exc:
         raise type(exc)(f"{source}: {exc}") from None
     _write_text(target, result.text)
+    return bool(result.changed_functions or result.new_functions)
 
 
 def _write_text(target: str, text: str) -> None:

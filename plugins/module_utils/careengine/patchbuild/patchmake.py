@@ -7,8 +7,11 @@ Run in the project's directory (see :mod:`build.api` for the steps)::
 
 ``patchroot/`` gets a ``SHA256SUMS`` of its patches (signed with ``--sign``).
 
-Progress goes to stderr, one line per stage; a failing build prints the end of make's
-output (the compiler's own error) and the tree is restored.
+Progress goes to stderr: one line per stage, and the units compiled and diffed (a live
+line on a terminal, a plain line every few seconds in a log); ``--quiet`` keeps only
+errors. A failing build prints the end of its output (the compiler's own error); on any
+failure or interrupt the tree is restored. The build system is detected (make, CMake,
+Meson) or given with ``--build-system`` or ``--build-cmd``/``--install-cmd``.
 """
 
 from __future__ import annotations
@@ -19,12 +22,10 @@ import signal
 import sys
 
 from .api import LOG_TAIL_LINES, MakeFailed, build_patches
+from .buildsystems import KINDS, Wrappers
+from .progress import Reporter
 
 PROG = "libcare-patch-make"
-
-
-def _progress(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -44,6 +45,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--sign", metavar="KEY",
                         help="sign SHA256SUMS of patchroot/ (and of --store) with this OpenSSH private key "
                              "(ssh-keygen -Y sign, namespace libcare-livepatch) into SHA256SUMS.sig")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress, only errors and the result")
+    parser.add_argument("--build-system", choices=KINDS, help="how to build (default: detected from the tree)")
+    parser.add_argument("--build-cmd", default="", metavar="CMD",
+                        help="shell command that builds the project (CC/CXX name the wrappers)")
+    parser.add_argument("--install-cmd", default="", metavar="CMD",
+                        help="shell command that installs it under $DESTDIR")
+    parser.add_argument("--configure-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument for CMake's or Meson's configure step")
     parser.add_argument("patches", nargs="*", metavar="PATCH", help="unified diffs (-p1)")
     return parser
 
@@ -72,20 +81,29 @@ def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if not args.update and not args.patches:
         _parser().error("at least one PATCH is needed (or --update)")
-    make_args = with_default_compiler(args.make_arg, os.path.dirname(os.path.abspath(sys.argv[0])))
+    tool_dir = os.path.dirname(os.path.abspath(sys.argv[0]))
+    make_args = with_default_compiler(args.make_arg, tool_dir)
+    wrappers = Wrappers.beside(tool_dir) if os.path.exists(os.path.join(tool_dir, "libcare-cc")) else None
+    reporter = Reporter(PROG, quiet=args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=make_args,
                                jobs=args.jobs, clean=args.clean, srcdir=args.srcdir, update=args.update,
-                               destdir_variable=args.destdir, progress=_progress, sign_key=args.sign)
+                               destdir_variable=args.destdir, progress=reporter, sign_key=args.sign,
+                               build_system=args.build_system, build_command=args.build_cmd,
+                               install_command=args.install_cmd, configure_args=args.configure_arg,
+                               wrappers=wrappers)
     except MakeFailed as exc:
         tail = exc.output.splitlines()[-LOG_TAIL_LINES:]
         sys.stderr.write("".join(line + "\n" for line in tail))
         raise
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; the sources are as they were", file=sys.stderr, flush=True)
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not result.patches:
-        _progress("no object changed: no patch written")
+        reporter("no object changed: no patch written")
     for patch in result.patches:
         functions = ", ".join(patch.functions) or "-"
         added = f"; adds {', '.join(patch.new_functions)}" if patch.new_functions else ""
