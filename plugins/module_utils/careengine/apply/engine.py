@@ -69,6 +69,7 @@ from .objects import ObjectFile, object_file, preloaded_libraries, search_order
 from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
 from .split_parts import split_parts
 from .syscall_policy import check_seccomp, patch_mapping_calls, return_trampoline_calls
+from .validate import validate
 
 PROT_READ_WRITE = 0x3
 PROT_READ_EXEC = 0x5
@@ -682,6 +683,7 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
         previous = applied.level if applied else None
         try:
             image = read_patch_image(patch)
+            validate(image, patient.file_of(mapped), mapped.path)   # every field, before any stop
             decision = decide_level(image, applied)
             if decision.action in ("apply", "replace"):
                 plans.append(plan_object(patient, mapped, image, taken,
