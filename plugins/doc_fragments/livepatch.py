@@ -13,8 +13,9 @@ class ModuleDocFragment:
 options: {}
 requirements:
   - Linux x86_64.
+  - Python 3.10 or later on the managed host.
   - pyelftools, python-ptrace and capstone on the managed host (the C(libcare.livepatch.apply_patch)
-    role installs them into a virtualenv from wheels shipped by the controller).
+    role installs them into a virtualenv, from the package index or from a directory of wheels).
   - The right to trace the processes (root, or the same uid and no Yama restriction;
     C(CAP_SYS_PTRACE) in a container for processes of another uid).
 notes:

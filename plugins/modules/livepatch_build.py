@@ -58,7 +58,7 @@ options:
     default: false
 requirements:
   - Linux x86_64, gcc, make and patch on the builder.
-  - pyelftools on the builder.
+  - Python 3.10 or later and pyelftools on the builder.
 extends_documentation_fragment:
   - libcare.livepatch.livepatch.attributes_build
 notes:
