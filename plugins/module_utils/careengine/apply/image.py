@@ -33,6 +33,7 @@ from .relocate import Relocation, RelocationError, RelocationInput, apply_reloca
 
 SHN_UNDEF = 0
 SHF_WRITE = 0x1
+SHF_EXECINSTR = 0x4
 SHN_ABS = 0xFFF1
 STT_SECTION = 3
 STT_TLS = 6
@@ -57,6 +58,7 @@ class ImageSection:
     size: int
     writable: bool = False   # SHF_WRITE: goes to the patch's writable pages
     align: int = 1
+    executable: bool = False  # SHF_EXECINSTR: code (a replacement must live in such a section)
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
         sections.append(ImageSection(index, section.name, nobits, section["sh_addr"],
                                      section["sh_offset"], section["sh_size"],
                                      bool(section["sh_flags"] & SHF_WRITE) and section.name.startswith(".kpatch"),
-                                     max(section["sh_addralign"], 1)))
+                                     max(section["sh_addralign"], 1), bool(section["sh_flags"] & SHF_EXECINSTR)))
     symtab = elf.get_section_by_name(".symtab")
     if symtab is None:
         raise PatchFormatError(f"patch for {patch.build_id} has no symbol table")
@@ -295,7 +297,8 @@ def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses
         place = addresses[section.index] + relocation.offset
         where = f"{section.name}+{relocation.offset:#x} ({relocation_name(relocation.rtype)} {symbol.name or '?'})"
         relocations.append(Relocation(place_in_elf, relocation.rtype,
-                                      RelocationInput(value, relocation.addend, place, entry, load_bias), where))
+                                      RelocationInput(value, relocation.addend, place, entry, load_bias), where,
+                                      (section.sh_offset, section.sh_offset + section.size)))
     apply_relocations(elf_bytes, relocations)
 
     header = bytearray(image.patch.to_bytes()[:HEADER_SIZE])

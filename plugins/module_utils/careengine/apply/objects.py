@@ -235,6 +235,15 @@ class ObjectFile:
             return sorted(found, key=lambda s: s.bind == _SYMBOL_BINDS["STB_LOCAL"])[0]
         return self.lookup_dynamic(name, None)
 
+    def symbols_named(self, name: str) -> list[SymbolDef]:
+        """Every definition of ``name`` in ``.symtab`` (same-named statics of several units),
+        else its ``.dynsym`` definition; empty when there is none."""
+        found = self._symtab().get(name)
+        if found:
+            return list(found)
+        dynamic = self.lookup_dynamic(name, None)
+        return [dynamic] if dynamic is not None else []
+
     def cold_parts(self, name: str) -> list[SymbolDef]:
         """The parts gcc split off function ``name`` (``name.cold``, ``name.cold.N`` in
         ``.text.unlikely``), from ``.symtab``; none when the object is stripped.

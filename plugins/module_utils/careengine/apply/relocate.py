@@ -126,15 +126,21 @@ class Relocation:
     rtype: int
     value: RelocationInput
     where: str = ""
+    section: tuple[int, int] | None = None   # [start, end) of its section in the buffer (None: all of it)
 
 
 def apply_relocations(buffer: bytearray, relocations: list[Relocation]) -> None:
-    """Read, calculate, write: apply every relocation to ``buffer`` in place."""
+    """Read, calculate, write: apply every relocation to ``buffer`` in place.
+
+    A place must lie inside its own section, not merely inside the buffer: a relocation
+    that spills into the next section (``.kpatch.info``, say) is refused.
+    """
     for relocation in relocations:
         data = compute_relocation(relocation.rtype, relocation.value, relocation.where)
         if not data:
             continue
+        start, limit = relocation.section or (0, len(buffer))
         end = relocation.offset + len(data)
-        if relocation.offset < 0 or end > len(buffer):
+        if relocation.offset < max(start, 0) or end > min(limit, len(buffer)):
             raise RelocationError(f"relocation at {relocation.where or hex(relocation.offset)} lies outside its section")
         buffer[relocation.offset:end] = data
