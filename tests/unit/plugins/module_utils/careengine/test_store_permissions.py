@@ -177,7 +177,7 @@ def test_a_single_patch_file_and_the_sums_beside_it(root_dir):
 
 
 def test_a_relative_path_is_checked_from_the_working_directory(root_dir, monkeypatch):
-    store = make_store(root_dir)
+    make_store(root_dir)
     monkeypatch.chdir(root_dir)
     assert find_unsafe_path("store") is None
     os.chmod(root_dir, 0o757)
