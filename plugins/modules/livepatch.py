@@ -55,6 +55,23 @@ options:
       - How many more times to try a process whose safety check timed out (O(state=present) only).
     type: int
     default: 0
+  insecure_store:
+    description:
+      - When running as root, a store or patch file that anyone but root could change (the store, a
+        directory above it, a patch file, C(SHA256SUMS) or its signature not owned by root, or writable
+        by group or others) is refused before any process is touched, naming the path, its owner and
+        its mode. V(true) skips that check and says so in a warning; for tests and labs only.
+      - Ignored when O(state=absent).
+    type: bool
+    default: false
+  audit_log:
+    description:
+      - The audit log that gets one JSON line per patch applied or removed and per refusal (who asked:
+        this module, the Ansible user and the controller's address; the process, build-id, level,
+        the patch's sha256, outcome, reason and pause). The same goes to the system log.
+      - Default C($LIBCARE_AUDIT_LOG), else C(/var/log/libcare/audit.jsonl) (created root-only).
+        Nothing is logged in check mode.
+    type: path
   allow_failures:
     description:
       - When V(false), the module fails if any process or object failed (every result is still returned).
@@ -191,6 +208,7 @@ try:
         select_pids,
         unpatch_processes,
     )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.audit import Requester
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.results import summarize_results
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.storage import PatchSource
@@ -260,6 +278,8 @@ def run_module():
             timeout=dict(type="float", default=5.0),
             retries=dict(type="int", default=0),
             allow_failures=dict(type="bool", default=False),
+            insecure_store=dict(type="bool", default=False),
+            audit_log=dict(type="path"),
         ),
         mutually_exclusive=[("store", "patch")],
         required_one_of=[("store", "patch")],
@@ -269,16 +289,22 @@ def run_module():
 
     params = module.params
     source = params["store"] or params["patch"]
+    requester = Requester.from_ansible("libcare.livepatch.livepatch")
+    if params["insecure_store"] and params["state"] == "present":
+        module.warn(f"insecure_store: the owners and modes of {source} are NOT checked; whoever can write "
+                    "there can run code as root in the patched processes")
     try:
         pids = select_pids(pid=params["pid"], pids=params["pids"], exe=params["exe"], name=params["name"])
         if params["state"] == "present":
             process_results = patch_processes(
                 source, pids, level=params["level"], timeout=params["timeout"],
-                retries=params["retries"], check=module.check_mode)
+                retries=params["retries"], check=module.check_mode, requested_by=requester,
+                audit_log=params["audit_log"], insecure_store=params["insecure_store"])
         else:
             build_ids = PatchSource(source).build_ids()
             process_results = unpatch_processes(
-                pids, build_ids, timeout=params["timeout"], check=module.check_mode)
+                pids, build_ids, timeout=params["timeout"], check=module.check_mode, requested_by=requester,
+                audit_log=params["audit_log"])
     except CareError as exc:
         module.fail_json(msg=str(exc), exception=traceback.format_exc())
 

@@ -28,6 +28,12 @@ options:
       - A single patch file, used like O(store).
       - Mutually exclusive with O(store).
     type: path
+  audit_log:
+    description:
+      - The audit log to read when and by whom each applied patch was applied
+        (RV(processes[].objects[].applied_at), RV(processes[].objects[].applied_by)).
+      - Default C($LIBCARE_AUDIT_LOG), else C(/var/log/libcare/audit.jsonl).
+    type: path
 extends_documentation_fragment:
   - libcare.livepatch.livepatch
   - libcare.livepatch.livepatch.processes
@@ -93,6 +99,17 @@ processes:
           type: list
           elements: str
           sample: [handle_request]
+        applied_at:
+          description: When the applied patch was applied (UTC, ISO 8601), from the audit log; null when unknown.
+          type: str
+          sample: "2026-12-02T06:03:20.123456Z"
+        applied_by:
+          description:
+            - Who asked for the applied patch, from the audit log (null when unknown) - C(uid), C(user),
+              C(via) (command, ansible or service), C(command), C(ansible_host), C(ansible_user), C(peer_pid).
+          type: dict
+          sample: {uid: 0, user: root, via: ansible, command: libcare.livepatch.livepatch,
+                   ansible_host: 192.0.2.10, ansible_user: deploy, peer_pid: null}
 unpatchable:
   description: Processes that cannot be patched, and why.
   returned: always
@@ -127,14 +144,30 @@ try:
         info_processes,
         select_pids,
     )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.audit import (
+        AuditLog,
+        applied_record,
+        index_applied,
+    )
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
 
 
-def shape_info(process_infos):
+def applied_history(process_infos, audit_log):
+    """(pid, build-id, level) -> the audit record of when each applied patch was applied."""
+    wanted = [(i.pid, o.build_id, o.applied_level) for i in process_infos for o in i.objects
+              if o.applied_level is not None]
+    if not wanted:
+        return {}
+    index = index_applied(AuditLog(audit_log, to_syslog=False).records())
+    return {key: applied_record(index, *key) for key in wanted}
+
+
+def shape_info(process_infos, history=None):
     """Split the engine's report into patchable processes and unpatchable ones."""
+    history = history or {}
     processes, unpatchable = [], []
     for info in process_infos:
         if info.unpatchable:
@@ -150,6 +183,9 @@ def shape_info(process_infos):
                     "applied_level": obj.applied_level,
                     "available_level": obj.available_level,
                     "functions": list(obj.functions),
+                    "applied_at": (history.get((info.pid, obj.build_id, obj.applied_level)) or {}).get("time"),
+                    "applied_by": (history.get((info.pid, obj.build_id, obj.applied_level)) or {}).get(
+                        "requested_by"),
                 }
                 for obj in info.objects
             ],
@@ -166,6 +202,7 @@ def run_module():
             pids=dict(type="list", elements="int"),
             exe=dict(type="path"),
             name=dict(type="str"),
+            audit_log=dict(type="path"),
         ),
         mutually_exclusive=[("store", "patch")],
         supports_check_mode=True,
@@ -179,7 +216,7 @@ def run_module():
     except CareError as exc:
         module.fail_json(msg=str(exc), exception=traceback.format_exc())
 
-    processes, unpatchable = shape_info(process_infos)
+    processes, unpatchable = shape_info(process_infos, applied_history(process_infos, params["audit_log"]))
     module.exit_json(changed=False, processes=processes, unpatchable=unpatchable)
 
 

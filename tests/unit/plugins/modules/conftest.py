@@ -156,13 +156,17 @@ class RecordedEngine:
             raise _care_error(data["error"])
         return data
 
-    def patch_processes(self, source, pids=None, *, level=None, timeout=5.0, retries=0, check=False):
+    def patch_processes(self, source, pids=None, *, level=None, timeout=5.0, retries=0, check=False,
+                        requested_by=None, audit_log=None, insecure_store=False, **integrity):
         data = self._record("patch_processes", source=source, pids=pids, level=level, timeout=timeout,
-                            retries=retries, check=check)
+                            retries=retries, check=check, requested_by=_requester(requested_by),
+                            audit_log=audit_log, insecure_store=insecure_store, **integrity)
         return self._process_results(data)
 
-    def unpatch_processes(self, pids=None, build_ids=None, *, timeout=5.0, check=False):
-        data = self._record("unpatch_processes", pids=pids, build_ids=build_ids, timeout=timeout, check=check)
+    def unpatch_processes(self, pids=None, build_ids=None, *, timeout=5.0, check=False, requested_by=None,
+                          audit_log=None):
+        data = self._record("unpatch_processes", pids=pids, build_ids=build_ids, timeout=timeout, check=check,
+                            requested_by=_requester(requested_by), audit_log=audit_log)
         return self._process_results(data)
 
     def info_processes(self, pids=None, source=None):
@@ -203,6 +207,11 @@ class RecordedEngine:
                 stream.write(b"KPATCH1")
             built.append(type("BuiltPatch", (), dict(patch, new_functions=patch.get("new_functions", []))))
         return type("BuildResult", (), {"patches": tuple(built)})
+
+
+def _requester(requested_by):
+    """The audit requester a module passed, as a dict a case can compare (None when none was)."""
+    return None if requested_by is None else requested_by.to_json()
 
 
 def _care_error(message):
