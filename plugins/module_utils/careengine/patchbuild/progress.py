@@ -99,10 +99,11 @@ class Reporter:
         self.live = self.stream.isatty() if live is None else live
         self.interval = interval
         self._live_shown = False
-        self._last_plain = 0.0
+        self._last_plain = time.monotonic()
 
     def __call__(self, message: str) -> None:
         """One stage message on its own line."""
+        self._last_plain = time.monotonic()
         if self.quiet:
             return
         self._clear_live()
@@ -110,7 +111,7 @@ class Reporter:
         self.stream.flush()
 
     def tick(self, what: str, counts: UnitCounts, elapsed: float, total: int | None = None) -> None:
-        """The counts of the running step: rewritten in place, or a line now and then."""
+        """The counts of the running step: rewritten in place, or a line every ``interval`` seconds."""
         if self.quiet:
             return
         text = f"{self.prog}: {what}: {describe(counts, elapsed, total)}"
@@ -127,7 +128,7 @@ class Reporter:
 
     def done(self, what: str, counts: UnitCounts, elapsed: float, total: int | None = None) -> None:
         """The final counts of a step (always one plain line when anything was compiled)."""
-        self._last_plain = 0.0
+        self._last_plain = time.monotonic()
         if self.quiet:
             return
         self._clear_live()
