@@ -14,7 +14,7 @@ import signal
 import sys
 
 from ..audit import AuditLog, Requester, applied_record, index_applied
-from ..results import ProcessInfo, ProcessResult, summarize_results
+from ..results import ObjectInfo, ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
 from . import api
 
@@ -155,7 +155,9 @@ def _report_patch(result: ProcessResult, args) -> None:
         line = f"{obj.path}: {obj.action}: {obj.reason}"
         if obj.action == "failed":
             print(f"PID '{result.pid}': {line}", file=sys.stderr)
-        elif args.verbose or obj.action == "skipped":
+        elif obj.action == "skipped":
+            print(f"PID '{result.pid}' ({result.comm}): {line}")
+        elif args.verbose:
             extra = f" (paused {obj.paused_us} us)" if obj.paused_us is not None else ""
             print(line + extra)
     if failed:
@@ -202,52 +204,77 @@ def _info_source(args) -> str | None:
 
 
 def _info(args) -> int:
-    infos = api.info_processes(_pids(args), _info_source(args))
-    if args.build_id:
-        wanted = args.build_id.lower()
-        infos = [ProcessInfo(i.pid, i.comm, tuple(o for o in i.objects if o.build_id == wanted), i.unpatchable)
-                 for i in infos if any(o.build_id == wanted for o in i.objects)]
+    source = _info_source(args)
+    if source is None and args.store is None and not args.json:
+        print(f"libcare-ctl: no patch store found (looked for {DEFAULT_STORE}; give one with -s STORE): "
+              "showing applied patches only", file=sys.stderr)
+    infos = _infos_with_build_id(api.info_processes(_pids(args), source), args.build_id)
     failed = [i for i in infos if i.unpatchable and not i.objects]
     history = _applied_history(infos, args.audit_log)
     if args.json:
-        processes = [i.to_json() for i in infos]
-        for info, shown in zip(infos, processes, strict=True):
-            for obj, entry in zip(info.objects, shown["objects"], strict=True):
-                record = history.get((info.pid, obj.build_id, obj.applied_level))
-                entry["applied_at"] = record["time"] if record else None
-                entry["applied_by"] = record["requested_by"] if record else None
-        print(json.dumps({"processes": processes}, indent=2))
-        return EXIT_FAILED if failed and args.pid is not None else EXIT_OK
-    for info in infos:
-        if info.unpatchable and not info.objects:
-            print(f"pid={info.pid}: {info.unpatchable}", file=sys.stderr)
-            continue
-        if args.build_id:
-            print(f"pid={info.pid} comm={info.comm}")
-            for obj in info.objects:
-                print(f"{os.path.basename(obj.path)} {obj.build_id}")
-            continue
-        shown = [o for o in info.objects
-                 if args.verbose or args.pid is not None or o.applied_level is not None
-                 or o.available_level is not None]
-        if not shown:
-            continue
-        print(f"pid={info.pid} comm={info.comm}")
-        for obj in shown:
-            line = f"{os.path.basename(obj.path)} buildid={obj.build_id or '-'}"
-            if obj.applied_level is not None:
-                line += f" patchlvl={obj.applied_level}"
-            if obj.available_level is not None:
-                line += f" latest={obj.available_level}"
-                if obj.applied_level is None or obj.applied_level < obj.available_level:
-                    line += " VULNERABLE"
-            if obj.functions:
-                line += " functions=" + ",".join(obj.functions)
-            record = history.get((info.pid, obj.build_id, obj.applied_level))
-            if record:
-                line += f" applied={record['time']} by={_who(record.get('requested_by') or {})}"
-            print(line)
+        print(json.dumps({"processes": _info_json(infos, history)}, indent=2))
+    else:
+        shown = sum(_print_info(info, history, args) for info in infos)
+        if not shown and not failed:
+            print("No live patch is applied" + (" or available" if source else "") + " in the processes looked at")
     return EXIT_FAILED if failed and args.pid is not None else EXIT_OK
+
+
+def _infos_with_build_id(infos: list[ProcessInfo], build_id: str | None) -> list[ProcessInfo]:
+    """``infos`` narrowed to the processes and objects with ``build_id`` (all when None)."""
+    if not build_id:
+        return infos
+    wanted = build_id.lower()
+    return [ProcessInfo(i.pid, i.comm, tuple(o for o in i.objects if o.build_id == wanted), i.unpatchable)
+            for i in infos if any(o.build_id == wanted for o in i.objects)]
+
+
+def _info_json(infos: list[ProcessInfo], history: dict[tuple, dict]) -> list[dict]:
+    """The processes for ``--json``, each applied patch with when and by whom it was applied."""
+    processes = [i.to_json() for i in infos]
+    for info, shown in zip(infos, processes, strict=True):
+        for obj, entry in zip(info.objects, shown["objects"], strict=True):
+            record = history.get((info.pid, obj.build_id, obj.applied_level))
+            entry["applied_at"] = record["time"] if record else None
+            entry["applied_by"] = record["requested_by"] if record else None
+    return processes
+
+
+def _print_info(info: ProcessInfo, history: dict[tuple, dict], args) -> int:
+    """Print one process's report; return the number of lines printed for it."""
+    if info.unpatchable and not info.objects:
+        print(f"pid={info.pid}: {info.unpatchable}", file=sys.stderr)
+        return 0
+    if args.build_id:
+        print(f"pid={info.pid} comm={info.comm}")
+        for obj in info.objects:
+            print(f"{os.path.basename(obj.path)} {obj.build_id}")
+        return 1 + len(info.objects)
+    shown = [o for o in info.objects
+             if args.verbose or args.pid is not None or o.applied_level is not None
+             or o.available_level is not None]
+    if not shown:
+        return 0
+    print(f"pid={info.pid} comm={info.comm}")
+    for obj in shown:
+        print(_info_line(obj, history.get((info.pid, obj.build_id, obj.applied_level))))
+    return 1 + len(shown)
+
+
+def _info_line(obj: ObjectInfo, record: dict | None) -> str:
+    """One object's line: build-id, applied and latest level, functions, when applied."""
+    line = f"{os.path.basename(obj.path)} buildid={obj.build_id or '-'}"
+    if obj.applied_level is not None:
+        line += f" patchlvl={obj.applied_level}"
+    if obj.available_level is not None:
+        line += f" latest={obj.available_level}"
+        if obj.applied_level is None or obj.applied_level < obj.available_level:
+            line += " VULNERABLE"
+    if obj.functions:
+        line += " functions=" + ",".join(obj.functions)
+    if record:
+        line += f" applied={record['time']} by={_who(record.get('requested_by') or {})}"
+    return line
 
 
 def _applied_history(infos: list[ProcessInfo], audit_log: str | None) -> dict[tuple, dict]:
