@@ -10,6 +10,7 @@ from waiting import eventually
 
 from plugins.module_utils.careengine.errors import ProcessError
 from plugins.module_utils.careengine.process import (
+    CALL_RETURN_STUB,
     RemoteSyscallFailed,
     StoppedProcess,
     find_syscall_instruction,
@@ -39,9 +40,10 @@ def counter0(running) -> int:
 
 
 def make_trap(patient) -> int:
-    """A page in the patient holding an int3 at its start (as the apply step does)."""
+    """A page in the patient holding the remote-call return stub at its start (as the
+    apply step does)."""
     page = patient.mmap(0, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS)
-    patient.write(page, b"\xcc")
+    patient.write(page, CALL_RETURN_STUB)
     return page
 
 
@@ -90,10 +92,10 @@ def test_syscall_site_is_found_again_from_the_cache(threads_program, monkeypatch
     holder = next(m for m in read_maps(first.pid) if m.contains(site))
     assert any(key.startswith("build-id:") for key in tracer._syscall_site_cache)
 
-    def no_scan(pid, mapping):
+    def no_scan(pid, mapping, pattern):
         raise AssertionError("scanned although the site is cached")
 
-    monkeypatch.setattr(tracer, "_scan_for_syscall", no_scan)
+    monkeypatch.setattr(tracer, "_scan_for", no_scan)
     again = find_syscall_instruction(second.pid)
     again_holder = next(m for m in read_maps(second.pid) if m.contains(again))
     assert again_holder.clean_path == holder.clean_path

@@ -44,6 +44,7 @@ from ..patchfile import (
     decode_info_table,
 )
 from ..process import (
+    CALL_RETURN_STUB,
     MappedObject,
     Mapping,
     StoppedProcess,
@@ -497,12 +498,17 @@ def save_original_bytes(stopped: StoppedProcess, plans: list[ObjectPlan]) -> lis
 
 
 def write_patch(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes]) -> None:
-    """Step 5c: the whole mapping (image, jump table, undo area, trap) in one write."""
+    """Step 5c: the whole mapping (image, jump table, undo area, remote-call return stub)
+    in one write. The stub takes the trap slot (16-byte aligned, so at least 16 bytes
+    before the end of the code pages): IFUNC resolvers return through it into
+    ``rt_sigreturn`` (see process.sigframe), never into an ``int3``."""
     layout = plan.linked.layout
     undo_area = b"".join(originals)
-    mapping = plan.linked.mapping
-    stopped.write(plan.linked.address,
-                  mapping[:layout.user_undo] + undo_area + mapping[layout.user_undo + len(undo_area):])
+    mapping = bytearray(plan.linked.mapping)
+    mapping[layout.user_undo:layout.user_undo + len(undo_area)] = undo_area
+    mapping[layout.trap_offset:layout.trap_offset + len(CALL_RETURN_STUB)] = CALL_RETURN_STUB
+    assert layout.trap_offset + len(CALL_RETURN_STUB) <= layout.code_size
+    stopped.write(plan.linked.address, bytes(mapping))
 
 
 def seal_code(stopped: StoppedProcess, plan: ObjectPlan) -> None:
@@ -515,12 +521,12 @@ def seal_code(stopped: StoppedProcess, plan: ObjectPlan) -> None:
 def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
     """Step 5d: call IFUNC resolvers in the patient; point their jump entries at the result."""
     layout = plan.linked.layout
-    trap = plan.linked.address + layout.trap_offset
+    return_stub = plan.linked.address + layout.trap_offset
     for index, name in enumerate(plan.image.imports):
         resolver = plan.ifuncs.get(name)
         if resolver is None:
             continue
-        target = stopped.remote_call(resolver, (), trap)
+        target = stopped.remote_call(resolver, (), return_stub)
         slot = plan.linked.address + layout.jump_entry_offset(index) + JUMP_ENTRY_SLOT
         stopped.write(slot, struct.pack("<Q", target))
 

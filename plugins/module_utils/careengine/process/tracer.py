@@ -7,12 +7,19 @@ hold a thread is given back to it when it is resumed, with its original siginfo 
 thread still sits in that signal's delivery stop.
 
 Remote syscalls write nothing into the patient's code: they borrow an existing
-``syscall`` instruction (bytes ``0f 05``) of an executable mapping (libc's first) and
-single-step exactly that one instruction. While a thread runs our code (a remote syscall
-or call), its asynchronous signals are blocked with ``PTRACE_SETSIGMASK``: they stay
-queued in the kernel, siginfo intact, and are delivered normally afterwards. Registers
-and signal mask are restored exactly, so a system call the thread was blocked in
-restarts as if nothing happened.
+``syscall; ret`` pair (bytes ``0f 05 c3``) of an executable mapping (libc's first) and
+run it under ``PTRACE_SYSCALL`` (``PTRACE_O_TRACESYSGOOD``): the thread stops at the
+call's entry and exit, stops that queue no signal; nothing is ever single-stepped and
+no ``int3`` is ever run. Before a thread is borrowed, its signal frame (registers,
+signal mask, FPU/AVX state) is written below its stack and the borrowed stack pointer
+points at it (:mod:`.sigframe`): if the tracer dies at any instant, the kernel detaches
+the thread, which finishes our syscall (or call), returns into libc's ``__restore_rt``
+and ``rt_sigreturn`` gives it back its exact state. While a thread runs our code its
+asynchronous signals are blocked with ``PTRACE_SETSIGMASK``: they stay queued in the
+kernel, siginfo intact, and are delivered normally afterwards. Registers and signal mask
+are restored exactly, so a system call the thread was blocked in restarts as if nothing
+happened. Engine and tracer call :func:`..faults.point` at each step (fault injection
+for the crash-safety tests).
 
 Waiting never uses ``waitpid(-1)`` (that could reap the caller's own children): each
 thread is waited for by id, with ``SIGCHLD`` blocked and ``sigtimedwait`` as the wake-up.
@@ -26,13 +33,15 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ptrace import PtraceError
 from ptrace.binding import func as ptrace_func
 from ptrace.binding.linux_struct import user_regs_struct
 
+from .. import faults
 from ..errors import PermissionDenied, ProcessError, ProcessGone
-from . import memory
+from . import memory, sigframe
 from .maps import Mapping, read_maps, read_proc_text
 from .objects import group_file_mappings, mapped_objects
 
@@ -41,25 +50,38 @@ PTRACE_INTERRUPT = 0x4207
 PTRACE_EVENT_STOP = 128
 PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
+PTRACE_SYSCALL = 24
+PTRACE_GETREGSET = 0x4204
+PTRACE_GET_SYSCALL_INFO = 0x420E
+NT_X86_XSTATE = 0x202
+PTRACE_O_TRACESYSGOOD = 0x1
 WALL = 0x40000000  # __WALL: wait for threads (clones) too
-_SEIZE_OPTIONS = ptrace_func.PTRACE_O_TRACECLONE
+# Never PTRACE_O_EXITKILL: the patient must outlive the tracer.
+_SEIZE_OPTIONS = ptrace_func.PTRACE_O_TRACECLONE | PTRACE_O_TRACESYSGOOD
+_SYSCALL_STOP = signal.SIGTRAP | 0x80
+_SYSCALL_ENTRY = 1  # PTRACE_SYSCALL_INFO_ENTRY
+_SYSCALL_EXIT = 2   # PTRACE_SYSCALL_INFO_EXIT
+_XSTATE_BUFFER = 64 * 1024
 _MAX_CATCH_UP_ROUNDS = 16
 _POLL_CAP = 0.01  # longest sleep between checks when SIGCHLD might go to another thread
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
 _FAULT_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGILL, signal.SIGFPE})
-# Signals blocked in a thread while it runs our code: all but SIGTRAP (single-step and
-# int3 report through it) and the faults (a blocked fault would reset the patient's handler).
+# Signals blocked in a thread while it runs our code: all but SIGTRAP and the faults (a
+# blocked fault would reset the patient's handler).
 _BLOCK_DURING_REMOTE = (1 << 64) - 1
 for _signo in (signal.SIGTRAP, *(_FAULT_SIGNALS)):
     _BLOCK_DURING_REMOTE &= ~(1 << (_signo - 1))
 _SYSCALL_INSN = b"\x0f\x05"
+_SYSCALL_RET = b"\x0f\x05\xc3"                                   # syscall; ret
+_RESTORERS = (b"\x48\xc7\xc0\x0f\x00\x00\x00\x0f\x05",          # mov $15,%rax; syscall (glibc, musl)
+              b"\xb8\x0f\x00\x00\x00\x0f\x05")                  # mov $15,%eax; syscall
+CALL_RETURN_STUB = sigframe.CALL_RETURN_STUB
 _SCAN_CHUNK = 64 * 1024
 _ARG_REGISTERS_SYSCALL = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
 _ARG_REGISTERS_CALL = ("rdi", "rsi", "rdx", "rcx", "r8", "r9")
-_RED_ZONE = 128
 _U64 = (1 << 64) - 1
 
-# File offset of a `syscall` instruction, per build-id (or file identity) of the object holding it.
+# File offset of a code pattern, per (pattern, build-id or file identity) of the object holding it.
 _syscall_site_cache: dict[str, int] = {}
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -73,8 +95,24 @@ class RemoteSyscallFailed(ProcessError):
         self.errno = errno_value
 
 
-class _StepTimeout(Exception):
-    """A single-stepped system call did not return in time (internal)."""
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+@dataclass(frozen=True)
+class ReturnSites:
+    """Code of the patient a borrowed thread runs: a ``syscall; ret`` pair and ``__restore_rt``."""
+
+    syscall_ret: int
+    restorer: int
+
+
+@dataclass(frozen=True)
+class _Borrowed:
+    """What a borrowed thread gets back."""
+
+    registers: Registers
+    sigmask: int
 
 
 class Registers(user_regs_struct):
@@ -141,7 +179,7 @@ class StoppedProcess:
         self._seized: set[int] = set()  # threads we are tracing
         self._paused_ns = 0
         self._stop_started: int | None = None
-        self._syscall_address: int | None = None
+        self._sites: ReturnSites | None = None
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -182,12 +220,12 @@ class StoppedProcess:
             return
         if self.pid == os.getpid():
             raise ProcessError(f"process {self.pid} is this tool itself; it cannot stop itself")
-        if self._syscall_address is None:
+        if self._sites is None:
             # Found before stopping anything: it costs the patient no pause.
             try:
-                self._syscall_address = find_syscall_instruction(self.pid)
+                self._sites = find_return_sites(self.pid)
             except ProcessError:
-                pass  # no usable instruction: remote_syscall will say so if it is needed
+                pass  # no usable code: remote_syscall will say so if it is needed
         self._stop_started = time.perf_counter_ns()
         try:
             self._catch_all_threads()
@@ -368,7 +406,7 @@ class StoppedProcess:
             self._group_stopped.clear()
             self._stopped = False
             self._end_stop_period()
-            self._syscall_address = None
+            self._sites = None
             memory.forget_process(self.pid)
 
     def _end_stop_period(self) -> None:
@@ -565,26 +603,14 @@ class StoppedProcess:
             return tid
         if not self._seized:
             raise ProcessGone(f"process {self.pid} has no threads left")
-        # Prefer a thread not sitting in a signal's delivery-stop: running our code there
-        # would make us re-send that signal instead of letting the kernel deliver it.
-        for candidate in self.tids:
-            if not self._pending.get(candidate):
+        # Prefer a thread not sitting in a signal's delivery-stop (running our code there
+        # would make us re-send that signal instead of letting the kernel deliver it) and
+        # not inside a system call (nothing to restart, see sigframe).
+        free = [tid for tid in self.tids if not self._pending.get(tid)] or self.tids
+        for candidate in free:
+            if sigframe.signed(self.get_regs(candidate).orig_rax) < 0:
                 return candidate
-        return self.tids[0]
-
-    def _block_signals(self, tid: int) -> int:
-        """Block asynchronous signals in ``tid`` while it runs our code; its old mask.
-
-        Signals sent meanwhile stay queued in the kernel with their siginfo instead of
-        being caught (and re-sent) by us.
-        """
-        mask = ctypes.c_uint64()
-        try:
-            ptrace_func.ptrace(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
-        except PtraceError as exc:
-            self._raise_thread_error(tid, exc, "read the signal mask of")
-        self._set_sigmask(tid, mask.value | _BLOCK_DURING_REMOTE)
-        return mask.value
+        return free[0]
 
     def _set_sigmask(self, tid: int, value: int) -> None:
         mask = ctypes.c_uint64(value)
@@ -618,44 +644,37 @@ class StoppedProcess:
             raise ProcessGone(f"thread {tid} of process {self.pid} exited during a remote operation")
         return status
 
-    def _syscall_site(self) -> int:
-        """Address of a ``syscall`` instruction in the patient (found once per stop)."""
-        if self._syscall_address is None:
-            self._syscall_address = find_syscall_instruction(self.pid)
-        return self._syscall_address
+    def _return_sites(self) -> ReturnSites:
+        """The ``syscall; ret`` pair and ``__restore_rt`` in the patient (found once per stop)."""
+        if self._sites is None:
+            self._sites = find_return_sites(self.pid)
+        return self._sites
 
     def remote_syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Make thread ``tid`` execute system call ``nr`` with ``args``; its raw ``rax``.
 
-        The thread's registers are restored exactly, so a blocking syscall it was in is
-        restarted normally when it runs again.
+        The thread runs libc's own ``syscall; ret`` under ``PTRACE_SYSCALL`` (no
+        single-step, no trap): it stops at the call's entry and exit, which queue no
+        signal. Its registers are restored exactly, so a blocking syscall it was in is
+        restarted normally when it runs again; had the tracer died meanwhile, the signal
+        frame written first would have restored them (see :mod:`.sigframe`).
         """
         if len(args) > len(_ARG_REGISTERS_SYSCALL):
             raise ValueError("a system call takes at most 6 arguments")
         tid = self._default_tid(tid)
-        site = self._syscall_site()
-        saved = self.get_regs(tid)
-        regs = saved.copy()
-        regs.rip = site
-        regs.rax = nr
-        regs.orig_rax = _U64  # -1: not in a syscall, so nothing is "restarted" into ours
-        for name, value in zip(_ARG_REGISTERS_SYSCALL, args, strict=False):
-            setattr(regs, name, value & _U64)
-        saved_mask = self._block_signals(tid)
-        timed_out: _StepTimeout | None = None
+        sites = self._return_sites()
+
+        def borrowed_for_syscall(regs: Registers) -> None:
+            regs.rip = sites.syscall_ret
+            regs.rax = nr
+            for name, value in zip(_ARG_REGISTERS_SYSCALL, args, strict=False):
+                setattr(regs, name, value & _U64)
+
+        borrowed = self._borrow(tid, sites.restorer, borrowed_for_syscall)
         try:
-            self.set_regs(tid, regs)
-            result = self._step_over_syscall(tid, site)
-        except _StepTimeout as timeout:
-            timed_out = timeout
+            result = self._run_remote_syscall(tid, nr)
         finally:
-            if tid in self._seized:
-                self.set_regs(tid, saved)
-                self._set_sigmask(tid, saved_mask)
-        if timed_out is not None:
-            if tid in self._seized:
-                self._drop_step_trap(tid)
-            raise ProcessError(str(timed_out))
+            self._give_back(tid, borrowed)
         value = signed64(result)
         if -4095 < value < 0:
             code = -value
@@ -667,77 +686,30 @@ class StoppedProcess:
             )
         return result
 
-    def _await_stop(self, tid: int, deadline: float, on_timeout: Callable[[], Exception]) -> tuple[int, int]:
-        """Thread ``tid``'s next stop after it was resumed: (ptrace event, stop signal),
-        remembered for its resumption. Past ``deadline`` the thread is interrupted and
-        ``on_timeout()`` raised."""
-        try:
-            status = self._wait_thread(tid, deadline)
-        except TimeoutError:
-            self._interrupt_and_wait(tid)
-            raise on_timeout() from None
-        event = status >> 16
-        signo = os.WSTOPSIG(status)
-        self._stop_signal[tid] = signo if event == 0 else 0
-        return event, signo
+    def remote_call(self, function: int, args: tuple[int, ...], return_stub: int, tid: int | None = None) -> int:
+        """Call ``function(*args)`` in thread ``tid`` of the patient; its ``rax``.
 
-    def _step_over_syscall(self, tid: int, site: int) -> int:
-        deadline = time.monotonic() + self.timeout
-        for _ in range(64):
-            try:
-                ptrace_func.ptrace_singlestep(tid)
-            except PtraceError as exc:
-                self._raise_thread_error(tid, exc, "single-step")
-            # On a timeout, a blocking system call: interrupting it makes it return (the
-            # caller restores the registers, then drops the single-step trap it queued).
-            event, signo = self._await_stop(tid, deadline, lambda: _StepTimeout(
-                f"remote syscall in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
-            if event != 0:
-                continue  # a stray interrupt or group stop: step again
-            if signo != signal.SIGTRAP:
-                if signo in _FAULT_SIGNALS:
-                    raise ProcessError(f"remote syscall in thread {tid} faulted with signal {signo}")
-                self._hold_signal(tid, signo)  # not ours: give it back on resume
-                continue
-            regs = self.get_regs(tid)
-            if regs.rip == site + len(_SYSCALL_INSN):
-                return regs.rax
-            if regs.rip == site:
-                continue
-            raise ProcessError(f"remote syscall in thread {tid} stopped at unexpected address {regs.rip:#x}")
-        raise ProcessError(f"remote syscall in thread {tid} of process {self.pid} did not complete")
-
-    def _drop_step_trap(self, tid: int) -> None:
-        """Consume the SIGTRAP a single-step queued when its system call was interrupted.
-
-        The thread runs from its own, restored registers: the kernel takes the pending
-        trap before any user instruction and reports it; we drop it.
+        The call returns to ``return_stub``, where the caller has placed
+        :data:`CALL_RETURN_STUB` (it keeps the result in ``rdi`` and calls
+        ``rt_sigreturn``): the result is read at that syscall's entry stop, and the
+        thread's registers come back exactly. The stack pointer is moved below the red
+        zone and the signal frame, aligned as the ABI wants. Other threads stay stopped,
+        so a function that waits for a lock held by one of them times out with ProcessError.
         """
-        if not self._trap_pending(tid):
-            return
-        self._cont(tid, 0)
-        try:
-            status = self._wait_thread(tid, time.monotonic() + self.timeout)
-        except TimeoutError:
-            self._interrupt_and_wait(tid)
-            return
-        if status >> 16 == 0:
-            signo = os.WSTOPSIG(status)
-            self._stop_signal[tid] = signo
-            if signo != signal.SIGTRAP:
-                self._hold_signal(tid, signo)
-        else:
-            self._stop_signal[tid] = 0
+        if len(args) > len(_ARG_REGISTERS_CALL):
+            raise ValueError("remote_call passes at most 6 arguments")
+        tid = self._default_tid(tid)
 
-    def _trap_pending(self, tid: int) -> bool:
+        def borrowed_for_call(regs: Registers) -> None:
+            regs.rip = function
+            for name, value in zip(_ARG_REGISTERS_CALL, args, strict=False):
+                setattr(regs, name, value & _U64)
+
+        borrowed = self._borrow(tid, return_stub, borrowed_for_call)
         try:
-            status = read_proc_text(self.pid, f"task/{tid}/status")
-        except (ProcessGone, ProcessError, PermissionDenied):
-            return False
-        for line in status.splitlines():
-            if line.startswith("SigPnd:"):
-                return bool(int(line.split()[1], 16) & (1 << (signal.SIGTRAP - 1)))
-        return False
+            return self._run_remote_call(tid, return_stub + len(sigframe.CALL_RETURN_STUB))
+        finally:
+            self._give_back(tid, borrowed)
 
     def mmap(self, address: int, length: int, prot: int, flags: int) -> int:
         """Remote ``mmap(address, length, prot, flags, -1, 0)``; the mapped address."""
@@ -751,59 +723,194 @@ class StoppedProcess:
         """Remote ``mprotect(address, length, prot)``."""
         self.remote_syscall(10, address, length, prot)
 
-    def remote_call(self, function: int, args: tuple[int, ...], trap_address: int, tid: int | None = None) -> int:
-        """Call ``function(*args)`` in thread ``tid`` of the patient; its ``rax``.
-
-        The call returns to ``trap_address``, where the caller has placed an ``int3``
-        byte. The stack pointer is moved below the red zone and aligned as the ABI wants;
-        all registers are restored afterwards. Other threads stay stopped, so a function
-        that waits for a lock held by one of them times out with ProcessError.
-        """
-        if len(args) > len(_ARG_REGISTERS_CALL):
-            raise ValueError("remote_call passes at most 6 arguments")
-        tid = self._default_tid(tid)
+    # ---------------------------------------------------------------- borrowing a thread
+    def _borrow(self, tid: int, pretcode: int, prepare: Callable[[Registers], None]) -> _Borrowed:
+        """Write the thread's signal frame below its stack, then give it our registers
+        (stack pointer on the frame, ``pretcode`` its first word) and block its signals."""
         saved = self.get_regs(tid)
-        regs = saved.copy()
-        stack = ((saved.rsp - _RED_ZONE) & ~0xF) - 8  # at entry, rsp + 8 is 16-byte aligned
-        self.write(stack, (trap_address & _U64).to_bytes(8, "little"))
-        regs.rsp = stack
-        regs.rip = function
-        regs.rax = 0
-        regs.orig_rax = _U64
-        for name, value in zip(_ARG_REGISTERS_CALL, args, strict=False):
-            setattr(regs, name, value & _U64)
-        saved_mask = self._block_signals(tid)
+        saved_mask = self._get_sigmask(tid)
+        xstate = self._get_xstate(tid)
         try:
-            self.set_regs(tid, regs)
-            return self._run_until_trap(tid, trap_address + 1, time.monotonic() + self.timeout)
-        finally:
-            if tid in self._seized:
-                self.set_regs(tid, saved)
-                self._set_sigmask(tid, saved_mask)
+            frame, frame_bytes = sigframe.build_frame(_register_values(saved), saved_mask, xstate, pretcode)
+        except sigframe.FrameError as exc:
+            raise ProcessError(f"cannot borrow thread {tid} of process {self.pid} safely: {exc}") from None
+        self.write(frame, frame_bytes)
+        regs = saved.copy()
+        regs.rsp = frame
+        regs.rax = 0
+        regs.orig_rax = _U64  # -1: not in a syscall, so nothing is "restarted" into ours
+        prepare(regs)
+        self.set_regs(tid, regs)
+        faults.point("borrow", self.pid)
+        # Blocked after the registers are ours: the frame restores the mask too.
+        self._set_sigmask(tid, saved_mask | _BLOCK_DURING_REMOTE)
+        return _Borrowed(saved, saved_mask)
 
-    def _run_until_trap(self, tid: int, expected_rip: int, deadline: float) -> int:
-        signo = 0
+    def _give_back(self, tid: int, borrowed: _Borrowed) -> None:
+        """Restore a borrowed thread's signal mask, then its registers; safe at every instant.
+
+        At a syscall-entry stop the kernel would still run the call in ``orig_rax``:
+        the thread first gets its restarted registers with ``orig_rax`` -1 (the call is
+        skipped) and is taken to the exit stop. The restart of a system call the thread
+        was in happens on the way out of a signal check; a syscall-exit stop is not one,
+        so the thread is interrupted (which makes it pass one) when it needs a restart.
+        """
+        if tid not in self._seized:
+            return
+        self._set_sigmask(tid, borrowed.sigmask)
+        faults.point("give-back", self.pid)
+        saved = borrowed.registers
+        values = _register_values(saved)
+        operation = self._syscall_stop_kind(tid)
+        if operation == _SYSCALL_ENTRY:
+            skipping = saved.copy()
+            for name, value in sigframe.resumed_registers(values).items():
+                setattr(skipping, name, value)
+            if sigframe.signed(values["orig_rax"]) >= 0 and sigframe.signed(values["rax"]) == sigframe.RESTART_BLOCK:
+                skipping.rax = sigframe.SYS_RESTART_SYSCALL  # the restart block is intact here
+                skipping.rip = (saved.rip - sigframe.SYSCALL_INSN_SIZE) & _U64
+            skipping.orig_rax = _U64
+            self.set_regs(tid, skipping)
+            if not self._to_syscall_exit(tid):
+                return
+            operation = _SYSCALL_EXIT
+        self.set_regs(tid, saved)
+        if operation == _SYSCALL_EXIT and sigframe.in_restartable_syscall(values):
+            self._interrupt(tid)
+
+    def _to_syscall_exit(self, tid: int) -> bool:
+        """Resume ``tid`` from a syscall-entry stop to its exit stop; False if it is gone."""
+        deadline = time.monotonic() + self.timeout
         while True:
-            self._cont(tid, signo)
-            if tid not in self._seized:
-                raise ProcessGone(f"thread {tid} of process {self.pid} exited during a remote call")
-            signo = 0
-            event, stop_signal = self._await_stop(tid, deadline, lambda: ProcessError(
-                f"remote call in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
-            if event != 0:
+            self._resume_to_syscall(tid)
+            try:
+                kind, signo = self._await_remote_stop(tid, deadline)
+            except (ProcessGone, TimeoutError):
+                return False
+            if kind == "syscall":
+                return True
+            if kind == "signal" and signo not in _FAULT_SIGNALS:
+                self._hold_signal(tid, signo)
+
+    def _run_remote_syscall(self, tid: int, nr: int) -> int:
+        """Run the borrowed thread through our syscall's entry and exit stops; its ``rax``."""
+        deadline = time.monotonic() + self.timeout
+        entered = False
+        for _ in range(64):
+            self._resume_to_syscall(tid)
+            kind, signo = self._await_remote_stop(tid, deadline, lambda: ProcessError(
+                f"remote syscall in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
+            if kind == "event":
+                continue  # a stray interrupt or group stop: go on
+            if kind == "signal":
+                if signo in _FAULT_SIGNALS:
+                    raise ProcessError(f"remote syscall in thread {tid} faulted with signal {signo}")
+                self._hold_signal(tid, signo)  # not ours: give it back on resume
                 continue
-            if stop_signal == signal.SIGTRAP:
+            regs = self.get_regs(tid)
+            if not entered:
+                if regs.orig_rax != nr:
+                    raise ProcessError(f"remote syscall in thread {tid} of process {self.pid} entered "
+                                       f"system call {signed64(regs.orig_rax)} instead of {nr}")
+                entered = True
+                faults.point("syscall-entry", self.pid)
+                continue
+            faults.point("syscall-exit", self.pid)
+            return regs.rax
+        raise ProcessError(f"remote syscall in thread {tid} of process {self.pid} did not complete")
+
+    def _run_remote_call(self, tid: int, return_rip: int) -> int:
+        """Run the borrowed thread until the return stub's ``rt_sigreturn`` entry; the result."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            self._resume_to_syscall(tid)
+            kind, signo = self._await_remote_stop(tid, deadline, lambda: ProcessError(
+                f"remote call in thread {tid} of process {self.pid} did not return within {self.timeout} s"))
+            if kind == "event":
+                continue
+            if kind == "syscall":
                 regs = self.get_regs(tid)
-                if regs.rip == expected_rip:
-                    return regs.rax
-                raise ProcessError(f"remote call in thread {tid} hit a breakpoint at {regs.rip:#x}")
-            if stop_signal in _FAULT_SIGNALS:
+                if (regs.rip == return_rip and regs.orig_rax == sigframe.SYS_RT_SIGRETURN
+                        and self._syscall_stop_kind(tid) == _SYSCALL_ENTRY):
+                    faults.point("call-return", self.pid)
+                    return getattr(regs, sigframe.CALL_RESULT_REGISTER)
+                continue  # a system call the function makes itself
+            if signo in _FAULT_SIGNALS or signo == signal.SIGTRAP:
                 regs = self.get_regs(tid)
                 raise ProcessError(
                     f"remote call in thread {tid} of process {self.pid} crashed with "
-                    f"{signal.Signals(stop_signal).name} at {regs.rip:#x}"
+                    f"{signal.Signals(signo).name} at {regs.rip:#x}"
                 )
-            self._hold_signal(tid, stop_signal)
+            self._hold_signal(tid, signo)
+
+    def _resume_to_syscall(self, tid: int) -> None:
+        try:
+            ptrace_func.ptrace(PTRACE_SYSCALL, tid, 0, 0)
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "resume")
+
+    def _await_remote_stop(self, tid: int, deadline: float,
+                           on_timeout: Callable[[], Exception] | None = None) -> tuple[str, int]:
+        """The next stop of a thread running our code: ("syscall" | "event" | "signal",
+        signal). Past ``deadline`` it is interrupted (its stop recorded) and
+        ``on_timeout()`` raised (TimeoutError without it)."""
+        try:
+            status = self._wait_thread(tid, deadline)
+        except TimeoutError:
+            self._interrupt(tid)
+            try:
+                status = self._wait_thread(tid, None)
+            except ProcessGone:
+                status = None
+            if status is not None:
+                self._record_remote_stop(tid, status)
+            raise (on_timeout() if on_timeout else TimeoutError()) from None
+        return self._record_remote_stop(tid, status)
+
+    def _record_remote_stop(self, tid: int, status: int) -> tuple[str, int]:
+        event = status >> 16
+        signo = os.WSTOPSIG(status)
+        if event == 0 and signo == _SYSCALL_STOP:
+            self._stop_signal[tid] = 0
+            return "syscall", 0
+        if event != 0:
+            self._stop_signal[tid] = 0
+            return "event", 0
+        self._stop_signal[tid] = signo
+        return "signal", signo
+
+    def _interrupt(self, tid: int) -> None:
+        try:
+            ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
+        except PtraceError:
+            pass
+
+    def _syscall_stop_kind(self, tid: int) -> int:
+        """``PTRACE_GET_SYSCALL_INFO``'s op for stopped ``tid``: entry, exit, or 0 (no syscall stop)."""
+        info = (ctypes.c_uint8 * 88)()
+        try:
+            ptrace_func.ptrace(PTRACE_GET_SYSCALL_INFO, tid, ctypes.sizeof(info), ctypes.addressof(info))
+        except PtraceError:
+            return 0
+        return info[0]
+
+    def _get_sigmask(self, tid: int) -> int:
+        mask = ctypes.c_uint64()
+        try:
+            ptrace_func.ptrace(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "read the signal mask of")
+        return mask.value
+
+    def _get_xstate(self, tid: int) -> bytes:
+        """The thread's XSAVE area (``PTRACE_GETREGSET NT_X86_XSTATE``, standard format)."""
+        buffer = ctypes.create_string_buffer(_XSTATE_BUFFER)
+        vector = _IoVec(ctypes.addressof(buffer), _XSTATE_BUFFER)
+        try:
+            ptrace_func.ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vector))
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "read the FPU state of")
+        return buffer.raw[:vector.iov_len]
 
     def _interrupt_and_wait(self, tid: int) -> None:
         try:
@@ -813,9 +920,9 @@ class StoppedProcess:
             return
         status = self._waitpid(tid)
         if status is not None and status >= 0:
-            self._stop_signal[tid] = os.WSTOPSIG(status) if status >> 16 == 0 else 0
-            if status >> 16 == 0:
-                self._hold_signal(tid, os.WSTOPSIG(status))
+            kind, signo = self._record_remote_stop(tid, status)
+            if kind == "signal":
+                self._hold_signal(tid, signo)
 
 
 def _build_id_key(pid: int, group: list[Mapping]) -> str:
@@ -841,58 +948,79 @@ def _candidate_mappings(mappings: list[Mapping]) -> list[list[Mapping]]:
     return sorted(groups, key=rank)
 
 
-def _confirm_site(pid: int, executable: list[Mapping], file_offset: int | None) -> int | None:
-    """The address of ``file_offset`` in these mappings if it holds ``syscall`` there."""
+def _confirm_site(pid: int, executable: list[Mapping], file_offset: int | None, pattern: bytes) -> int | None:
+    """The address of ``file_offset`` in these mappings if it holds ``pattern`` there."""
     if file_offset is None:
         return None
     for mapping in executable:
         address = mapping.start + file_offset - mapping.offset
-        if mapping.start <= address and address + len(_SYSCALL_INSN) <= mapping.end:
-            if memory.read_memory(pid, address, len(_SYSCALL_INSN)) == _SYSCALL_INSN:
+        if mapping.start <= address and address + len(pattern) <= mapping.end:
+            if memory.read_memory(pid, address, len(pattern)) == pattern:
                 return address
     return None
 
 
-def find_syscall_instruction(pid: int, mappings: list[Mapping] | None = None) -> int:
-    """Address of a ``syscall`` instruction in an executable mapping of process ``pid``.
+def _find_code(pid: int, patterns: tuple[bytes, ...], what: str, mappings: list[Mapping] | None = None) -> int:
+    """Address of one of ``patterns`` (any byte offset: the CPU decodes from where it is
+    sent) in an executable mapping of process ``pid``, libc first.
 
     Its file offset is cached per build-id (and per file identity, the fast path), so a
-    process mapping the same libc only needs a 2-byte read to confirm it. Nothing is
+    process mapping the same libc only needs a short read to confirm it. Nothing is
     written into the patient.
     """
     if mappings is None:
         mappings = read_maps(pid)
     for group in _candidate_mappings(mappings):
         executable = [m for m in group if m.executable and m.readable]
-        file_key = f"inode:{group[0].dev}:{group[0].inode}"
-        address = _confirm_site(pid, executable, _syscall_site_cache.get(file_key))
-        if address is not None:
-            return address
-        build_key = _build_id_key(pid, group)
-        address = _confirm_site(pid, executable, _syscall_site_cache.get(build_key))
-        if address is None:
-            for mapping in executable:
-                address = _scan_for_syscall(pid, mapping)
-                if address is not None:
-                    break
-        if address is not None:
-            holder = next(m for m in executable if m.contains(address))
-            file_offset = holder.offset + address - holder.start
-            _syscall_site_cache[build_key] = file_offset
-            _syscall_site_cache[file_key] = file_offset
-            return address
-    raise ProcessError(f"no syscall instruction found in the executable mappings of process {pid}")
+        for pattern in patterns:
+            file_key = f"inode:{group[0].dev}:{group[0].inode}:{pattern.hex()}"
+            address = _confirm_site(pid, executable, _syscall_site_cache.get(file_key), pattern)
+            if address is not None:
+                return address
+            build_key = f"{_build_id_key(pid, group)}:{pattern.hex()}"
+            address = _confirm_site(pid, executable, _syscall_site_cache.get(build_key), pattern)
+            if address is None:
+                for mapping in executable:
+                    address = _scan_for(pid, mapping, pattern)
+                    if address is not None:
+                        break
+            if address is not None:
+                holder = next(m for m in executable if m.contains(address))
+                file_offset = holder.offset + address - holder.start
+                _syscall_site_cache[build_key] = file_offset
+                _syscall_site_cache[file_key] = file_offset
+                return address
+    raise ProcessError(f"no {what} found in the executable mappings of process {pid}: "
+                       "it cannot be patched safely")
 
 
-def _scan_for_syscall(pid: int, mapping: Mapping) -> int | None:
+def find_syscall_instruction(pid: int, mappings: list[Mapping] | None = None) -> int:
+    """Address of a ``syscall; ret`` pair in an executable mapping of process ``pid``
+    (a ``syscall`` instruction that returns to the address on the stack)."""
+    return _find_code(pid, (_SYSCALL_RET,), "'syscall; ret' instruction pair", mappings)
+
+
+def find_return_sites(pid: int, mappings: list[Mapping] | None = None) -> ReturnSites:
+    """The ``syscall; ret`` pair and the ``rt_sigreturn`` restorer (``__restore_rt``) of ``pid``."""
+    if mappings is None:
+        mappings = read_maps(pid)
+    return ReturnSites(find_syscall_instruction(pid, mappings),
+                       _find_code(pid, _RESTORERS, "rt_sigreturn restorer (mov $15,%rax; syscall)", mappings))
+
+
+def _register_values(regs: Registers) -> dict[str, int]:
+    return {name: getattr(regs, name) for name, _ in user_regs_struct._fields_}
+
+
+def _scan_for(pid: int, mapping: Mapping, pattern: bytes) -> int | None:
     position = mapping.start
     while position < mapping.end:
         size = min(_SCAN_CHUNK, mapping.end - position)
         try:
-            chunk = memory.read_memory(pid, position, size + (1 if position + size < mapping.end else 0))
+            chunk = memory.read_memory(pid, position, min(size + len(pattern) - 1, mapping.end - position))
         except ProcessError:
             return None
-        found = chunk.find(_SYSCALL_INSN)
+        found = chunk.find(pattern)
         if found >= 0:
             return position + found
         position += size
