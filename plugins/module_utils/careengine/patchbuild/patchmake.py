@@ -82,7 +82,7 @@ def main(argv: list[str]) -> int:
     if not args.update and not args.patches:
         _parser().error("at least one PATCH is needed (or --update)")
     tool_dir = os.path.dirname(os.path.abspath(sys.argv[0]))
-    make_args = with_default_compiler(args.make_arg, tool_dir)
+    make_args = list(args.make_arg)      # make gets CC=/CXX= naming the wrappers unless given (buildsystems)
     wrappers = Wrappers.beside(tool_dir) if os.path.exists(os.path.join(tool_dir, "libcare-cc")) else None
     reporter = Reporter(PROG, quiet=args.quiet)
     previous = signal.signal(signal.SIGTERM, _terminate)
