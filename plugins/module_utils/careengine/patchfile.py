@@ -358,6 +358,20 @@ def info_terminator() -> bytes:
     return b"\0" * INFO_TERMINATOR_SIZE
 
 
+def elf_parse_errors() -> tuple[type[BaseException], ...]:
+    """What pyelftools raises on a malformed ELF image.
+
+    It trusts the image's offsets, counts, links and names, so a corrupt image surfaces as
+    any of these rather than only as ``ELFError``; readers of a patch's image turn them into
+    :class:`PatchFormatError`.
+    """
+    from elftools.common.exceptions import ELFError
+    from elftools.construct import ConstructError
+
+    return (ELFError, ConstructError, ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError,
+            ZeroDivisionError, UnicodeDecodeError, struct.error, EOFError)
+
+
 def _strip_new_suffix(name: str) -> str:
     return name[: -len(NEW_SYMBOL_SUFFIX)] if name.endswith(NEW_SYMBOL_SUFFIX) else name
 
@@ -369,27 +383,32 @@ def summarize(patch: PatchFile) -> PatchSummary:
     original function, the one at ``saddr`` the new one; a record without a ``daddr``
     relocation (and ``dlen == 0``) is a new function.
     """
-    from elftools.common.exceptions import ELFError
     from elftools.elf.elffile import ELFFile
 
     try:
         elf = ELFFile(io.BytesIO(patch.elf_image))
         info_section = elf.get_section_by_name(SECTION_INFO)
-        if info_section is None:
+        if info_section is None or info_section["sh_type"] == "SHT_NOBITS":
             raise PatchFormatError("patch has no .kpatch.info section")
         entries = decode_info_table(info_section.data())
         names_at: dict[int, str] = {}
         rela = elf.get_section_by_name(".rela" + SECTION_INFO)
         if rela is not None:
+            if rela["sh_type"] != "SHT_RELA":
+                raise PatchFormatError(f".rela{SECTION_INFO} is not a relocation section ({rela['sh_type']})")
             symtab = elf.get_section(rela["sh_link"])
+            if symtab["sh_type"] not in ("SHT_SYMTAB", "SHT_DYNSYM"):
+                raise PatchFormatError(f".rela{SECTION_INFO} links to section {rela['sh_link']}, not a symbol table")
             for reloc in rela.iter_relocations():
                 symbol = symtab.get_symbol(reloc["r_info_sym"])
                 names_at[reloc["r_offset"]] = symbol.name
         sections = {
             s.name: s["sh_size"] for s in elf.iter_sections() if s.name.startswith(KPATCH_SECTION_PREFIX)
         }
-    except (ELFError, ValueError, KeyError, struct.error) as exc:
-        raise PatchFormatError(f"patch ELF image is corrupt: {exc}") from None
+    except PatchFormatError:
+        raise
+    except elf_parse_errors() as exc:
+        raise PatchFormatError(f"patch ELF image is corrupt: {type(exc).__name__}: {exc}") from None
     functions: list[ReplacedFunction] = []
     new_functions: list[str] = []
     for index, entry in enumerate(entries):

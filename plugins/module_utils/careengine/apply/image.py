@@ -13,7 +13,6 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from ..errors import PatchFormatError
@@ -25,6 +24,7 @@ from ..patchfile import (
     InfoEntry,
     PatchFile,
     decode_info_table,
+    elf_parse_errors,
     summarize,
 )
 from .layout import TRAP_BYTE, PatchLayout, jump_table_bytes, plan_layout, round_up
@@ -136,8 +136,9 @@ def read_patch_image(patch: PatchFile) -> PatchImage:
         image = _parse(patch, identity)
     except PatchFormatError:
         raise
-    except (ELFError, ValueError, KeyError, struct.error, IndexError) as exc:
-        raise PatchFormatError(f"patch for {patch.build_id}: ELF image is corrupt: {exc}") from None
+    except elf_parse_errors() as exc:
+        raise PatchFormatError(f"patch for {patch.build_id}: ELF image is corrupt: {type(exc).__name__}: {exc}"
+                               ) from None
     if len(_images) > 64:
         _images.clear()
     _images[key] = image
