@@ -29,8 +29,17 @@ def main(tool: str, argv: list[str]) -> int:
         print(f"libcare: unknown tool {tool!r}", file=sys.stderr)
         return 2
     module_name, function_name = TOOLS[tool]
-    module = importlib.import_module(module_name, __package__)
     try:
+        if tool == "ctl":
+            if argv[:1] == ["watch"]:
+                module_name, function_name, argv = ".watch.command", "main", argv[1:]
+            else:
+                from .watch.client import forward  # socket + json only: no engine import
+
+                forwarded = forward(argv)
+                if forwarded is not None:
+                    return forwarded
+        module = importlib.import_module(module_name, __package__)
         return getattr(module, function_name)(argv)
     except CareError as exc:
         print(f"libcare-{tool}: error: {exc}", file=sys.stderr)

@@ -82,10 +82,11 @@ def _add_audit_log(parser: argparse.ArgumentParser, what: str = "append one JSON
                         help=f"{what} (default $LIBCARE_AUDIT_LOG, else /var/log/libcare/audit.jsonl as root)")
 
 
-def main(argv: list[str]) -> int:
-    """Run ``libcare-ctl`` with ``argv``; the exit status."""
+def main(argv: list[str], requester: Requester | None = None) -> int:
+    """Run ``libcare-ctl`` with ``argv``; the exit status. ``requester``: who asked, for the
+    audit log (default: this command line; the resident service passes its client)."""
     args = build_parser().parse_args(argv)
-    args.requester = Requester.from_command(["libcare-ctl", *argv])
+    args.requester = requester or Requester.from_command(["libcare-ctl", *argv])
     command = COMMAND_ALIASES.get(args.command, args.command)
     for signo in (signal.SIGTERM, signal.SIGHUP):
         # Turn termination into an exception: a stopped patient is rolled back and
@@ -272,6 +273,8 @@ def _info_line(obj: ObjectInfo, record: dict | None) -> str:
             line += " VULNERABLE"
     if obj.functions:
         line += " functions=" + ",".join(obj.functions)
+    if obj.interrupted:
+        line += f" interrupted={obj.interrupted}"
     if record:
         line += f" applied={record['time']} by={_who(record.get('requested_by') or {})}"
     return line
