@@ -76,7 +76,7 @@ unpack_source() {
 # first, until one downloads and has the fix in its series (an apt index can name a
 # security update whose files are gone from the mirror). Exit 77 if none can be fetched.
 fetch_source() {
-    local versions version candidate downloaded=
+    local versions version candidate reason downloaded=
     rm -rf "$PRISTINE" "$PRISTINE.tmp"
     dsc=$(ls "$CACHE"/dl/"${SRC_PACKAGE}"_*.dsc 2>/dev/null | head -n1 || true)
     if [ -n "$dsc" ] && unpack_source "$dsc"; then
@@ -89,12 +89,26 @@ fetch_source() {
     else
         versions=$(apt-cache showsrc "$SRC_PACKAGE" | sed -n 's/^Version: *//p' | sort -u -r -V)
     fi
+    local apt_log=$CACHE/apt-source.log left
+    left=$(wc -w <<<"$versions")
     for version in $versions; do
+        left=$((left - 1))
         rm -rf "$CACHE/dl.tmp"
         mkdir -p "$CACHE/dl.tmp"
-        log "apt-get source --download-only $SRC_PACKAGE=$version"
-        if ! (cd "$CACHE/dl.tmp" && apt-get -qq source --download-only "$SRC_PACKAGE=$version" >&2); then
-            log "apt-get source $SRC_PACKAGE=$version failed"
+        log "downloading the source of $SRC_PACKAGE $version (apt-get source --download-only)"
+        # apt's own messages go to a log: an index can list a version whose files are gone
+        # from the mirror (a 404), which is expected and handled by trying an older one.
+        if ! (cd "$CACHE/dl.tmp" && apt-get -qq source --download-only "$SRC_PACKAGE=$version" >"$apt_log" 2>&1); then
+            if grep -q '404' "$apt_log"; then
+                reason="apt lists it, but its files are no longer on the mirror"
+            else
+                reason="apt-get failed: $(grep -v '^\s*$' "$apt_log" | tail -n1)"
+            fi
+            if [ "$left" -gt 0 ]; then
+                log "$SRC_PACKAGE $version cannot be downloaded ($reason); falling back to the next older version"
+            else
+                log "$SRC_PACKAGE $version cannot be downloaded ($reason; apt's output: $apt_log)"
+            fi
             continue
         fi
         candidate=$(ls "$CACHE"/dl.tmp/"${SRC_PACKAGE}"_*.dsc 2>/dev/null | head -n1 || true)
@@ -103,6 +117,7 @@ fetch_source() {
         unpack_source "$candidate" || continue
         mv "$CACHE/dl.tmp" "$CACHE/dl"
         dsc=$CACHE/dl/$(basename "$candidate")
+        log "using the source of $SRC_PACKAGE $version"
         return 0
     done
     rm -rf "$CACHE/dl.tmp" "$PRISTINE.tmp"
