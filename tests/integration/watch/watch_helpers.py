@@ -138,8 +138,8 @@ def make_store(project: Project, where: Path, level: int = 1) -> Path:
 class Service:
     """``libcare-ctl watch`` running in the background, its log collected."""
 
-    def __init__(self, store: Path, workdir: Path, project: Project, *extra: str) -> None:
-        self.socket = workdir / "ctl.sock"
+    def __init__(self, store: Path, workdir: Path, project: Project, *extra: str, socket_dir: Path | None = None) -> None:
+        self.socket = (socket_dir or workdir) / "ctl.sock"
         self.log_path = workdir / f"service-{time.monotonic_ns()}.log"
         self.audit_log = workdir / "audit.jsonl"
         argv = [CTL, "watch", "--store", str(store), "--socket", str(self.socket), "--rescan", "0.5",
