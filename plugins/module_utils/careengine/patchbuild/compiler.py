@@ -27,12 +27,17 @@ DIR/.kpatch_BASE.<stage>.aux`` and the same other flags, then
   changed its signature (from the two ``-aux-info`` files), writes the instrumented
   ``DIR/.kpatch_BASE.s`` and assembles that.
 
+C++ units (``.cc``, ``.cpp``... or ``-x c++``) are compiled the same way, without
+``-aux-info``; in the patched stage their assembler must be the original one (or differ
+only where the diff finds no changed code): a changed C++ unit is refused
+(:func:`refuse_cxx_change`), never left out of the patch unnoticed.
+
 ``-c`` with several C sources and no ``-o`` is done one source at a time. A compile and
 link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
 temporary object beside the output and links those. Links get ``-Wl,-q`` (keep
 relocations, needed for extraction), ``-Wl,--build-id`` and ``-Wl,--no-gc-sections``
 (a project's ``--gc-sections`` would drop the unreferenced ``.kpatch`` sections). Everything else
-(``-E``, ``-M``/``-MM``, ``-v``, ``--version``, ``-print-*``, ``-dump*``, non-C sources,
+(``-E``, ``-M``/``-MM``, ``-v``, ``--version``, ``-print-*``, ``-dump*``, sources in other languages,
 ``-x`` in a compile and link, ``-flto``, reading from stdin) passes through unchanged.
 The wrapper adds no diagnostics of its own to a successful compile.
 
@@ -86,7 +91,7 @@ def main(argv: list[str]) -> int:
 
 
 def main_cxx(argv: list[str]) -> int:
-    """``libcare-c++ ARGS...``: the same for g++ (C++ units are passed through)."""
+    """``libcare-c++ ARGS...``: the same for g++ (a changed C++ unit is refused, see :func:`refuse_cxx_change`)."""
     return run(argv, cxx=True)
 
 
@@ -169,7 +174,7 @@ def expand_response_files(argv: list[str], depth: int = 0) -> list[str]:
 
 def _we_compile_before_linking(invocation: Invocation) -> bool:
     """A compile and link we split: only C sources, no -x, no dependency output, no LTO."""
-    only_c = all(_is_c(lang, path) for lang, path in invocation.sources)
+    only_c = all(_is_handled(lang, path) for lang, path in invocation.sources)
     return only_c and not (invocation.has_x or invocation.has_dependency_flags or invocation.lto)
 
 
@@ -248,6 +253,17 @@ def _is_c(language: str, path: str) -> bool:
     return path.endswith(C_SUFFIXES)
 
 
+def _is_cxx(language: str, path: str) -> bool:
+    if language:
+        return language == "c++"
+    return path.endswith(CXX_SUFFIXES)
+
+
+def _is_handled(language: str, path: str) -> bool:
+    """C units are diffed; C++ units are compiled through kept assembler so a change is refused, not lost."""
+    return _is_c(language, path) or _is_cxx(language, path)
+
+
 def _exec(real: str, argv: list[str]) -> int:
     _settings.trace(" ".join([real] + argv))
     sys.stdout.flush()
@@ -285,7 +301,7 @@ def _compile(real: str, inv: Invocation, stage: str) -> int:
         return _exec(real, inv.argv)
     if inv.output is not None and (inv.output.startswith("/dev/") or inv.output == "-"):
         return _exec(real, inv.argv)      # a probe: nothing to keep
-    if any(not _is_c(lang, path) for lang, path in inv.sources):
+    if any(not _is_handled(lang, path) for lang, path in inv.sources):
         return _exec(real, inv.argv)
     if len(inv.sources) > 1:
         if inv.output is not None:
@@ -351,10 +367,11 @@ def unit_of(output: str) -> str:
 
 def compile_unit(real: str, flags: list[str], source: str, output: str, mode: str, stage: str,
                  unit: str | None = None) -> int:
-    """Compile one C source to ``output`` through kept assembler (see module docstring)."""
+    """Compile one C or C++ source to ``output`` through kept assembler (see module docstring)."""
     unit = unit or unit_of(output)
     stage_asm = kept_asm_path(unit, stage)
     stage_aux = kept_asm_path(unit, stage, ".aux")
+    cxx = _is_cxx(flags[1] if flags[:1] == ["-x"] else "", source)
     compile_flags = list(flags)
     driver_deps = any(flag in ("-MD", "-MMD") for flag in flags)
     preprocessor_deps = any(flag.startswith(("-Wp,-MD,", "-Wp,-MMD,")) for flag in flags)
@@ -364,14 +381,18 @@ def compile_unit(real: str, flags: list[str], source: str, output: str, mode: st
             compile_flags += ["-MF", os.path.splitext(output)[0] + ".d"]
         if "-MT" not in flags and "-MQ" not in flags:
             compile_flags += ["-MT", output]
-    status = _run([real] + compile_flags + ["-S", "-o", stage_asm, "-aux-info", stage_aux, source])
+    aux_info = [] if cxx else ["-aux-info", stage_aux]     # -aux-info is for C only
+    status = _run([real] + compile_flags + ["-S", "-o", stage_asm, *aux_info, source])
     if status:
         return status
     from .progress import COMPILED, DIFFED, note_unit
 
     note_unit(COMPILED, unit)
     asm_path = stage_asm
-    if stage == "patched":
+    if stage == "patched" and cxx:
+        refuse_cxx_change(source, _read_text(kept_asm_path(unit, "original")), _read_text(stage_asm))
+        note_unit(DIFFED, "same")
+    elif stage == "patched":
         asm_path = kept_asm_path(unit, None)
         changed = _write_instrumented(source, unit, stage_asm, stage_aux, asm_path)
         note_unit(DIFFED, "changed" if changed else "same")
@@ -421,6 +442,47 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
         raise type(exc)(f"{source}: {exc}") from None
     _write_text(target, result.text)
     return bool(result.changed_functions or result.new_functions)
+
+
+def refuse_cxx_change(source: str, original_text: str, patched_text: str) -> None:
+    """A C++ unit may be rebuilt in the patched stage, but its code must not have changed.
+
+    C++ code is not live-patched yet (unwind tables of new code are not registered in the
+    patient, so a throw through it would terminate the process): a change is refused,
+    naming the changed functions demangled, instead of being silently left out of the patch.
+    """
+    from ..errors import CareError, UnpatchableChange
+
+    if original_text == patched_text:
+        return
+    if not original_text:
+        raise UnpatchableChange(f"{source}: C++ unit compiled in the patched stage only (no original-stage "
+                                "assembler): C++ code cannot be live-patched yet")
+    from ..asm import gensrc
+
+    try:
+        result = gensrc.generate(original_text, patched_text)
+    except CareError as exc:
+        raise UnpatchableChange(f"{source}: C++ unit changed and C++ code cannot be live-patched yet ({exc})") from None
+    touched = result.changed_functions + result.new_functions
+    if touched or result.new_variables:
+        names = ", ".join(demangle(touched + result.new_variables))
+        raise UnpatchableChange(f"{source}: C++ functions or data changed ({names}); "
+                                "C++ code cannot be live-patched yet")
+
+
+def demangle(names: tuple[str, ...] | list[str]) -> list[str]:
+    """C++ names as people write them (``_Z5checki`` -> ``check(int)``), via binutils' c++filt."""
+    import subprocess
+
+    if not names:
+        return []
+    try:
+        found = subprocess.run(["c++filt"], input="\n".join(names) + "\n", capture_output=True, text=True,
+                               check=True).stdout.splitlines()
+    except (OSError, subprocess.CalledProcessError):
+        return list(names)
+    return found if len(found) == len(names) else list(names)
 
 
 def _write_text(target: str, text: str) -> None:

@@ -1,0 +1,107 @@
+"""C++ units go through kept assembler: unchanged ones build as before, a changed one is
+refused by name (demangled) instead of being silently left out of the patch."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
+LIBCARE_CXX = str(ROOT / "bin" / "libcare-c++")
+
+SHAPES = r"""#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+struct Shape {
+	virtual ~Shape() {}
+	virtual int area() const = 0;
+};
+struct Square : Shape {
+	int side;
+	explicit Square(int s) : side(s) {}
+	int area() const override { return side * side; }
+};
+
+namespace geo {
+__attribute__((noinline)) int check(int n)
+{
+	if (n < 0)
+		throw std::runtime_error("negative");
+	return n + 1;
+}
+}
+
+extern "C" void report(int round);
+void report(int round)
+{
+	Square square(round);
+	try {
+		std::printf("shapes %s %d\n", std::to_string(geo::check(round - 1)).c_str(), square.area());
+	} catch (const std::exception &error) {
+		std::printf("shapes caught %s\n", error.what());
+	}
+}
+"""
+MAIN_C = r"""void report(int round);
+int main(void) { for (int i = 0; i < 3; i++) report(i); return 0; }
+"""
+MAKEFILE = """all: shapes
+shapes.o: shapes.cc
+\t$(CXX) -O2 -g -c -o $@ shapes.cc
+main.o: main.c
+\t$(CC) -O2 -g -c -o $@ main.c
+shapes: shapes.o main.o
+\t$(CXX) -o $@ shapes.o main.o
+install: all
+\tinstall -D -m 755 shapes $(DESTDIR)/usr/bin/shapes
+.PHONY: all install
+"""
+
+
+def _project(tmp_path: Path) -> Path:
+    project = tmp_path / "shapes"
+    project.mkdir()
+    (project / "shapes.cc").write_text(SHAPES)
+    (project / "main.c").write_text(MAIN_C)
+    (project / "Makefile").write_text(MAKEFILE)
+    return project
+
+
+def _diff(project: Path, name: str, old: str, new: str) -> str:
+    work = project.parent / "diff"
+    shutil.rmtree(work, ignore_errors=True)
+    text = (project / name).read_text()
+    assert old in text
+    for side, content in (("a", text), ("b", text.replace(old, new))):
+        (work / side).mkdir(parents=True)
+        (work / side / name).write_text(content)
+    return subprocess.run(["diff", "-u", f"a/{name}", f"b/{name}"], cwd=work, capture_output=True, text=True,
+                          check=False).stdout
+
+
+def test_changed_cxx_function_is_refused_by_its_demangled_name(tmp_path):
+    project = _project(tmp_path)
+    (project / "cxx.patch").write_text(_diff(project, "shapes.cc", "return n + 1;", "return n + 2;"))
+    before = {p.name: p.read_bytes() for p in project.iterdir() if p.is_file()}
+    result = subprocess.run([PATCH_MAKE, "cxx.patch"], cwd=project, capture_output=True, text=True, check=False)
+    assert result.returncode == 1
+    assert "geo::check(int)" in result.stderr and "C++ code cannot be live-patched yet" in result.stderr
+    assert "reverting the patches" in result.stderr
+    after = {name: (project / name).read_bytes() for name in before}
+    assert after == before
+
+
+def test_c_change_in_a_mixed_project_builds_and_cxx_output_is_unchanged(tmp_path):
+    project = _project(tmp_path)
+    (project / "c.patch").write_text(_diff(project, "main.c", "i < 3", "i < 4"))
+    result = subprocess.run([PATCH_MAKE, "c.patch"], cwd=project, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "replaces main" in result.stdout
+    program = project / "lpmake" / "usr" / "bin" / "shapes"
+    run = subprocess.run([str(program)], capture_output=True, text=True, check=True, env=dict(os.environ))
+    assert run.stdout.splitlines() == ["shapes caught negative", "shapes 1 1", "shapes 2 4"]
+    assert (project / ".kpatch_shapes.original.s").is_file()     # the C++ unit went through kept assembler
