@@ -72,6 +72,22 @@ options:
       - Default C($LIBCARE_AUDIT_LOG), else C(/var/log/libcare/audit.jsonl) (created root-only).
         Nothing is logged in check mode.
     type: path
+  allowed_signers:
+    description:
+      - An OpenSSH C(allowed_signers) file. The store's C(SHA256SUMS) must then be signed
+        (C(SHA256SUMS.sig), namespace C(libcare-livepatch)) by a key it lists, or nothing is applied.
+      - The signer is returned in RV(signer).
+      - Mutually exclusive with O(no_verify); ignored when O(state=absent).
+    type: path
+  no_verify:
+    description:
+      - Every patch is checked against the C(SHA256SUMS) of its store (for O(patch), the one in the
+        file's directory) before any process is touched; a patch not listed there or with another
+        digest is refused. V(true) skips that check (patches built by LibCare's own tools) and
+        says so in a warning. The patch is still validated against itself and its target object.
+      - Ignored when O(state=absent).
+    type: bool
+    default: false
   allow_failures:
     description:
       - When V(false), the module fails if any process or object failed (every result is still returned).
@@ -170,6 +186,16 @@ results:
       type: list
       elements: str
       sample: [handle_request]
+signer:
+  description: The principal (from O(allowed_signers)) whose key signed the store; null when not checked.
+  returned: when O(state=present)
+  type: str
+  sample: builder@example.com
+verified:
+  description: Whether the patches were checked against the store's C(SHA256SUMS) (false with O(no_verify)).
+  returned: when O(state=present)
+  type: bool
+  sample: true
 counts:
   description:
     - How many objects had each outcome (in check mode, would have). A process that failed as a
@@ -210,6 +236,10 @@ try:
     )
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.audit import Requester
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.integrity import (
+        sums_directory,
+        verify_signature,
+    )
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.results import summarize_results
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.storage import PatchSource
 except ImportError as exc:  # reported by main(), not at import time
@@ -280,8 +310,10 @@ def run_module():
             allow_failures=dict(type="bool", default=False),
             insecure_store=dict(type="bool", default=False),
             audit_log=dict(type="path"),
+            allowed_signers=dict(type="path"),
+            no_verify=dict(type="bool", default=False),
         ),
-        mutually_exclusive=[("store", "patch")],
+        mutually_exclusive=[("store", "patch"), ("allowed_signers", "no_verify")],
         required_one_of=[("store", "patch")],
         supports_check_mode=True,
     )
@@ -293,15 +325,22 @@ def run_module():
     if params["insecure_store"] and params["state"] == "present":
         module.warn(f"insecure_store: the owners and modes of {source} are NOT checked; whoever can write "
                     "there can run code as root in the patched processes")
+    if params["no_verify"] and params["state"] == "present":
+        module.warn(f"no_verify: the patches in {source} are NOT checked against SHA256SUMS")
+    integrity = {}
     try:
         pids = select_pids(pid=params["pid"], pids=params["pids"], exe=params["exe"], name=params["name"])
         if params["state"] == "present":
             process_results = patch_processes(
                 source, pids, level=params["level"], timeout=params["timeout"],
                 retries=params["retries"], check=module.check_mode, requested_by=requester,
-                audit_log=params["audit_log"], insecure_store=params["insecure_store"])
+                audit_log=params["audit_log"], insecure_store=params["insecure_store"],
+                verify=not params["no_verify"], allowed_signers=params["allowed_signers"])
+            integrity = dict(verified=not params["no_verify"], signer=None)
+            if params["allowed_signers"]:   # verified inside patch_processes (it refuses otherwise): name the signer
+                integrity["signer"] = verify_signature(sums_directory(source), params["allowed_signers"])
         else:
-            build_ids = PatchSource(source).build_ids()
+            build_ids = PatchSource(source, verify=False).build_ids()   # removes; applies nothing
             process_results = unpatch_processes(
                 pids, build_ids, timeout=params["timeout"], check=module.check_mode, requested_by=requester,
                 audit_log=params["audit_log"])
@@ -314,6 +353,7 @@ def run_module():
         changed=counts["applied"] + counts["removed"] > 0,
         results=results,
         counts=counts,
+        **integrity,
     )
     if module._diff:
         output["diff"] = dict(

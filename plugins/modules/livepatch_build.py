@@ -56,8 +56,17 @@ options:
       - Clean the tree before building (C(make clean)).
     type: bool
     default: false
+  sign_key:
+    description:
+      - An OpenSSH private key (no passphrase) to sign the store's C(SHA256SUMS) with
+        (C(ssh-keygen -Y sign), namespace C(libcare-livepatch)) into C(SHA256SUMS.sig), which
+        M(libcare.livepatch.livepatch) checks with its O(libcare.livepatch.livepatch#module:allowed_signers).
+      - The store always gets a C(SHA256SUMS) of its patches, signed or not.
+      - A store left unsigned by an earlier run is signed even when nothing needs rebuilding.
+    type: path
 requirements:
   - Linux x86_64, gcc, make and patch on the builder.
+  - C(ssh-keygen) (openssh-client) on the builder when O(sign_key) is set.
   - Python 3.10 or later and pyelftools on the builder.
 extends_documentation_fragment:
   - libcare.livepatch.livepatch.attributes_build
@@ -138,6 +147,7 @@ from ansible_collections.libcare.livepatch.plugins.module_utils.engine_import im
 ENGINE_IMPORT_ERROR = None
 try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.integrity import sign_sums
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild import compiler
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.digest import (
@@ -190,6 +200,19 @@ def check_inputs(module, src, patches):
         module.fail_json(msg="patches must name at least one patch file")
 
 
+def sign_if_unsigned(module, dest, sign_key):
+    """Sign the store's SHA256SUMS with ``sign_key`` when it has no signature yet; whether it did."""
+    if not sign_key or os.path.exists(os.path.join(dest, "SHA256SUMS.sig")):
+        return False
+    if not os.path.exists(os.path.join(dest, "SHA256SUMS")) or module.check_mode:
+        return bool(os.path.exists(os.path.join(dest, "SHA256SUMS")))
+    try:
+        sign_sums(dest, sign_key)
+    except CareError as exc:
+        module.fail_json(msg=str(exc))
+    return True
+
+
 def run_module():
     module = AnsibleModule(
         argument_spec=dict(
@@ -199,6 +222,7 @@ def run_module():
             make_args=dict(type="list", elements="str", default=[]),
             jobs=dict(type="int"),
             clean=dict(type="bool", default=False),
+            sign_key=dict(type="path", no_log=False),
         ),
         supports_check_mode=True,
     )
@@ -214,7 +238,8 @@ def run_module():
     before = tree_files(src, manifest.outputs, store_dir)
     digest = build_digest(before, patches, make_args)
     if manifest.is_current(digest):
-        module.exit_json(changed=False, patches=list(manifest.patches), digest=digest)
+        signed = sign_if_unsigned(module, dest, params["sign_key"])
+        module.exit_json(changed=signed, patches=list(manifest.patches), digest=digest)
     if module.check_mode:
         module.exit_json(changed=True, patches=[], digest=digest)
 
@@ -224,7 +249,7 @@ def run_module():
     try:
         os.makedirs(dest, exist_ok=True)
         result = build_patches(src, patches, dest=dest, make_args=build_args,
-                               jobs=params["jobs"], clean=params["clean"])
+                               jobs=params["jobs"], clean=params["clean"], sign_key=params["sign_key"])
     except CareError as exc:
         module.fail_json(msg=str(exc), exception=traceback.format_exc())
 

@@ -47,6 +47,11 @@ def is_patch_file(name: str) -> bool:
     return name in PATCH_FILE_NAMES or name.endswith(PATCH_FILE_SUFFIX)
 
 
+def sums_directory(source: str) -> str:
+    """Where the ``SHA256SUMS`` of a patch source is: the store itself, or a patch file's directory."""
+    return source if os.path.isdir(source) else (os.path.dirname(source) or ".")
+
+
 def read_sums(directory: str) -> dict[str, str] | None:
     """``{relative path: digest}`` from ``directory/SHA256SUMS``; None when there is none."""
     path = os.path.join(directory, SUMS_FILENAME)

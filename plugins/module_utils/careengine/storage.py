@@ -22,7 +22,7 @@ import os
 from dataclasses import dataclass
 
 from .errors import PatchFormatError, StoreError
-from .integrity import IntegrityError, check_listed, read_sums, verify_signature, write_sums
+from .integrity import IntegrityError, check_listed, read_sums, sums_directory, verify_signature, write_sums
 from .patchfile import PatchFile, decode_patch, load_patch, normalize_build_id
 
 PATCH_FILENAME = "kpatch.bin"
@@ -170,7 +170,7 @@ class PatchSource:
         self.store = PatchStore(path) if os.path.isdir(path) else None
         self.verified = verify
         self.signer: str | None = None
-        self.sums_dir = path if self.store is not None else (os.path.dirname(path) or ".")
+        self.sums_dir = sums_directory(path)
         self._sums: dict[str, str] | None = None
         self._checked: dict[tuple[str, int, int], PatchFile] = {}
         if verify:

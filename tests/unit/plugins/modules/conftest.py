@@ -182,18 +182,18 @@ class RecordedEngine:
             for p in data or ()
         ]
 
-    def patch_source(self, path):
+    def patch_source(self, path, *, verify=True):
         engine = self
 
         class Source:
             def build_ids(self):
-                return engine._record("PatchSource.build_ids", path=path)
+                return engine._record("PatchSource.build_ids", path=path, verify=verify)
 
         return Source()
 
-    def build_patches(self, src, patches, dest=None, make_args=(), jobs=None, clean=False):
+    def build_patches(self, src, patches, dest=None, make_args=(), jobs=None, clean=False, sign_key=None):
         data = self._record("build_patches", src=src, patches=list(patches), dest=dest,
-                            make_args=list(make_args), jobs=jobs, clean=clean)
+                            make_args=list(make_args), jobs=jobs, clean=clean, sign_key=sign_key)
         if set(data) == {"error"}:
             raise _care_error(data["error"])
         for relative, content in (data.get("writes") or {}).items():
