@@ -3,6 +3,11 @@
 Text output follows LibCare's lines; ``--json`` prints
 ``{"processes": [...], "summary": {...}}``. The exit status is 0 when everything asked
 was done or already so (``unpatch`` too, unlike LibCare), 1 otherwise.
+
+Every patch and unpatch is recorded in the audit log (``--audit-log``) with this command
+line as who asked; ``info`` shows from it when and by whom each applied patch was applied.
+As root, ``patch`` refuses a source that others than root could change unless
+``--insecure-store`` is given (see ``store_permissions``).
 """
 
 from __future__ import annotations
