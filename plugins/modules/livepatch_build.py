@@ -62,7 +62,8 @@ options:
         (C(ssh-keygen -Y sign), namespace C(libcare-livepatch)) into C(SHA256SUMS.sig), which
         M(libcare.livepatch.livepatch) checks with its O(libcare.livepatch.livepatch#module:allowed_signers).
       - The store always gets a C(SHA256SUMS) of its patches, signed or not.
-      - A store left unsigned by an earlier run is signed even when nothing needs rebuilding.
+      - A store left unsigned by an earlier run is signed even when nothing needs rebuilding (and a
+        store without C(SHA256SUMS) gets one).
     type: path
 requirements:
   - Linux x86_64, gcc, make and patch on the builder.
@@ -147,7 +148,7 @@ from ansible_collections.libcare.livepatch.plugins.module_utils.engine_import im
 ENGINE_IMPORT_ERROR = None
 try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.integrity import sign_sums
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.integrity import sign_sums, write_sums
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild import compiler
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.digest import (
@@ -200,17 +201,22 @@ def check_inputs(module, src, patches):
         module.fail_json(msg="patches must name at least one patch file")
 
 
-def sign_if_unsigned(module, dest, sign_key):
-    """Sign the store's SHA256SUMS with ``sign_key`` when it has no signature yet; whether it did."""
-    if not sign_key or os.path.exists(os.path.join(dest, "SHA256SUMS.sig")):
-        return False
-    if not os.path.exists(os.path.join(dest, "SHA256SUMS")) or module.check_mode:
-        return bool(os.path.exists(os.path.join(dest, "SHA256SUMS")))
+def complete_integrity(module, dest, sign_key):
+    """A store built before it carried SHA256SUMS gets one, and a store left unsigned is signed
+    with ``sign_key``, without rebuilding; whether anything was (or would be) written."""
+    changed = False
     try:
-        sign_sums(dest, sign_key)
-    except CareError as exc:
+        if not os.path.exists(os.path.join(dest, "SHA256SUMS")):
+            changed = True
+            if not module.check_mode:
+                write_sums(dest)
+        if sign_key and not os.path.exists(os.path.join(dest, "SHA256SUMS.sig")):
+            changed = True
+            if not module.check_mode:
+                sign_sums(dest, sign_key)
+    except (CareError, OSError) as exc:
         module.fail_json(msg=str(exc))
-    return True
+    return changed
 
 
 def run_module():
@@ -238,8 +244,8 @@ def run_module():
     before = tree_files(src, manifest.outputs, store_dir)
     digest = build_digest(before, patches, make_args)
     if manifest.is_current(digest):
-        signed = sign_if_unsigned(module, dest, params["sign_key"])
-        module.exit_json(changed=signed, patches=list(manifest.patches), digest=digest)
+        completed = complete_integrity(module, dest, params["sign_key"])
+        module.exit_json(changed=completed, patches=list(manifest.patches), digest=digest)
     if module.check_mode:
         module.exit_json(changed=True, patches=[], digest=digest)
 
