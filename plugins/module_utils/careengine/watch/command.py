@@ -7,7 +7,7 @@ import argparse
 from ..errors import CareError
 from ..storage import DEFAULT_STORE
 from . import client
-from .protocol import DEFAULT_SOCKET
+from .protocol import DEFAULT_SOCKET, SOCKET_ENV
 
 
 class ServiceNotRunning(CareError):
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Keep every process patched: new processes, restarts and re-execs get the store's "
                     "patches before their own code runs.")
     parser.add_argument("--store", default=DEFAULT_STORE, help=f"the patch store to converge to ({DEFAULT_STORE})")
-    parser.add_argument("--socket", default=None, help=f"control socket (${client.protocol.SOCKET_ENV}, "
+    parser.add_argument("--socket", default=None, help=f"control socket (${SOCKET_ENV}, "
                                                        f"else {DEFAULT_SOCKET})")
     parser.add_argument("--socket-group", default=None,
                         help="group allowed to connect (mode 0660; info and --status only); default: root only (0600)")

@@ -125,7 +125,22 @@ class ControlSocket:
             os.unlink(self.path)
 
 
+def receive_request(connection: socket.socket) -> tuple[str, list[str]]:
+    """(cwd, argv) of the request on ``connection``; ValueError if malformed or too long."""
+    data = b""
+    while True:
+        size = protocol.request_size(data)
+        if size is not None and len(data) >= size:
+            return protocol.decode_request(data[:size])
+        if len(data) > protocol.MAX_MESSAGE:
+            raise ValueError("request too long")
+        chunk = connection.recv(1 << 16)
+        if not chunk:
+            return protocol.decode_request(data)
+        data += chunk
+
+
 def answer(connection: socket.socket, exit_status: int, stdout: str = "", stderr: str = "") -> None:
     """Send one answer; a client that went away is not an error of ours."""
     with contextlib.suppress(OSError):
-        connection.sendall(protocol.encode({"exit": exit_status, "stdout": stdout, "stderr": stderr}))
+        connection.sendall(protocol.encode_answer(exit_status, stdout, stderr))

@@ -38,9 +38,8 @@ from .catch import Catch, Target
 from .discovery import DEFAULT_SEARCH_PATHS, find_targets
 from .fanotify import FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, Fanotify, PermissionEvent
 from .held import patch_held
-from .protocol import decode, receive_line
 from .requests import run_ctl, run_ctl_as
-from .server import PRIVILEGED_COMMANDS, ControlSocket, Peer, answer, ensure_free
+from .server import PRIVILEGED_COMMANDS, ControlSocket, Peer, answer, ensure_free, receive_request
 from .status import HOW_EXEC, HOW_LATE, HOW_PUBLISH, HOW_REQUEST, PatchRecord, Status, now_text
 from .wanted import clear_unpatched, mark_unpatched, store_signature, wanted_levels, wanted_source
 
@@ -441,9 +440,7 @@ class Service:
         with connection:
             connection.settimeout(5.0)
             try:
-                request = decode(receive_line(connection))
-                argv = [str(word) for word in request.get("argv", [])]
-                cwd = str(request.get("cwd", "/"))
+                cwd, argv = receive_request(connection)
             except (OSError, ValueError) as exc:
                 answer(connection, 2, "", f"libcare-ctl: bad request: {exc}\n")
                 return
