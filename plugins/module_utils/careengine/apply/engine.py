@@ -263,6 +263,8 @@ _loaded: dict[tuple[str, int, int, int], PatchFile] = {}
 
 
 def _load_patch(source: PatchSource, found: StoredPatch) -> PatchFile:
+    if source.verified:
+        return source.load(found)   # checked against this source's SHA256SUMS, cached by the source itself
     try:
         status = os.stat(found.path)
     except OSError:
