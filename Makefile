@@ -6,7 +6,8 @@ PY := $(VENV)/bin/python
 APT := DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600
 
 .PHONY: setup setup-debian setup-python setup-ansible setup-realproject test lint collected unit integration \
-        ansible-test ansible-sanity ansible-lint ansible-integration molecule collection bench demo clean bytecode
+        ansible-test ansible-sanity ansible-lint ansible-integration molecule clean-install collection changelog \
+        bench demo clean bytecode
 
 ## setup: Debian packages, .venv/ with pinned packages, molecule image and wheels, real-project sources
 setup: setup-debian setup-python setup-ansible setup-realproject
@@ -51,7 +52,7 @@ unit:
 integration:
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
-ansible-test: ansible-sanity ansible-lint ansible-integration molecule
+ansible-test: ansible-sanity ansible-lint ansible-integration molecule clean-install
 
 ansible-sanity:
 	tests/ansible/run-sanity.sh
@@ -65,8 +66,18 @@ ansible-integration:
 molecule:
 	tests/ansible/run-molecule.sh
 
+# the built tarball installed into an empty collections path runs the rollout on a container
+clean-install:
+	tests/ansible/run-clean-install.sh
+
 collection:
 	$(VENV)/bin/ansible-galaxy collection build --force --output-path dist/
+
+# changelogs/fragments/*.yml -> changelogs/changelog.yaml and CHANGELOG.rst for galaxy.yml's version
+# (run again to add fragments written since; ansible-doc must parse every module)
+changelog:
+	$(VENV)/bin/antsibull-changelog lint
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/antsibull-changelog release
 
 ## demo: start the buggy sample program, build its fix, patch it live, show the change, clean up
 # The playbook's output (skipped tasks left out) is kept in .cache/demo.log; the run ends with
