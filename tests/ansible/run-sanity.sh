@@ -17,9 +17,8 @@ ROOT=$PWD
 VENV=$ROOT/.venv
 TEST_HOME=$ROOT/.cache/ansible-test-home
 COPY=$ROOT/build/sanity/ansible_collections/libcare/livepatch
-# Sanity tests that need neither a container nor the network (pslint needs PowerShell,
-# changelog needs antsibull-changelog and a changelogs/ directory we do not keep).
-TESTS=(action-plugin-docs ansible-doc compile empty-init ignores import line-endings no-assert
+# Sanity tests that need neither a container nor the network (pslint needs PowerShell).
+TESTS=(action-plugin-docs ansible-doc changelog compile empty-init ignores import line-endings no-assert
        no-get-exception no-illegal-filenames no-smart-quotes pep8 pylint replace-urlopen
        runtime-metadata shebang shellcheck symlinks use-argspec-type-path use-compat-six
        validate-modules yamllint)
