@@ -66,7 +66,7 @@ options:
     default: false
   audit_log:
     description:
-      - The audit log that gets one JSON line per patch applied or removed and per refusal (who asked:
+      - The audit log that gets one JSON line per patch applied or removed and per refusal (who asked -
         this module, the Ansible user and the controller's address; the process, build-id, level,
         the patch's sha256, outcome, reason and pause). The same goes to the system log.
       - Default C($LIBCARE_AUDIT_LOG), else C(/var/log/libcare/audit.jsonl) (created root-only).
