@@ -164,6 +164,7 @@ except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
 
+
 def compiler_wrapper(directory):
     """Write a ``libcare-cc`` for this host into ``directory``; return its path.
 
