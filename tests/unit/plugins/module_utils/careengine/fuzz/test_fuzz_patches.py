@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
 import time
 
 import pytest
@@ -32,6 +33,7 @@ GENERATED_CASES = 1000
 DUMP_CASES = 1500
 LINKER_CASES = 3000
 PIE_BIAS = 0x555555554000
+CASE_SECONDS = 10.0    # a case takes milliseconds; this only catches a hang on a loaded machine
 
 
 def decode(raw: bytes) -> None:
@@ -65,13 +67,27 @@ def link(raw: bytes, target: ObjectFile, target_path: str) -> None:
         pass
 
 
+class Hang(Exception):
+    """One case ran longer than :data:`CASE_SECONDS`."""
+
+
+def _alarm(signo, frame) -> None:
+    raise Hang(f"one case ran longer than {CASE_SECONDS} s")
+
+
 def _guarded(label: str, raw: bytes, action) -> None:
-    """Run ``action``; keep an input that raises anything else than CareError in the corpus."""
+    """Run ``action`` under a per-case time limit; keep an input that raises anything else than
+    CareError (or hangs) in the corpus."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.setitimer(signal.ITIMER_REAL, CASE_SECONDS)
     try:
         action()
     except Exception:
         save_to_corpus(raw, label)
         raise
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture(scope="module")
