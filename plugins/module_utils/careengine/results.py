@@ -40,6 +40,7 @@ class ProcessResult:
     objects: tuple[ObjectResult, ...] = ()
     error: str = ""                  # a failure that concerns the whole process
     paused_us: int | None = None     # total time the process was stopped
+    waited_us: int | None = None     # of that, time spent waiting for busy threads to leave replaced code
 
     @property
     def ok(self) -> bool:
@@ -52,6 +53,7 @@ class ProcessResult:
             "comm": self.comm,
             "error": self.error,
             "paused_us": self.paused_us,
+            "waited_us": self.waited_us,
             "objects": [o.to_json() for o in self.objects],
         }
 
@@ -65,6 +67,7 @@ class ObjectInfo:
     applied_level: int | None = None
     available_level: int | None = None
     functions: tuple[str, ...] = ()
+    interrupted: str = ""            # patch mappings left by an interrupted run: "level2:1/2,level1:1/2"
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,16 @@ from .layout import (
     reach_window,
 )
 from .objects import ObjectFile, object_file, preloaded_libraries, search_order
-from .safety import GuardedRange, ThreadState, find_busy_threads, make_rule_finder, warm_unwind_caches
+from .run_to_return import ReturnRunner
+from .safety import (
+    BusyThread,
+    GuardedRange,
+    ThreadState,
+    find_busy_threads,
+    find_exit_point,
+    make_rule_finder,
+    warm_unwind_caches,
+)
 from .split_parts import split_parts
 from .syscall_policy import check_seccomp, patch_mapping_calls, return_trampoline_calls
 from .validate import validate
@@ -131,6 +140,7 @@ class Patient:
     applied: dict[str, AppliedPatch]
     files: dict[int, ObjectFile] = field(default_factory=dict)   # id(MappedObject) -> parsed file
     trampolines: frozenset[int] = frozenset()   # addresses of sigreturn trampolines (signal frames)
+    waited_ns: int = 0                          # time the safety check waited for busy threads
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
         parsed = self.files.get(id(mapped))
@@ -580,31 +590,58 @@ def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
 
 def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[GuardedRange], timeout: float,
                     action: str) -> None:
-    """Step 5e: no thread inside ``ranges``; else let the patient run a little and look
-    again, until ``timeout``; then UnsafeToPatch naming the thread and the function."""
+    """Step 5e: no thread inside ``ranges``. A busy thread whose outermost guarded frame
+    is known from the CFI is run alone until it returns out of it (:mod:`.run_to_return`,
+    the others stay stopped); otherwise the patient runs a little and is looked at again;
+    all within ``timeout``, then UnsafeToPatch naming the thread and the function. The
+    time spent waiting is added to ``patient.waited_ns``."""
     ranges = _merge([r for r in ranges if r.size > 0])
     if not ranges:
         return
     rule_at = make_rule_finder(patient.objects, patient.files)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline = started + timeout
     delay = _FIRST_RETRY_DELAY
     mappings = patient.mappings
     fresh = False
-    while True:
-        threads = [ThreadState(tid, _registers(stopped, tid)) for tid in stopped.tids]
-        if not fresh and not _stacks_known(threads, mappings):
-            mappings = read_maps(patient.pid)
-            fresh = True
-        busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at, patient.trampolines)
-        if not busy:
-            return
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise UnsafeToPatch(f"cannot {action} process {patient.pid}: {busy[0].describe()} "
-                                f"for {timeout:g}s; try again later or raise the timeout")
-        stopped.run_for(min(delay, remaining))
-        delay = min(delay * 2, _MAX_RETRY_DELAY)
-        fresh = False
+    runner = ReturnRunner(stopped)
+    try:
+        while True:
+            threads = [ThreadState(tid, _registers(stopped, tid)) for tid in stopped.tids]
+            if not fresh and not _stacks_known(threads, mappings):
+                mappings = read_maps(patient.pid)
+                fresh = True
+            busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at, patient.trampolines)
+            if not busy:
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise UnsafeToPatch(f"cannot {action} process {patient.pid}: {busy[0].describe()} "
+                                    f"for {timeout:g}s; try again later or raise the timeout")
+            if _run_one_out(stopped, patient, runner, busy, threads, mappings, ranges, rule_at, remaining):
+                continue
+            stopped.run_for(min(delay, remaining))
+            delay = min(delay * 2, _MAX_RETRY_DELAY)
+            fresh = False
+    finally:
+        patient.waited_ns += int((time.monotonic() - started) * 1e9)
+        runner.close()
+
+
+def _run_one_out(stopped: StoppedProcess, patient: Patient, runner: ReturnRunner, busy: list[BusyThread],
+                 threads: list[ThreadState], mappings: list[Mapping], ranges: list[GuardedRange], rule_at,
+                 remaining: float) -> bool:
+    """Run the first busy thread with a known exit point out of the guarded code (half the
+    remaining time at most, so a thread waiting for a stopped one still leaves time to poll);
+    True if one got out."""
+    states = {thread.tid: thread for thread in threads}
+    for found in busy:
+        point = find_exit_point(patient.pid, states[found.tid], mappings, ranges, rule_at, patient.trampolines)
+        if point is None:
+            continue
+        outcome = runner.run_out(point, time.monotonic() + max(remaining / 2, 0.001))
+        return outcome in ("arrived", "gone")
+    return False
 
 
 def _registers(stopped: StoppedProcess, tid: int) -> dict[str, int]:
@@ -737,7 +774,8 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
                                   previous, reason, paused_us, plan.image.replaced_functions)
         results[id(plan.mapped)] = result
     ordered = [results[id(m)] for m, _ in matches if id(m) in results]
-    return ProcessResult(pid, patient.comm, tuple(ordered), "", paused_us)
+    waited_us = patient.waited_ns // 1000 if plans and not check else None
+    return ProcessResult(pid, patient.comm, tuple(ordered), "", paused_us, waited_us)
 
 
 # ---------------------------------------------------------------------------- unpatch
@@ -787,7 +825,7 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
             reason = f"level {applied.level} {'would be ' if check else ''}removed"
             results.append(ObjectResult(path, applied.build_id, "removed", None, applied.level, reason,
                                         paused_us, applied.replaced_functions))
-    return ProcessResult(pid, patient.comm, tuple(results), "", paused_us)
+    return ProcessResult(pid, patient.comm, tuple(results), "", paused_us, None if check else patient.waited_ns // 1000)
 
 
 # ---------------------------------------------------------------------------- info

@@ -405,3 +405,45 @@ class OtherStacks:
             return None
         self.segments.append((start, data))
         return struct.unpack_from("<Q", data, address - start)[0] if address + 8 <= start + len(data) else None
+
+
+@dataclass(frozen=True)
+class ExitPoint:
+    """Where a busy thread leaves every guarded frame: the stack word holding the return
+    address of its outermost frame inside a guarded range, and that address."""
+
+    tid: int
+    slot: int
+    return_address: int
+    function: str
+
+
+def find_exit_point(pid: int, thread: ThreadState, mappings: list[Mapping], ranges: list[GuardedRange],
+                    rule_at: RuleFinder, trampolines: frozenset[int] = frozenset()) -> ExitPoint | None:
+    """The exit point of ``thread`` (None: no CFI-proven frame to return from, e.g. a walk
+    that stopped inside a guarded function or a frame whose return address is not where
+    its CFA says). The outermost guarded frame is chosen, so returning from it leaves all
+    of them at once."""
+    index = RangeIndex(ranges)
+    span = stack_ranges([thread], mappings)[0]
+    stack = read_ranges_lenient(pid, [span])[0] or b""
+    reader = OtherStacks(pid, mappings)
+    walk = walk_stack(thread, stack, span[0], rule_at, reader.word, trampolines)
+    outermost = None
+    for position, frame in enumerate(walk.frames):
+        guarded = index.find(frame.pc if frame.top else frame.pc - 1)
+        if guarded is not None:
+            outermost = (position, guarded)
+    if outermost is None:
+        return None
+    position, guarded = outermost
+    frame = walk.frames[position]
+    if frame.cfa is None or position + 1 >= len(walk.frames):
+        return None
+    caller = walk.frames[position + 1]
+    slot = frame.cfa - 8
+    offset = slot - span[0]
+    word = struct.unpack_from("<Q", stack, offset)[0] if 0 <= offset <= len(stack) - 8 else reader.word(slot)
+    if caller.top or word != caller.pc:
+        return None
+    return ExitPoint(thread.tid, slot, caller.pc, guarded.name)

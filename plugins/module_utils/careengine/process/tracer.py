@@ -925,6 +925,126 @@ class StoppedProcess:
                 self._hold_signal(tid, signo)
 
 
+    # --- run one thread to an address (issue 9) ---
+    _O_TRACESYSGOOD = 0x1    # syscall stops report SIGTRAP | 0x80
+
+    def run_thread_to_syscall(self, tid: int, rip_after: int, nr: int, deadline: float,
+                              on_arrival: Callable[[Registers], None]) -> str:
+        """Let thread ``tid`` alone run (the others stay stopped) until it enters system
+        call ``nr`` from the ``syscall`` instruction that ends at ``rip_after``; there,
+        ``on_arrival`` edits its registers, the call is skipped and the thread is taken to
+        the (empty) syscall-exit stop, so it resumes from the edited registers.
+
+        Returns ``"arrived"``, ``"timeout"`` (stopped again wherever it was at
+        ``deadline``), ``"stopped"`` (it entered a job-control stop: left so) or ``"gone"``
+        (it exited). Signals for it are delivered as usual; threads it creates are
+        attached and left stopped. It runs under ``PTRACE_SYSCALL``: if the tracer dies
+        meanwhile, the kernel detaches it and it simply runs on.
+        """
+        if tid not in self._seized or self._group_stopped.get(tid):
+            return "stopped" if tid in self._seized else "gone"
+        try:
+            ptrace_func.ptrace_setoptions(tid, _SEIZE_OPTIONS | self._O_TRACESYSGOOD)
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "set the ptrace options of")
+        try:
+            outcome = self._run_to_syscall(tid, rip_after, nr, deadline)
+            if outcome == "arrived":
+                regs = self.get_regs(tid)
+                on_arrival(regs)
+                regs.orig_rax = _U64             # skip the marker syscall itself
+                self.set_regs(tid, regs)
+                outcome = self._finish_syscall(tid)
+            return outcome
+        finally:
+            if tid in self._seized:
+                try:
+                    ptrace_func.ptrace_setoptions(tid, _SEIZE_OPTIONS)
+                except PtraceError:
+                    pass
+
+    def _resume_to_next_syscall_stop(self, tid: int, signo: int) -> bool:
+        self._stop_signal[tid] = 0
+        try:
+            ptrace_func.ptrace_syscall(tid, signo)
+        except PtraceError as exc:
+            if _errno_of(exc) == errno.ESRCH:
+                self._forget_thread(tid)
+                return False
+            raise ProcessError(f"cannot resume thread {tid}: {exc}") from None
+        return True
+
+    def _finish_syscall(self, tid: int) -> str:
+        """From a syscall-entry stop to that call's exit stop (nothing runs in user space)."""
+        if not self._resume_to_next_syscall_stop(tid, 0):
+            return "gone"
+        try:
+            status = self._wait_thread(tid, time.monotonic() + self.timeout)
+        except TimeoutError:
+            self._interrupt_running(tid)
+            return "arrived"
+        except ProcessGone:
+            return "gone"
+        if status >> 16 == 0 and os.WSTOPSIG(status) != signal.SIGTRAP | 0x80:
+            self._stop_signal[tid] = os.WSTOPSIG(status)
+            self._hold_signal(tid, os.WSTOPSIG(status))
+        return "arrived"
+
+    def _interrupt_running(self, tid: int) -> None:
+        """Stop ``tid``, which runs under ``PTRACE_SYSCALL``; a syscall stop reached on the
+        way counts as stopped (it is no signal to give back)."""
+        try:
+            ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
+        except PtraceError:
+            self._forget_thread(tid)
+            return
+        try:
+            status = self._wait_thread(tid, time.monotonic() + self.timeout)
+        except (TimeoutError, ProcessGone):
+            return
+        event = status >> 16
+        stop_signal = os.WSTOPSIG(status)
+        self._stop_signal[tid] = 0
+        if event == 0 and stop_signal != signal.SIGTRAP | 0x80:
+            self._stop_signal[tid] = stop_signal
+            self._hold_signal(tid, stop_signal)
+        elif event == PTRACE_EVENT_STOP and stop_signal in _GROUP_STOP_SIGNALS:
+            self._group_stopped[tid] = True
+
+    def _run_to_syscall(self, tid: int, rip_after: int, nr: int, deadline: float) -> str:
+        signo = self._signal_to_inject(tid)
+        while True:
+            if not self._resume_to_next_syscall_stop(tid, signo):
+                return "gone"
+            signo = 0
+            try:
+                status = self._wait_thread(tid, deadline)
+            except TimeoutError:
+                self._interrupt_running(tid)
+                return "timeout" if tid in self._seized else "gone"
+            except ProcessGone:
+                return "gone"
+            event = status >> 16
+            stop_signal = os.WSTOPSIG(status)
+            if event == 0 and stop_signal == signal.SIGTRAP | 0x80:      # a syscall stop
+                regs = self.get_regs(tid)
+                if regs.rip == rip_after and regs.orig_rax == nr:
+                    return "arrived"
+                continue
+            if event == ptrace_func.PTRACE_EVENT_CLONE:
+                new_tid = ptrace_func.ptrace_geteventmsg(tid)
+                if new_tid and new_tid not in self._seized:
+                    self._seized.add(new_tid)
+                    self._wait_stopped([new_tid], set())
+                continue
+            if event == PTRACE_EVENT_STOP:
+                if stop_signal in _GROUP_STOP_SIGNALS:
+                    self._group_stopped[tid] = True
+                    return "stopped"
+                continue
+            if event == 0:
+                signo = stop_signal            # the thread's own signal: delivered as usual
+
 def _build_id_key(pid: int, group: list[Mapping]) -> str:
     objects = mapped_objects(pid, group)
     if objects and objects[0].build_id:

@@ -1,0 +1,78 @@
+"""A function that is always being called again: four threads call it in a tight loop,
+so nearly every look finds a thread inside it. Run-until-return gets each busy thread out
+(its return address redirected to a trampoline, that thread alone run to it) and patches in
+the same stop, within the default timeout, every time. The waits are measured and reported
+(``waited_us``)."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import pytest
+from apply_helpers import Built, map_count, single_program_project
+
+from plugins.module_utils.careengine.apply import api
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root")
+
+RUNS = 20
+SOURCE = r"""#include <pthread.h>
+#include <stdio.h>
+#include <unistd.h>
+
+static volatile long calls[4];
+
+__attribute__((noinline, noipa)) long f(long x)
+{
+	long r = x;
+	for (int i = 0; i < 2000; i++)
+		r = (r * 7 + 3) % 1000003;
+	return r % 2 + 1;
+}
+
+static void *worker(void *arg)
+{
+	long index = (long)arg;
+	for (;;)
+		calls[index] += f(index);
+	return NULL;
+}
+
+int main(void)
+{
+	pthread_t tid;
+
+	for (long i = 0; i < 4; i++)
+		pthread_create(&tid, NULL, worker, (void *)i);
+	for (long round = 0;; round++) {
+		printf("round=%ld kind=%ld\n", round, f(3) > 2 ? 100L : 1L);
+		fflush(stdout);
+		usleep(2000);
+	}
+}
+"""
+FIX = (("return r % 2 + 1;", "return r % 2 + 101;"),)
+
+
+@pytest.fixture(scope="module")
+def busyloop(tmp_path_factory) -> Built:
+    return single_program_project(tmp_path_factory, "busyloop", SOURCE, FIX)
+
+
+def test_function_called_in_a_tight_loop_by_four_threads_is_patched_every_time(busyloop, start):
+    waits, pauses = [], []
+    for run in range(RUNS):
+        patient = start(busyloop)
+        maps_before = map_count(patient.pid)
+        applied = api.patch_processes(str(busyloop.patches_dir), [patient.pid])[0]
+        assert applied.objects, applied.error
+        assert applied.objects[0].action == "applied", f"run {run}: {applied.objects[0].reason}"
+        patient.wait_for(lambda line: line.endswith("kind=100"))
+        assert map_count(patient.pid) == maps_before + 1, "a trampoline page was left behind"
+        assert applied.waited_us is not None
+        waits.append(applied.waited_us)
+        pauses.append(applied.paused_us)
+        patient.stop()
+    print(f"\n{RUNS} runs: waited_us median {statistics.median(waits)} max {max(waits)}; "
+          f"paused_us median {statistics.median(pauses)} max {max(pauses)}")
