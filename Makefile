@@ -35,6 +35,7 @@ setup-ansible:
 setup-realproject:
 	tests/realproject/prepare.sh
 	tests/realproject/nginx/prepare.sh
+	tests/realproject/cjson/prepare.sh
 
 ## test: everything; any failure fails the run
 test: lint collected unit integration ansible-test
