@@ -188,3 +188,28 @@ def test_killed_run_is_restored_by_the_next(hostile, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "a previous run was killed while it was patched" in result.stderr
     assert _snapshot(hostile) == before
+
+
+def test_quiet_prints_only_the_result(hostile):
+    result = _patch_make(hostile, "--quiet", "fix.patch")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert "replaces report" in result.stdout
+    loud = _patch_make(hostile, "fix.patch")
+    assert "1 unit compiled, 1 diffed (1 changed)" in loud.stderr     # plain progress lines in a log
+    assert "\r" not in loud.stderr
+
+
+def test_two_runs_on_one_tree_do_not_mix(hostile, tmp_path):
+    pid_file = tmp_path / "held.pid"
+    first = subprocess.Popen([PATCH_MAKE, "fix.patch"], cwd=hostile, stderr=subprocess.PIPE, text=True,
+                             env=dict(os.environ, LPM_HOLD="patched-all", LPM_HOLD_PID=str(pid_file)))
+    try:
+        assert eventually(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=120)
+        second = _patch_make(hostile, "fix.patch")
+        assert second.returncode == 1 and "another libcare-patch-make run is using" in second.stderr
+        assert "PATCHED" in (hostile / "hostile.c").read_text().replace("UNPATCHED", "")  # first run untouched
+    finally:
+        first.send_signal(signal.SIGINT)
+        assert first.wait(timeout=60) == 130
+        first.stderr.close()

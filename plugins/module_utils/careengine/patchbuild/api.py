@@ -129,6 +129,7 @@ class ProjectBuild:
                                         ("patchroot", "LPMAKE_PATCHROOT", PATCHROOT_DIR)):
             if not getattr(self, name):
                 object.__setattr__(self, name, output_dir(self.project, variable, default))
+            _refuse_holding_the_project(getattr(self, name), variable, (self.project, self.srcdir))
 
     @property
     def build_system(self) -> buildsystems.BuildSystem:
@@ -194,6 +195,16 @@ class ProjectBuild:
                 stream.write(f"{counts.compiled}\n")
 
 
+def _refuse_holding_the_project(directory: str, variable: str, protected: Sequence[str]) -> None:
+    """Output dirs are emptied before use: never ``/``, the project, or a directory holding it."""
+    real = os.path.realpath(directory)
+    for path in protected:
+        held = os.path.realpath(path)
+        if real == "/" or held == real or held.startswith(real.rstrip("/") + "/"):
+            raise BuildError(f"{variable}={directory} would be emptied before use and it holds {path}: "
+                             "give it a directory of its own")
+
+
 def _read_count(path: str) -> int | None:
     try:
         with open(path, encoding="utf-8") as stream:
@@ -256,8 +267,13 @@ PatchedTree = sourcetree.PatchedTree
 
 
 def run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool = False) -> None:
-    """Steps 0-5 of the module docstring: both builds and installs, tree restored."""
+    """Steps 0-5 of the module docstring: both builds and installs, tree restored (one run per tree)."""
     state_dir = sourcetree.state_dir_for(build.srcdir)
+    with sourcetree.exclusive(build.srcdir, state_dir):
+        _run_stages(build, patches, clean, state_dir)
+
+
+def _run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool, state_dir: str) -> None:
     if sourcetree.recover(build.srcdir, state_dir):
         build.progress(f"restored {build.srcdir}: a previous run was killed while it was patched")
     build.progress("checking the patches")

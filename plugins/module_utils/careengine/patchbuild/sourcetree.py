@@ -59,6 +59,23 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+@contextmanager
+def exclusive(srcdir: str, state_dir: str) -> Iterator[None]:
+    """One run per source tree at a time: a second run would take the first one's patched
+    files for a killed run's and restore them under its build. Raises :class:`BuildError`."""
+    import fcntl
+
+    os.makedirs(os.path.dirname(state_dir) or ".", exist_ok=True)
+    lock_path = state_dir.rstrip("/") + ".lock"
+    with open(lock_path, "w", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BuildError(f"another libcare-patch-make run is using {srcdir} (lock {lock_path}): "
+                             "wait for it to finish") from None
+        yield
+
+
 def _run_patch(directory: str, patch_path: str, *options: str) -> subprocess.CompletedProcess:
     command = ["patch", "-p1", "--batch", "--forward", "--no-backup-if-mismatch", "-i",
                os.path.abspath(patch_path), *options]

@@ -99,3 +99,21 @@ def test_interrupted_stage_restores_the_tree(tree):
     assert (tree / "src" / "a.txt").read_text() == "one\ntwo\n"
     assert not (tree / "src" / "new.txt").exists()
     assert "reverting the patches" in calls
+
+
+@pytest.mark.parametrize("variable, value", [("LPMAKE_ORIGINAL_DIR", "/"), ("LPMAKE_PATCHED_DIR", ".."),
+                                             ("LPMAKE_PATCHROOT", ".")])
+def test_output_dirs_that_hold_the_project_are_refused(tmp_path, monkeypatch, variable, value):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(BuildError, match=f"{variable}=.* would be emptied"):
+        api.ProjectBuild(str(tmp_path / "project"), str(tmp_path / "project"))
+
+
+def test_output_dirs_follow_libcare_variables(tmp_path, monkeypatch):
+    monkeypatch.setenv("LPMAKE_ORIGINAL_DIR", "orig")
+    monkeypatch.setenv("LPMAKE_PATCHROOT", str(tmp_path / "roots"))
+    monkeypatch.delenv("LPMAKE_PATCHED_DIR", raising=False)
+    build = api.ProjectBuild(str(tmp_path / "p"), str(tmp_path / "p"))
+    assert build.original_dir == str(tmp_path / "p" / "orig")
+    assert build.patched_dir == str(tmp_path / "p" / ".lpmaketmp" / "patched")
+    assert build.patchroot == str(tmp_path / "roots")

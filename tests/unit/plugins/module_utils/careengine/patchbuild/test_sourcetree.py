@@ -108,3 +108,13 @@ def test_state_dir_is_outside_the_tree_and_stable(tree, monkeypatch, tmp_path_fa
     assert first != sourcetree.state_dir_for(str(tree / "src"))
     monkeypatch.setenv(sourcetree.STATE_ENV, str(cache / "explicit"))
     assert sourcetree.state_dir_for(str(tree)) == str(cache / "explicit")
+
+
+def test_one_run_per_tree(tree, tmp_path_factory):
+    state = str(tmp_path_factory.mktemp("states") / "tree")
+    with sourcetree.exclusive(str(tree), state):
+        with pytest.raises(BuildError, match="another libcare-patch-make run is using"):
+            with sourcetree.exclusive(str(tree), state):
+                pass
+    with sourcetree.exclusive(str(tree), state):      # released when the first run ends
+        pass
