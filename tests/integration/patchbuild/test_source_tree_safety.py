@@ -213,3 +213,19 @@ def test_two_runs_on_one_tree_do_not_mix(hostile, tmp_path):
         first.send_signal(signal.SIGINT)
         assert first.wait(timeout=60) == 130
         first.stderr.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_during_the_patched_build_restore_the_tree(hostile, tmp_path, signum):
+    pid_file = tmp_path / "held.pid"
+    before = _snapshot(hostile)
+    process = subprocess.Popen([PATCH_MAKE, "fix.patch"], cwd=hostile, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, LPM_HOLD="patched-all", LPM_HOLD_PID=str(pid_file)))
+    assert eventually(lambda: pid_file.exists() and pid_file.read_text().strip(), timeout=120)
+    process.send_signal(signum)
+    rest = process.stderr.read()
+    assert process.wait(timeout=60) == 130, rest
+    assert "Traceback" not in rest
+    assert _snapshot(hostile) == before
+    held = int(pid_file.read_text())
+    assert eventually(lambda: not _pid_alive(held), timeout=30), "the build's processes were left running"

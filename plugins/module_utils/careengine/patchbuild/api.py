@@ -301,9 +301,11 @@ def _run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool, state_
         build.make("patched")
         build.install("patched", build.patched_dir)
     finally:
-        if tree.saved:
-            build.progress("reverting the patches")
-        tree.restore()
+        try:
+            if tree.saved:
+                build.progress("reverting the patches")   # may fail (a closed terminal): restore anyway
+        finally:
+            tree.restore()
 
 
 def extract_all(build: ProjectBuild) -> list[BuiltPatch]:

@@ -85,7 +85,8 @@ def main(argv: list[str]) -> int:
     make_args = list(args.make_arg)      # make gets CC=/CXX= naming the wrappers unless given (buildsystems)
     wrappers = Wrappers.beside(tool_dir) if os.path.exists(os.path.join(tool_dir, "libcare-cc")) else None
     reporter = Reporter(PROG, quiet=args.quiet)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM and SIGHUP (terminal closed) stop the run like Ctrl-C: build killed, tree restored.
+    previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
     try:
         result = build_patches(os.getcwd(), args.patches, dest=args.store, make_args=make_args,
                                jobs=args.jobs, clean=args.clean, srcdir=args.srcdir, update=args.update,
@@ -101,7 +102,8 @@ def main(argv: list[str]) -> int:
         print(f"{PROG}: interrupted; the sources are as they were", file=sys.stderr, flush=True)
         raise
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if not result.patches:
         reporter("no object changed: no patch written")
     for patch in result.patches:
