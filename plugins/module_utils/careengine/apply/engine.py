@@ -57,6 +57,7 @@ from ..process import (
 )
 from ..results import ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource, StoredPatch
+from .coroutines import stack_switching
 from .image import DATA_SIZE_FIELD, IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
 from .layout import (
     JUMP_ENTRY_SLOT,
@@ -78,6 +79,7 @@ from .safety import (
     warm_unwind_caches,
 )
 from .split_parts import split_parts
+from .stacks import find_busy_suspended
 from .syscall_policy import check_seccomp, patch_mapping_calls, return_trampoline_calls
 from .validate import validate
 
@@ -593,8 +595,9 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
     """Step 5e: no thread inside ``ranges``. A busy thread whose outermost guarded frame
     is known from the CFI is run alone until it returns out of it (:mod:`.run_to_return`,
     the others stay stopped); otherwise the patient runs a little and is looked at again;
-    all within ``timeout``, then UnsafeToPatch naming the thread and the function. The
-    time spent waiting is added to ``patient.waited_ns``."""
+    all within ``timeout``, then UnsafeToPatch naming the thread and the function. In a
+    process that can switch stacks, suspended stacks count too (:mod:`.stacks`). The time
+    spent waiting is added to ``patient.waited_ns``."""
     ranges = _merge([r for r in ranges if r.size > 0])
     if not ranges:
         return
@@ -605,6 +608,7 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
     mappings = patient.mappings
     fresh = False
     runner = ReturnRunner(stopped)
+    switching = stack_switching(patient.objects, patient.files)
     try:
         while True:
             threads = [ThreadState(tid, _registers(stopped, tid)) for tid in stopped.tids]
@@ -612,13 +616,15 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
                 mappings = read_maps(patient.pid)
                 fresh = True
             busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at, patient.trampolines)
-            if not busy:
+            reason = busy[0].describe() if busy else find_busy_suspended(
+                patient.pid, threads, mappings, ranges, rule_at, switching, patient.trampolines)
+            if reason is None:
                 return
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise UnsafeToPatch(f"cannot {action} process {patient.pid}: {busy[0].describe()} "
+                raise UnsafeToPatch(f"cannot {action} process {patient.pid}: {reason} "
                                     f"for {timeout:g}s; try again later or raise the timeout")
-            if _run_one_out(stopped, patient, runner, busy, threads, mappings, ranges, rule_at, remaining):
+            if busy and _run_one_out(stopped, patient, runner, busy, threads, mappings, ranges, rule_at, remaining):
                 continue
             stopped.run_for(min(delay, remaining))
             delay = min(delay * 2, _MAX_RETRY_DELAY)
