@@ -80,7 +80,7 @@ from .safety import (
 )
 from .split_parts import split_parts
 from .stacks import find_busy_suspended
-from .syscall_policy import check_seccomp, patch_mapping_calls, return_trampoline_calls
+from .syscall_policy import check_seccomp, patch_mapping_calls, support_calls
 from .validate import validate
 
 PROT_READ_WRITE = 0x3
@@ -687,7 +687,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
     with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
         check_seccomp(stopped, [call for plan in plans for call in patch_mapping_calls(
             plan.linked.address, plan.linked.layout.mapping_size, plan.linked.layout.code_size)]
-            + return_trampoline_calls())
+            + support_calls())
         journal = Journal(stopped)
         try:
             for plan in plans:
@@ -802,7 +802,7 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
             warm_caches(patient, [guarded_patch_range(a) for a in selected])
             with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
                 check_seccomp(stopped, [call for applied in selected for call in patch_mapping_calls(
-                    applied.mapping.start, applied.total_size, applied.mapping.size)] + return_trampoline_calls())
+                    applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls())
                 journal = Journal(stopped)
                 try:
                     wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in selected], timeout, "unpatch")

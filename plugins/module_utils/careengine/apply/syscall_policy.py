@@ -7,7 +7,7 @@ from __future__ import annotations
 from ..process import StoppedProcess, find_syscall_instruction
 from ..process.seccomp import PlannedSyscall, check_syscalls_allowed
 
-SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_GETPID = 9, 10, 11, 39
+SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_RT_SIGRETURN, SYS_GETPID = 9, 10, 11, 15, 39
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 MAP_PRIVATE, MAP_ANONYMOUS, MAP_FIXED_NOREPLACE = 0x02, 0x20, 0x100000
 PAGE = 4096
@@ -25,9 +25,11 @@ def patch_mapping_calls(address: int, size: int, code_size: int) -> list[Planned
     ]
 
 
-def return_trampoline_calls() -> list[PlannedSyscall]:
-    """The trampoline page of run-until-return (:mod:`.run_to_return`) and its marker syscall."""
+def support_calls() -> list[PlannedSyscall]:
+    """The trampoline page of run-until-return (:mod:`.run_to_return`) and its marker
+    syscall; ``rt_sigreturn``, which gives a borrowed thread its registers back."""
     return [
+        PlannedSyscall("rt_sigreturn", SYS_RT_SIGRETURN, ()),
         PlannedSyscall("mmap(PROT_READ|PROT_EXEC)", SYS_MMAP,
                        (0, PAGE, PROT_READ | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, _NO_FD, 0)),
         PlannedSyscall("getpid", SYS_GETPID, ()),
