@@ -229,7 +229,6 @@ def _care_error(message):
 def demo_build(tmp_path_factory):
     """The demo program built by the engine with its fix: ``{src, store, build_id, patch, binary}``."""
     build_api = engine_module("patchbuild.api")
-    apply_api = engine_module("apply.api")
     root = tmp_path_factory.mktemp("demo-build")
     src = str(root / "src")
     shutil.copytree(DEMO, src)
