@@ -57,8 +57,11 @@ def test_patch_and_unpatch_executable_and_library(libdemo, start):
 
     info = ctl("info", "-p", str(patient.pid), "-s", str(libdemo.patches_dir))
     assert info.returncode == 0, info.stderr
-    assert re.search(r"^demo buildid=[0-9a-f]+ patchlvl=0 latest=0 functions=app_report$", info.stdout, re.M)
-    assert re.search(r"^libdemo.so buildid=[0-9a-f]+ patchlvl=0 latest=0 functions=demo_report$", info.stdout, re.M)
+    applied_by = r" applied=\S+Z by=root/command"          # from the audit log (tests/conftest.py)
+    assert re.search(rf"^demo buildid=[0-9a-f]+ patchlvl=0 latest=0 functions=app_report{applied_by}$", info.stdout,
+                     re.M)
+    assert re.search(rf"^libdemo.so buildid=[0-9a-f]+ patchlvl=0 latest=0 functions=demo_report{applied_by}$",
+                     info.stdout, re.M)
 
     result = ctl("unpatch", "-p", str(patient.pid))
     assert result.returncode == 0, result.stderr
