@@ -90,6 +90,26 @@ def test_patch_and_unpatch_leave_one_line_each_and_info_says_who(answer, patient
     assert len(audit_lines(log)) == 2
 
 
+def test_a_verified_signer_is_recorded_with_the_patch_and_its_removal(answer, patient, tmp_path):
+    store = flat_store(answer, tmp_path)
+    log = tmp_path / "log" / "audit.jsonl"
+    key = tmp_path / "keys" / "release"
+    key.parent.mkdir()
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "release", "-f", str(key)], check=True,
+                   capture_output=True, timeout=60)
+    allowed = tmp_path / "keys" / "allowed_signers"
+    allowed.write_text("release@example.org " + " ".join(Path(f"{key}.pub").read_text().split()[:2]) + "\n")
+    subprocess.run(["ssh-keygen", "-Y", "sign", "-f", str(key), "-n", "libcare-livepatch", str(store / "SHA256SUMS")],
+                   check=True, capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+
+    ctl("patch", "-p", str(patient.pid), "--allowed-signers", str(allowed), "--audit-log", str(log), str(store))
+    assert answers(patient, 2)
+    ctl("unpatch", "-p", str(patient.pid), "--audit-log", str(log))
+    assert answers(patient, 1)
+    assert [(r["event"], r["outcome"], r["signer"]) for r in audit_lines(log)] == \
+        [("patch", "applied", "release@example.org"), ("unpatch", "removed", "release@example.org")]
+
+
 def test_check_mode_logs_nothing(answer, patient, tmp_path):
     store = flat_store(answer, tmp_path)
     log = tmp_path / "log" / "audit.jsonl"
