@@ -157,6 +157,17 @@ def test_default_path(monkeypatch):
         assert audit.default_audit_log_path({"XDG_STATE_HOME": "/s"}) == "/s/libcare/audit.jsonl"
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a child as another user needs root")
+def test_another_user_logs_into_their_own_state_directory(tmp_path):
+    child = ("import sys; sys.path.insert(0, sys.argv[1]); "
+             "from plugins.module_utils.careengine.audit import default_audit_log_path as d; print(d())")
+    run = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", child,
+                          str(ROOT)], capture_output=True, text=True, check=False, timeout=60,
+                         env={"HOME": str(tmp_path), "PATH": os.environ.get("PATH", "")})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == f"{tmp_path}/.local/state/libcare/audit.jsonl"
+
+
 def test_the_syslog_message_is_short_and_says_who():
     record = audit.result_records("patch", [applied_result(os.getpid())], Requester.from_service(1000))[0]
     message = audit.syslog_message(record)
