@@ -55,6 +55,14 @@ options:
       - How many more times to try a process whose safety check timed out (O(state=present) only).
     type: int
     default: 0
+  force_unsafe:
+    description:
+      - Patch a process that can switch stacks (coroutines) even when one of its stacks could not be
+        found and might return into a replaced function. Dangerous; the result's reason says it was
+        forced. Never overrides a thread or stack known to be inside a replaced function.
+      - O(state=present) only.
+    type: bool
+    default: false
   insecure_store:
     description:
       - When running as root, a store or patch file that anyone but root could change (the store, a
@@ -307,6 +315,7 @@ def run_module():
             level=dict(type="int"),
             timeout=dict(type="float", default=5.0),
             retries=dict(type="int", default=0),
+            force_unsafe=dict(type="bool", default=False),
             allow_failures=dict(type="bool", default=False),
             insecure_store=dict(type="bool", default=False),
             audit_log=dict(type="path"),
@@ -325,6 +334,9 @@ def run_module():
     if params["insecure_store"] and params["state"] == "present":
         module.warn(f"insecure_store: the owners and modes of {source} are NOT checked; whoever can write "
                     "there can run code as root in the patched processes")
+    if params["force_unsafe"] and params["state"] == "present":
+        module.warn("force_unsafe: a coroutine stack that could not be found may resume in a replaced "
+                    "function's old code")
     if params["no_verify"] and params["state"] == "present":
         module.warn(f"no_verify: the patches in {source} are NOT checked against SHA256SUMS")
     integrity = {}
@@ -334,6 +346,7 @@ def run_module():
             process_results = patch_processes(
                 source, pids, level=params["level"], timeout=params["timeout"],
                 retries=params["retries"], check=module.check_mode, requested_by=requester,
+                force_unsafe=params["force_unsafe"],
                 audit_log=params["audit_log"], insecure_store=params["insecure_store"],
                 verify=not params["no_verify"], allowed_signers=params["allowed_signers"])
             integrity = dict(verified=not params["no_verify"], signer=None)

@@ -1,6 +1,6 @@
 """Stacks no thread runs on right now: a swapcontext coroutine parked inside the replaced
 function (refused, then patched once it has left), a hand-made stack switch the engine
-cannot follow (refused, naming why), and a signal handler on an alternate signal stack
+cannot follow (refused, naming why; patched with force_unsafe, which says so), and a signal handler on an alternate signal stack
 that is inside the function (refused until it leaves)."""
 
 from __future__ import annotations
@@ -232,6 +232,11 @@ def test_hand_made_stack_switch_is_refused_with_the_reason(handmade_program, sta
     assert "may be a return address into f on a stack that could not be found" in refused.reason, refused.reason
     assert map_count(patient.pid) == maps_before
     patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
+    # --force-unsafe goes past what cannot be accounted for, and says so.
+    forced = api.patch_processes(str(handmade_program.patches_dir), [patient.pid], force_unsafe=True)[0].objects[0]
+    assert forced.action == "applied", forced.reason
+    assert "FORCED (force_unsafe) although it can switch stacks" in forced.reason, forced.reason
+    patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
 
 
 def test_handler_on_an_alternate_stack_inside_the_function(altstack_program, start):

@@ -97,7 +97,8 @@ def admit_source(source: str | PatchSource, *, pids: list[int] | None = None, ve
 def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *, level: int | None = None,
                     timeout: float = 5.0, retries: int = 0, check: bool = False, verify: bool = True,
                     allowed_signers: str | None = None, requested_by: Requester | None = None,
-                    audit_log: str | None = None, insecure_store: bool = False) -> list[ProcessResult]:
+                    audit_log: str | None = None, insecure_store: bool = False,
+                    force_unsafe: bool = False) -> list[ProcessResult]:
     """Apply the patches of ``source`` (store directory or patch file) to processes.
 
     ``pids`` None: every process (but ourselves and pid 1) mapping an object the source
@@ -110,6 +111,8 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
     ``audit_log``: its path (default :func:`..audit.default_audit_log_path`); check mode
     logs nothing. ``insecure_store``: skip the owner and mode check of the source
     (:func:`..store_permissions.check_patch_source`; tests and labs only).
+    ``force_unsafe``: patch a process that can switch stacks although one of them could
+    not be found (the result's reason says so; see :func:`.engine.patch_process`).
     """
     requester = requested_by or Requester.from_command(sys.argv)
     patch_source = admit_source(source, pids=pids, verify=verify, allowed_signers=allowed_signers,
@@ -124,7 +127,7 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
 
     def patch_one(pid: int) -> ProcessResult:
         result = _safely(pid, engine.patch_process, patch_source, level=level, timeout=timeout, retries=retries,
-                         check=check)
+                         check=check, force_unsafe=force_unsafe)
         if explicit and not result.objects and not result.error and patch_source.store is None:
             result = ProcessResult(pid, result.comm, (), str(NotApplicable(
                 f"no object in process {pid} has build-id {patch_source.build_ids()[0]}, "

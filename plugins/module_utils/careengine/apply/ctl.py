@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     patch.add_argument("-p", "--pid", type=_pid_argument, required=True, help="PID or 'all'")
     patch.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for busy functions (5)")
     patch.add_argument("--retries", type=int, default=0, help="extra attempts after a busy refusal (0)")
+    patch.add_argument("--force-unsafe", action="store_true",
+                       help="DANGEROUS: patch a process that switches stacks (coroutines) even when one of its "
+                            "stacks could not be found and may return into a replaced function")
     patch.add_argument("--level", type=int, default=None, help="patch level to apply (default: latest)")
     patch.add_argument("--check", action="store_true", help="only report what would be done")
     patch.add_argument("--json", action="store_true", help="print one JSON object")
@@ -135,9 +138,13 @@ def _patch(args) -> int:
                               requested_by=args.requester, audit_log=args.audit_log, check=args.check)
     if args.no_verify and not args.json:
         print(f"The patches in '{args.source}' were NOT verified against SHA256SUMS (--no-verify)")
+    if args.force_unsafe:
+        print("libcare-ctl: WARNING: --force-unsafe: a coroutine stack that could not be found may resume in a "
+              "replaced function's old code", file=sys.stderr)
     results = api.patch_processes(source, _pids(args), level=args.level, timeout=args.timeout,
                                   retries=args.retries, check=args.check, requested_by=args.requester,
-                                  audit_log=args.audit_log, insecure_store=args.insecure_store)
+                                  audit_log=args.audit_log, insecure_store=args.insecure_store,
+                                  force_unsafe=args.force_unsafe)
     ok = all(result.ok for result in results)
     if args.json:
         _print_json(results, {"integrity": {"verified": source.verified, "signer": source.signer}})

@@ -143,6 +143,8 @@ class Patient:
     files: dict[int, ObjectFile] = field(default_factory=dict)   # id(MappedObject) -> parsed file
     trampolines: frozenset[int] = frozenset()   # addresses of sigreturn trampolines (signal frames)
     waited_ns: int = 0                          # time the safety check waited for busy threads
+    force_unsafe: bool = False                  # patch although a stack may be unaccounted for
+    forced: list[str] = field(default_factory=list)   # the doubts force_unsafe went past
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
         parsed = self.files.get(id(mapped))
@@ -616,8 +618,12 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
                 mappings = read_maps(patient.pid)
                 fresh = True
             busy = find_busy_threads(patient.pid, threads, mappings, ranges, rule_at, patient.trampolines)
-            reason = busy[0].describe() if busy else find_busy_suspended(
+            doubt = None if busy else find_busy_suspended(
                 patient.pid, threads, mappings, ranges, rule_at, switching, patient.trampolines)
+            if doubt is not None and not doubt.proven and patient.force_unsafe:
+                patient.forced.append(doubt.reason)
+                return
+            reason = busy[0].describe() if busy else doubt.reason if doubt is not None else None
             if reason is None:
                 return
             remaining = deadline - time.monotonic()
@@ -719,12 +725,15 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
 
 # ---------------------------------------------------------------------------- patch
 def patch_process(pid: int, source: PatchSource, *, level: int | None = None, timeout: float = 5.0,
-                  retries: int = 0, check: bool = False) -> ProcessResult:
+                  retries: int = 0, check: bool = False, force_unsafe: bool = False) -> ProcessResult:
     """Apply the source's patches to every matching object of process ``pid``.
 
     ``retries``: further whole attempts (stop, check, resume) after a busy refusal.
+    ``force_unsafe``: patch although a stack the process may have switched to could not be
+    found (never past a thread or stack proven to be inside a replaced function).
     """
     patient = read_patient(pid)
+    patient.force_unsafe = force_unsafe
     matches = match_patches(patient, source, level)
     results: dict[int, ObjectResult] = {}
     plans: list[ObjectPlan] = []
@@ -776,6 +785,8 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
                 reason = f"replaced an incomplete level-{previous} patch with level {plan.image.level}"
             if check:
                 reason = "would have " + reason
+            if patient.forced:
+                reason += f"; FORCED (force_unsafe) although {patient.forced[0]}"
             result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "applied", plan.image.level,
                                   previous, reason, paused_us, plan.image.replaced_functions)
         results[id(plan.mapped)] = result

@@ -51,6 +51,15 @@ _SPECIAL = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]")
 
 
 @dataclass(frozen=True)
+class StackDoubt:
+    """Why a suspended stack may be inside guarded code: ``proven`` when a walk found the
+    frame, else a word no found stack accounts for (``--force-unsafe`` may override)."""
+
+    reason: str
+    proven: bool
+
+
+@dataclass(frozen=True)
 class SuspendedContext:
     """A saved register set (``ucontext_t``) found in the patient's memory."""
 
@@ -117,7 +126,7 @@ def find_contexts(regions: list[tuple[int, bytes]], executable: list[Mapping],
 
 def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Mapping], ranges: list[GuardedRange],
                         rule_at: RuleFinder, switching: StackSwitching,
-                        trampolines: frozenset[int] = frozenset()) -> str | None:
+                        trampolines: frozenset[int] = frozenset()) -> StackDoubt | None:
     """Why a suspended stack may be inside ``ranges`` (None: none can be)."""
     index = RangeIndex(ranges)
     if not index or not switching:
@@ -132,8 +141,8 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
     own_stacks = {m for m in running if is_stack_like(m, mappings)}
     scanned = [m for m in writable if m not in own_stacks]
     if sum(m.size for m in scanned) > MAX_SCAN_BYTES:
-        return (f"it can switch stacks ({switching.describe()}) and has more than {MAX_SCAN_BYTES >> 20} MiB "
-                "of writable memory to search for suspended stacks")
+        return StackDoubt(f"it can switch stacks ({switching.describe()}) and has more than "
+                          f"{MAX_SCAN_BYTES >> 20} MiB of writable memory to search for suspended stacks", False)
     contents = read_ranges_lenient(pid, [(m.start, m.size) for m in scanned])
     regions = [(m.start, data) for m, data in zip(scanned, contents, strict=True) if data]
     candidates = [found for base, data in regions for found in scan_candidates(data, base, index)]
@@ -155,15 +164,16 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
         rip = context.registers["rip"]
         guarded = index.find(rip) or index.find(rip - 1)
         if guarded is not None:
-            return f"a suspended context (ucontext at {context.address:#x}) resumes inside {guarded.name}"
+            return StackDoubt(f"a suspended context (ucontext at {context.address:#x}) resumes inside {guarded.name}",
+                              True)
         stack = read_ranges_lenient(pid, [(context.registers["rsp"], holder.end - context.registers["rsp"])])[0]
         walk = walk_stack(ThreadState(0, context.registers), stack or b"", context.registers["rsp"], rule_at,
                           reader.word, trampolines)
         for frame in walk.frames[1:]:
             guarded = index.find(frame.pc if frame.top else frame.pc - 1)
             if guarded is not None:
-                return (f"a suspended stack (ucontext at {context.address:#x}) returns into {guarded.name} "
-                        f"(at {frame.pc:#x})")
+                return StackDoubt(f"a suspended stack (ucontext at {context.address:#x}) returns into "
+                                  f"{guarded.name} (at {frame.pc:#x})", True)
         reached = max((f.cfa for f in walk.frames if f.cfa is not None), default=context.registers["rsp"])
         end = holder.end if walk.complete and is_stack_like(holder, mappings) else reached + 8
         explained.append((context.registers["rsp"], end))
@@ -174,6 +184,7 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
         if not any(start <= word_address < end for start, end in explained):
             holder = containing(word_address)
             where = (holder.path or "anonymous memory") if holder is not None else "memory"
-            return (f"it can switch stacks ({switching.describe()}) and {word_address:#x} ({where}) holds what may "
-                    f"be a return address into {guarded.name} on a stack that could not be found")
+            return StackDoubt(f"it can switch stacks ({switching.describe()}) and {word_address:#x} ({where}) holds "
+                              f"what may be a return address into {guarded.name} on a stack that could not be found",
+                              False)
     return None
