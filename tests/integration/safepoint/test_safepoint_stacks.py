@@ -1,5 +1,5 @@
 """Stacks no thread runs on right now: a swapcontext coroutine parked inside the replaced
-function (refused, then patched once it has left), a hand-made stack switch the engine
+function (refused, then patched once it has left; unpatch likewise for the new code), a hand-made stack switch the engine
 cannot follow (refused, naming why; patched with force_unsafe, which says so), and a signal handler on an alternate signal stack
 that is inside the function (refused until it leaves)."""
 
@@ -220,6 +220,17 @@ def test_swapcontext_coroutine_parked_inside_the_function(ucontext_program, star
     assert applied.action == "applied", applied.reason
     os.kill(patient.pid, signal.SIGUSR2)                 # back into f: the new one
     patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
+    # Unpatch looks at the same stacks, for the patch's code.
+    kept = api.unpatch_processes([patient.pid], timeout=0.3)[0].objects[0]
+    assert kept.action == "failed"
+    assert re.search(r"a suspended context \(ucontext at 0x[0-9a-f]+\) resumes inside the level-0 patch code \(f\)",
+                     kept.reason), kept.reason
+    os.kill(patient.pid, signal.SIGUSR1)
+    patient.wait_for(lambda line: line.endswith("leave=1"))
+    removed = api.unpatch_processes([patient.pid])[0].objects[0]
+    assert removed.action == "removed", removed.reason
+    os.kill(patient.pid, signal.SIGUSR2)
+    patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
 
 
 def test_hand_made_stack_switch_is_refused_with_the_reason(handmade_program, start):
