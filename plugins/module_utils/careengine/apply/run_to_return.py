@@ -28,7 +28,7 @@ import struct
 import time
 
 from ..errors import CareError
-from ..process import Registers, StoppedProcess
+from ..process import Registers, RemoteSyscallFailed, StoppedProcess
 from .safety import ExitPoint
 
 SYS_MMAP, SYS_MUNMAP, SYS_GETPID = 9, 11, 39
@@ -58,13 +58,18 @@ class ReturnRunner:
         self.pending: dict[int, tuple[int, int]] = {}     # slot -> (trampoline entry, original)
         self.waited_ns = 0
         self.arrivals = 0
+        self.unusable = False
 
     def _entry(self, return_address: int) -> int | None:
-        if self.page is None:
-            self.page = self.stopped.remote_syscall(SYS_MMAP, 0, PAGE_SIZE, PROT_READ_EXEC, MAP_PRIVATE_ANONYMOUS,
-                                                    _U64, 0)
-        if (self.used + 1) * ENTRY_SIZE > PAGE_SIZE:
+        if self.unusable or (self.used + 1) * ENTRY_SIZE > PAGE_SIZE:
             return None
+        if self.page is None:
+            try:
+                self.page = self.stopped.remote_syscall(SYS_MMAP, 0, PAGE_SIZE, PROT_READ_EXEC,
+                                                        MAP_PRIVATE_ANONYMOUS, _U64, 0)
+            except RemoteSyscallFailed:
+                self.unusable = True         # no page (memory limits): the caller polls instead
+                return None
         address = self.page + self.used * ENTRY_SIZE
         self.used += 1
         self.stopped.write(address, trampoline_entry(return_address))
