@@ -33,7 +33,8 @@ import struct
 import time
 from dataclasses import dataclass, field, replace
 
-from ..errors import BuildIdMismatch, CareError, ProcessError, SymbolNotFound, UnsafeToPatch
+from .. import faults
+from ..errors import BuildIdMismatch, CareError, NotApplicable, ProcessError, SymbolNotFound, UnsafeToPatch
 from ..patchfile import (
     JUMP_SIZE,
     NEW_SYMBOL_SUFFIX,
@@ -90,6 +91,7 @@ MAP_PRIVATE = 0x02
 MAP_ANONYMOUS = 0x20
 MAP_FIXED_NOREPLACE = 0x100000
 HEAP_RESERVE = 64 << 20          # leave room above [heap] for brk to grow
+PF_KTHREAD = 0x00200000
 _FIRST_RETRY_DELAY = 0.005
 _MAX_RETRY_DELAY = 0.1
 
@@ -107,6 +109,30 @@ class AppliedPatch:
     names: tuple[str, ...]           # per entry: the function's name
     jumps_in_place: int = -1         # replaced functions that jump to it now (-1: not checked)
     data_size: int = 0               # its writable pages, right after ``mapping`` (0: none)
+    leftovers: tuple[AppliedPatch, ...] = ()   # other patch mappings of the same object (interrupted runs)
+
+    @property
+    def all_mappings(self) -> tuple[AppliedPatch, ...]:
+        """This patch and its leftovers: every patch mapping of the object."""
+        return (self, *self.leftovers)
+
+    @property
+    def clean(self) -> bool:
+        """Complete, with no leftover of an interrupted run beside it."""
+        return self.complete and not self.leftovers
+
+    @property
+    def in_force(self) -> bool:
+        """Every function it replaces jumps to it and none jumps to a leftover: the
+        process runs exactly this level (a leftover without jumps changes nothing)."""
+        return self.complete and not any(leftover.jumps_in_place > 0 for leftover in self.leftovers)
+
+    def interrupted(self) -> str:
+        """'' when clean; else each mapping's level and jumps in place (``level2:1/2,level1:1/2``)."""
+        if self.clean:
+            return ""
+        return ",".join(f"level{patch.level}:{max(patch.jumps_in_place, 0)}/{len(patch.replaced_functions)}"
+                        for patch in self.all_mappings)
 
     @property
     def total_size(self) -> int:
@@ -230,7 +256,22 @@ def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, Applied
     for (patch, entry), data in zip(sites, current, strict=True):
         if data is not None and data == _jump_or_none(entry):
             jumps[id(patch)] = jumps.get(id(patch), 0) + 1
-    return {patch.build_id: replace(patch, jumps_in_place=jumps.get(id(patch), 0)) for patch in decoded}
+    return by_object([replace(patch, jumps_in_place=jumps.get(id(patch), 0)) for patch in decoded])
+
+
+def by_object(patches: list[AppliedPatch]) -> dict[str, AppliedPatch]:
+    """One entry per build-id: the patch in force (the highest level some function jumps
+    to, else the highest level), the object's other mappings as its ``leftovers`` (a run
+    killed mid-way leaves a mapping with no or some jumps; a level replacement killed
+    mid-way leaves two levels sharing the functions)."""
+    grouped: dict[str, list[AppliedPatch]] = {}
+    for patch in patches:
+        grouped.setdefault(patch.build_id, []).append(patch)
+    in_force = {}
+    for build_id, group in grouped.items():
+        group.sort(key=lambda patch: (patch.jumps_in_place > 0, patch.level, patch.jumps_in_place), reverse=True)
+        in_force[build_id] = replace(group[0], leftovers=tuple(group[1:]))
+    return in_force
 
 
 def _jump_or_none(entry: InfoEntry) -> bytes | None:
@@ -240,8 +281,39 @@ def _jump_or_none(entry: InfoEntry) -> bytes | None:
         return None
 
 
+def is_kernel_thread(pid: int) -> bool:
+    """Whether ``pid`` is a kernel thread (PF_KTHREAD in /proc/PID/stat's flags)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stream:
+            stat = stream.read()
+    except OSError:
+        return False
+    fields = stat[stat.rfind(b")") + 2:].split()
+    return len(fields) > 6 and bool(int(fields[6]) & PF_KTHREAD)
+
+
+def has_exited(pid: int) -> bool:
+    """Whether ``pid`` is gone or a zombie (killed while we held it, say)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stream:
+            stat = stream.read()
+    except OSError:
+        return True
+    return stat[stat.rfind(b")") + 2:][:1] in (b"Z", b"X")
+
+
+def refuse_special(pid: int, action: str) -> None:
+    """Refuse init and kernel threads, saying which, before anything else is read."""
+    if pid == 1:
+        raise NotApplicable(f"refusing to {action} pid 1 (init): a fault there would take the whole system down")
+    if is_kernel_thread(pid):
+        raise NotApplicable(f"process {pid} is a kernel thread: it has no user space to {action}")
+
+
 def read_patient(pid: int) -> Patient:
     """Step 1: maps, mapped objects and applied patches (no stopping)."""
+    if is_kernel_thread(pid):
+        raise NotApplicable(f"process {pid} is a kernel thread: it has no user space to patch")
     comm = read_comm(pid)
     mappings = read_maps(pid)
     objects = mapped_objects(pid, mappings)
@@ -306,6 +378,9 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
         return Decision("apply")
     if not applied.complete:
         return Decision("replace", f"replacing an incomplete level-{applied.level} patch (left by an interrupted run)")
+    if applied.leftovers:
+        return Decision("replace", f"replacing level {applied.level} and the leftovers of an interrupted run "
+                                   f"({applied.interrupted()})")
     requested = image.level
     if applied.level == requested:
         if not applied.identity:
@@ -555,7 +630,7 @@ def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
               if not new and not entry.is_new]
     ranges.extend(plan.cold_ranges)
     if plan.replaces is not None:
-        ranges.append(guarded_patch_range(plan.replaces))
+        ranges.extend(guarded_patch_range(applied) for applied in plan.replaces.all_mappings)
     return ranges
 
 
@@ -665,61 +740,95 @@ def _stacks_known(threads: list[ThreadState], mappings: list[Mapping]) -> bool:
     return all(any(m.contains(t.registers["rsp"]) for m in mappings) for t in threads)
 
 
-def remove_applied(stopped: StoppedProcess, applied: AppliedPatch, journal: Journal) -> None:
-    """Step 5f: put back the original bytes of every function ``applied`` replaced (a function
-    of an incomplete leftover that has its original bytes already is left alone)."""
-    sites = [(entry, undo) for entry, undo in zip(applied.entries, applied.undo, strict=True) if not entry.is_new]
-    current = read_ranges(stopped.pid, [(entry.daddr, JUMP_SIZE) for entry, _ in sites]) if sites else []
-    for (entry, undo), now in zip(sites, current, strict=True):
-        if now == undo and not applied.complete:
-            continue
-        if now != _jump_or_none(entry):
-            raise ProcessError(f"the code at {entry.daddr:#x} is not the jump this patch wrote; "
+def restore_functions(stopped: StoppedProcess, patches: tuple[AppliedPatch, ...], journal: Journal,
+                      keep: frozenset[int] = frozenset()) -> None:
+    """Put back the original bytes of every function that jumps to one of ``patches`` (the
+    mappings of one object), one write each, except at ``keep`` (functions a new level's
+    jumps took over). A function with its original bytes already is left alone; one
+    whose bytes are neither is refused."""
+    sites: dict[int, list[tuple[InfoEntry, bytes]]] = {}
+    for applied in patches:
+        for entry, undo in zip(applied.entries, applied.undo, strict=True):
+            if not entry.is_new and entry.daddr not in keep:
+                sites.setdefault(entry.daddr, []).append((entry, undo))
+    addresses = sorted(sites)
+    current = read_ranges(stopped.pid, [(address, JUMP_SIZE) for address in addresses]) if addresses else []
+    for address, now in zip(addresses, current, strict=True):
+        owner = next((undo for entry, undo in sites[address] if now == _jump_or_none(entry)), None)
+        if owner is None:
+            if any(now == undo for _, undo in sites[address]):
+                continue
+            raise ProcessError(f"the code at {address:#x} is not a jump a patch wrote; "
                                "something else changed it: refusing to restore it")
-        journal.write(entry.daddr, undo, now)
+        with faults.step("restore-bytes", stopped.pid):
+            journal.write(address, owner, now)
 
 
-def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, originals: list[bytes], journal: Journal) -> None:
-    """Step 5g: ``jmp rel32`` at every replaced function, to its new code."""
-    for entry, original in zip(plan.linked.entries, originals, strict=True):
-        if entry.is_new:
-            continue
-        journal.write(entry.daddr, jump_instruction(entry.daddr, entry.saddr), original)
+def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> None:
+    """Step 5g: ``jmp rel32`` at every replaced function, to its new code, one write each;
+    over a replaced level's jump where there is one, so each function goes from the old
+    level to the new one directly."""
+    entries = [entry for entry in plan.linked.entries if not entry.is_new]
+    current = read_ranges(stopped.pid, [(entry.daddr, JUMP_SIZE) for entry in entries]) if entries else []
+    for entry, now in zip(entries, current, strict=True):
+        with faults.step("jump", stopped.pid):
+            journal.write(entry.daddr, jump_instruction(entry.daddr, entry.saddr), now)
 
 
 def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
-    """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns."""
+    """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns.
+
+    The order of writes makes every prefix a state the patient runs correctly in if the
+    tool dies there (each named step is a fault-injection point, :mod:`..faults`): the
+    patch mapping is created, written whole and sealed before any jump; each jump is one
+    write, over a replaced level's jump where there is one; then a replaced level's
+    other functions get their original bytes back; only then is it unmapped. A mapping
+    left without (all) its jumps is what ``info`` reports as interrupted and what the
+    next patch or unpatch finishes.
+    """
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
-    with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
+    stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
+    with faults.step("stop", pid):
+        stopped.stop()
+    with stopped:
         check_seccomp(stopped, [call for plan in plans for call in patch_mapping_calls(
             plan.linked.address, plan.linked.layout.mapping_size, plan.linked.layout.code_size)]
             + support_calls())
         journal = Journal(stopped)
         try:
             for plan in plans:
-                map_patch(stopped, plan, journal)
+                with faults.step("mmap", pid):
+                    map_patch(stopped, plan, journal)
             originals = save_original_bytes(stopped, plans)
             for plan, saved in zip(plans, originals, strict=True):
-                write_patch(stopped, plan, saved)
-                seal_code(stopped, plan)
+                with faults.step("write-image", pid):
+                    write_patch(stopped, plan, saved)
+                with faults.step("mprotect", pid):
+                    seal_code(stopped, plan)
                 if plan.ifuncs:
-                    resolve_ifuncs(stopped, plan)
+                    with faults.step("resolve-ifunc", pid):
+                        resolve_ifuncs(stopped, plan)
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
-            wait_until_safe(stopped, patient, ranges, timeout, "patch")
+            with faults.step("safety-check", pid):
+                wait_until_safe(stopped, patient, ranges, timeout, "patch")
+            for plan in plans:
+                write_jumps(stopped, plan, journal)
             for plan in plans:
                 if plan.replaces is not None:
-                    remove_applied(stopped, plan.replaces, journal)
-            for plan, saved in zip(plans, originals, strict=True):
-                write_jumps(stopped, plan, saved, journal)
+                    taken_over = frozenset(entry.daddr for entry in plan.linked.entries if not entry.is_new)
+                    restore_functions(stopped, plan.replaces.all_mappings, journal, taken_over)
         except BaseException:
             journal.rollback()
             raise
         for plan in plans:
-            if plan.replaces is not None:
-                try:
-                    stopped.munmap(plan.replaces.mapping.start, plan.replaces.total_size)
-                except CareError:
-                    pass    # unreferenced now; only memory is lost
+            for replaced in plan.replaces.all_mappings if plan.replaces is not None else ():
+                with faults.step("unmap-old", pid):
+                    try:
+                        stopped.munmap(replaced.mapping.start, replaced.total_size)
+                    except CareError:
+                        pass    # unreferenced now; only memory is lost (the next patch or unpatch retries)
+        with faults.step("resume", pid):
+            stopped.resume()
     return stopped.paused_ns
 
 
@@ -732,6 +841,7 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
     ``force_unsafe``: patch although a stack the process may have switched to could not be
     found (never past a thread or stack proven to be inside a replaced function).
     """
+    refuse_special(pid, "patch")
     patient = read_patient(pid)
     patient.force_unsafe = force_unsafe
     matches = match_patches(patient, source, level)
@@ -771,6 +881,8 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
             except CareError as exc:
                 failure = str(exc)
                 break
+        if has_exited(pid):
+            failure = f"process {pid} exited during patching; nothing was left in it"
     for plan in plans:
         previous = plan.replaces.level if plan.replaces else None
         if failure:
@@ -798,7 +910,10 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
 # ---------------------------------------------------------------------------- unpatch
 def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: float = 5.0,
                     check: bool = False) -> ProcessResult:
-    """Remove applied patches (all, or those for ``build_ids``) from process ``pid``."""
+    """Remove applied patches (all, or those for ``build_ids``) from process ``pid``, with
+    the leftovers of interrupted runs. A patch whose functions got their original bytes
+    back but whose mapping could not be unmapped is reported failed, saying so."""
+    refuse_special(pid, "unpatch")
     patient = read_patient(pid)
     wanted = {b.lower() for b in build_ids} | set(build_ids) if build_ids else None
     paths = {m.build_id: m.path for m in patient.objects if m.build_id}
@@ -808,36 +923,53 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
         return ProcessResult(pid, patient.comm, (), "", None)
     paused_us = None
     failure = ""
+    unmap_failed: dict[str, str] = {}      # build-id -> what could not be unmapped
     if not check:
+        everything = [mapping for applied in selected for mapping in applied.all_mappings]
         try:
-            warm_caches(patient, [guarded_patch_range(a) for a in selected])
-            with StoppedProcess(pid, timeout=max(timeout, 1.0)) as stopped:
-                check_seccomp(stopped, [call for applied in selected for call in patch_mapping_calls(
+            warm_caches(patient, [guarded_patch_range(a) for a in everything])
+            stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
+            with faults.step("stop", pid):
+                stopped.stop()
+            with stopped:
+                check_seccomp(stopped, [call for applied in everything for call in patch_mapping_calls(
                     applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls())
                 journal = Journal(stopped)
                 try:
-                    wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in selected], timeout, "unpatch")
+                    with faults.step("safety-check", pid):
+                        wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in everything], timeout,
+                                        "unpatch")
                     for applied in selected:
-                        remove_applied(stopped, applied, journal)
+                        restore_functions(stopped, applied.all_mappings, journal)
                 except BaseException:
                     journal.rollback()
                     raise
                 # Nothing jumps to them any more. An unmap that fails leaves an unused
-                # mapping, which info ignores and the next patch or unpatch removes.
-                for applied in selected:
-                    try:
-                        stopped.munmap(applied.mapping.start, applied.total_size)
-                    except CareError:
-                        pass
+                # mapping: reported, and removed by the next patch or unpatch.
+                for applied in everything:
+                    with faults.step("unmap", pid):
+                        try:
+                            stopped.munmap(applied.mapping.start, applied.total_size)
+                        except CareError as exc:
+                            unmap_failed[applied.build_id] = (
+                                f"the original code runs again, but unmapping the level-{applied.level} patch at "
+                                f"{applied.mapping.start:#x} failed ({exc}); run unpatch again to remove it")
+                with faults.step("resume", pid):
+                    stopped.resume()
             paused_us = stopped.paused_ns // 1000
         except CareError as exc:
             failure = str(exc)
+        if has_exited(pid):
+            failure = f"process {pid} exited during unpatching; nothing was left in it"
     results = []
     for applied in selected:
         path = paths.get(applied.build_id, f"[kpatch-{applied.build_id}]")
         if failure:
             results.append(ObjectResult(path, applied.build_id, "failed", applied.level, applied.level, failure,
                                         None, applied.replaced_functions))
+        elif applied.build_id in unmap_failed:
+            results.append(ObjectResult(path, applied.build_id, "failed", None, applied.level,
+                                        unmap_failed[applied.build_id], paused_us, applied.replaced_functions))
         else:
             reason = f"level {applied.level} {'would be ' if check else ''}removed"
             results.append(ObjectResult(path, applied.build_id, "removed", None, applied.level, reason,
@@ -862,13 +994,14 @@ def info_process(pid: int, source: PatchSource | None = None) -> ProcessInfo:
             available = found.level if found is not None else None
         if mapped.build_id:
             seen_ids.add(mapped.build_id)
-        in_force = applied is not None and applied.complete
+        in_force = applied is not None and applied.in_force
         objects.append(ObjectInfo(mapped.path, mapped.build_id, applied.level if in_force else None, available,
-                                  applied.replaced_functions if in_force else ()))
+                                  applied.replaced_functions if in_force else (),
+                                  applied.interrupted() if applied is not None else ""))
     for build_id, applied in patient.applied.items():
         if build_id not in seen_ids:
             objects.append(ObjectInfo(f"[kpatch-{build_id}]", build_id, applied.level, None,
-                                      applied.replaced_functions))
+                                      applied.replaced_functions, applied.interrupted()))
     unpatchable = ""
     if not any(m.build_id for m in patient.objects):
         unpatchable = "no mapped object has a GNU build-id"

@@ -859,8 +859,8 @@ class StoppedProcess:
         except TimeoutError:
             self._interrupt(tid)
             try:
-                status = self._wait_thread(tid, None)
-            except ProcessGone:
+                status = self._wait_thread(tid, time.monotonic() + self.timeout)
+            except (ProcessGone, TimeoutError):
                 status = None
             if status is not None:
                 self._record_remote_stop(tid, status)
@@ -913,17 +913,20 @@ class StoppedProcess:
         return buffer.raw[:vector.iov_len]
 
     def _interrupt_and_wait(self, tid: int) -> None:
+        """Stop a running thread; bounded, since a thread already in a stop reports none."""
         try:
             ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
         except PtraceError:
             self._forget_thread(tid)
             return
-        status = self._waitpid(tid)
+        try:
+            status = self._wait_thread(tid, time.monotonic() + self.timeout)
+        except (TimeoutError, ProcessGone):
+            return
         if status is not None and status >= 0:
             kind, signo = self._record_remote_stop(tid, status)
             if kind == "signal":
                 self._hold_signal(tid, signo)
-
 
     # --- run one thread to an address (issue 9) ---
     _O_TRACESYSGOOD = 0x1    # syscall stops report SIGTRAP | 0x80
