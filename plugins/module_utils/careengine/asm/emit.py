@@ -149,7 +149,7 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
         through_got = None
         if line.kind is Kind.INSTRUCTION and defined is not None:
             through_got = gotpcrel.rewrite(line.head, line.args, defined, block.name)
-        if line.kind in (Kind.SECTION, Kind.DEBUG_LABEL) or (line.kind is Kind.ATTRIBUTE and not keep_attributes):
+        if line.kind is Kind.SECTION or (line.kind is Kind.ATTRIBUTE and not keep_attributes):
             continue
         if line.kind is Kind.ATTRIBUTE and line.head == ".local":
             continue
@@ -161,7 +161,8 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             output.append(size_labels[line.first_arg()] + ":")
         if line.kind is Kind.COMM:
             output.extend(_common_as_data(line, rename))
-        elif line.kind is Kind.LABEL:
+        elif line.kind in (Kind.LABEL, Kind.DEBUG_LABEL):
+            # Debug labels too: g++'s exception tables of the copy refer to them (.LFB, .LCOLDB).
             output.append(rename(line.head) + ":")
         elif through_got is not None:
             output.extend(f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in through_got)

@@ -75,6 +75,22 @@ def local_labels(block: Block) -> list[str]:
     return [line.head for line in block.lines if line.kind is Kind.LABEL and line.head.startswith(LOCAL_LABEL_PREFIX)]
 
 
+def debug_label_names(block: Block) -> dict[str, str]:
+    """Debug labels a block defines -> ``.L@<kind><n>`` (the n-th of its kind: ``LFB``, ``LCOLDB``...).
+
+    g++'s exception tables refer to them (``.uleb128 .LEHB0-.LFB12``); numbering them per
+    kind keeps the comparison stable when gcc numbers them differently in the two builds.
+    """
+    counts: dict[str, int] = {}
+    names: dict[str, str] = {}
+    for line in block.lines:
+        if line.kind is Kind.DEBUG_LABEL and line.head.startswith(LOCAL_LABEL_PREFIX):
+            kind = line.head[len(LOCAL_LABEL_PREFIX):].rstrip("0123456789")
+            names[line.head] = f".L@{kind}{counts.get(kind, 0)}"
+            counts[kind] = counts.get(kind, 0) + 1
+    return names
+
+
 def statement_text(line: Line, rename: Rename) -> str:
     """The statement with its symbols renamed (labels rename the defined name)."""
     if line.kind in (Kind.LABEL, Kind.DEBUG_LABEL):
@@ -93,6 +109,7 @@ def block_statements(block: Block, rename: Rename) -> list[tuple[str, Line | Non
     """The block signature's statements with the line each comes from (None for section markers)."""
     positional = {name: f"@self{index}" for index, name in enumerate(block.names)}
     positional.update({label: f".L@{index}" for index, label in enumerate(local_labels(block))})
+    positional.update(debug_label_names(block))
 
     def rename_in_block(token: str) -> str:
         return positional.get(token) or rename(token)

@@ -1,0 +1,92 @@
+"""The asm diff on real g++ 12 output: exception tables refer to debug labels (.LFB,
+.LCOLDB), so only real changes count as changes and the instrumented file assembles."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from plugins.module_utils.careengine.asm import gensrc
+from plugins.module_utils.careengine.patchbuild.compiler import demangle
+
+SOURCE = r"""#include <cstdio>
+#include <stdexcept>
+#include <string>
+
+struct Shape {
+	virtual ~Shape() {}
+	virtual int area() const = 0;
+};
+struct Square : Shape {
+	int side;
+	explicit Square(int s) : side(s) {}
+	int area() const override;
+};
+
+__attribute__((noinline)) int Square::area() const { return side * side; }
+
+template <typename T> __attribute__((noinline)) T scale(T x) { return x * 3; }
+
+namespace geo {
+__attribute__((noinline)) int check(int n)
+{
+	if (n < 0)
+		throw std::runtime_error("negative");
+	return n + 1;
+}
+}
+
+static std::string label(int n)
+{
+	static const std::string prefix = "value ";
+	return prefix + std::to_string(n);
+}
+
+int main()
+{
+	Square square(4);
+	Shape *shape = &square;
+	for (int i = 0; i < 3; i++) {
+		try {
+			std::printf("%s %d %d\n", label(geo::check(i - 1)).c_str(), shape->area(), scale(i));
+		} catch (const std::exception &error) {
+			std::printf("caught %s\n", error.what());
+		}
+	}
+	return 0;
+}
+"""
+
+
+def _gxx(tmp_path, name: str, source: str) -> str:
+    (tmp_path / f"{name}.cc").write_text(source)
+    subprocess.run(["g++", "-O2", "-g", "-S", "-o", str(tmp_path / f"{name}.s"), str(tmp_path / f"{name}.cc")],
+                   check=True)
+    return (tmp_path / f"{name}.s").read_text()
+
+
+@pytest.fixture(scope="module")
+def original(tmp_path_factory) -> str:
+    return _gxx(tmp_path_factory.mktemp("gxx"), "original", SOURCE)
+
+
+def test_moved_lines_change_nothing(original, tmp_path):
+    moved = _gxx(tmp_path, "moved", "// one more line\n" + SOURCE)
+    result = gensrc.generate(original, moved)
+    assert (result.changed_functions, result.new_functions, result.new_variables) == ((), (), ())
+
+
+@pytest.mark.parametrize("old, new, changed", [
+    ("return side * side;", "return side * side + 1;", ["Square::area() const"]),
+    ("return x * 3;", "return x * 5;", ["int scale<int>(int)"]),
+    ("return n + 1;", "return n + 2;", ["geo::check(int)"]),            # has a throw: exception tables
+])
+def test_real_changes_are_exactly_the_changed_functions(original, tmp_path, old, new, changed):
+    patched = _gxx(tmp_path, "patched", SOURCE.replace(old, new))
+    result = gensrc.generate(original, patched)
+    assert demangle(result.changed_functions) == changed
+    (tmp_path / "instrumented.s").write_text(result.text)
+    assembled = subprocess.run(["g++", "-c", "-o", str(tmp_path / "instrumented.o"), str(tmp_path / "instrumented.s")],
+                               capture_output=True, text=True, check=False)
+    assert assembled.returncode == 0, assembled.stderr[:2000]     # the copy's exception table labels exist
