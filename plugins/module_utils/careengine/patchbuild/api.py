@@ -33,7 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from ..errors import BuildError
@@ -310,49 +310,74 @@ def _run_stages(build: ProjectBuild, patches: Sequence[str], clean: bool, state_
 
 def extract_all(build: ProjectBuild) -> list[BuiltPatch]:
     """Step 6: one patch per object of the patched install that has changes."""
-    from ..elf import is_elf, read_build_id
     from ..integrity import write_sums
-    from ..patchfile import save_patch
-    from .extract import extract_patch, has_patch_sections, has_symbol_table
 
+    if not os.path.isdir(build.patched_dir) or not os.path.isdir(build.original_dir):
+        raise BuildError(f"no installed builds in {build.original_dir} and {build.patched_dir}: "
+                         "run without --update first")
+    _clear_patchroot(build.patchroot)
     build_tree = _BuildTree(build.project, build.output_dirs())
-    patched_root = build.patched_dir
-    original_root = build.original_dir
-    if not os.path.isdir(patched_root) or not os.path.isdir(original_root):
-        raise BuildError(f"no installed builds in {original_root} and {patched_root}: run without --update first")
-    patchroot = build.patchroot
+    built: dict[str, BuiltPatch] = {}
+    for relative in _changed_objects(build.patched_dir):
+        original, build_id = _original_twin(build.original_dir, relative)
+        if build_id not in built:
+            built[build_id] = _extract_one(build, build_tree, relative, original, build_id)
+    write_sums(build.patchroot)
+    return list(built.values())
+
+
+def _clear_patchroot(patchroot: str) -> None:
+    """Create ``patchroot``, without the patches of an earlier run."""
     os.makedirs(patchroot, exist_ok=True)
     for stale in os.listdir(patchroot):
         if stale.endswith(".kpatch"):
             os.unlink(os.path.join(patchroot, stale))
-    built: dict[str, BuiltPatch] = {}
+
+
+def _changed_objects(patched_root: str) -> Iterator[str]:
+    """Relative paths of the ELF files in the patched install that carry patch sections, sorted."""
+    from ..elf import is_elf
+    from .extract import has_patch_sections
+
     for directory, subdirs, files in os.walk(patched_root):
         subdirs.sort()
         for name in sorted(files):
             patched = os.path.join(directory, name)
             if os.path.islink(patched) or not is_elf(patched) or not has_patch_sections(patched):
                 continue
-            relative = os.path.relpath(patched, patched_root)
-            original = os.path.join(original_root, relative)
-            if not os.path.isfile(original):
-                raise BuildError(f"{relative} has changes but no original-stage twin in {original_root}")
-            build_id = read_build_id(original)
-            if not build_id:
-                raise BuildError(f"{original} has no GNU build-id")
-            if build_id in built:
-                continue
-            build.progress(f"extracting the patch for {relative} (build-id {build_id})")
-            if not has_symbol_table(patched):
-                patched = build_tree.unstripped(patched)
-            patch, extracted = extract_patch(patched, original, build_id)
-            path = os.path.join(patchroot, f"{build_id}.kpatch")
-            save_patch(patch, path)
-            if not extracted.functions:
-                build.progress(f"warning: the patch for {relative} replaces no function, it only adds new ones "
-                               "(was the tree built without libcare-cc before? then use --clean)")
-            built[build_id] = BuiltPatch(build_id, path, original, extracted.functions, extracted.new_functions)
-    write_sums(patchroot)
-    return list(built.values())
+            yield os.path.relpath(patched, patched_root)
+
+
+def _original_twin(original_root: str, relative: str) -> tuple[str, str]:
+    """The original-stage file of a changed object and its build-id (the patch's target)."""
+    from ..elf import read_build_id
+
+    original = os.path.join(original_root, relative)
+    if not os.path.isfile(original):
+        raise BuildError(f"{relative} has changes but no original-stage twin in {original_root}")
+    build_id = read_build_id(original)
+    if not build_id:
+        raise BuildError(f"{original} has no GNU build-id")
+    return original, build_id
+
+
+def _extract_one(build: ProjectBuild, build_tree: _BuildTree, relative: str, original: str,
+                 build_id: str) -> BuiltPatch:
+    """Extract and save the patch of one changed object (from its unstripped twin if stripped)."""
+    from ..patchfile import save_patch
+    from .extract import extract_patch, has_symbol_table
+
+    build.progress(f"extracting the patch for {relative} (build-id {build_id})")
+    patched = os.path.join(build.patched_dir, relative)
+    if not has_symbol_table(patched):
+        patched = build_tree.unstripped(patched)
+    patch, extracted = extract_patch(patched, original, build_id)
+    path = os.path.join(build.patchroot, f"{build_id}.kpatch")
+    save_patch(patch, path)
+    if not extracted.functions:
+        build.progress(f"warning: the patch for {relative} replaces no function, it only adds new ones "
+                       "(was the tree built without libcare-cc before? then use --clean)")
+    return BuiltPatch(build_id, path, original, extracted.functions, extracted.new_functions)
 
 
 class _BuildTree:
