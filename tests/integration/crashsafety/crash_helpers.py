@@ -22,7 +22,9 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apply"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "process"))
 from apply_helpers import CTL, build_id_of, make_diff, patch_make, single_program_project  # noqa: E402
+from waiting import eventually  # noqa: E402, F401 - for the tests
 
 from plugins.module_utils.careengine import patchfile  # noqa: E402
 from plugins.module_utils.careengine.storage import PatchStore  # noqa: E402

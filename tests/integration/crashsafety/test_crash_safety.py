@@ -13,7 +13,7 @@ import os
 import signal
 
 import pytest
-from crash_helpers import BEHAVIOUR, FUNCTIONS, CrashPatient, ctl
+from crash_helpers import BEHAVIOUR, FUNCTIONS, CrashPatient, ctl, eventually
 
 from plugins.module_utils.careengine import faults
 from plugins.module_utils.careengine.apply import engine
@@ -189,3 +189,43 @@ def test_patient_killed(operation, fault, crash_build, start_patient):
     assert "applied" not in output.replace("not applied", ""), output
     doing = "unpatching" if operation == "unpatch" else "patching"
     assert f"process {patient.pid} exited during {doing}; nothing was left in it" in output, output
+
+
+def tools_running(store) -> list[int]:
+    """libcare-ctl processes (a killed run's orphaned fleet workers) working on ``store``."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as stream:
+                    argv = stream.read().split(b"\0")
+            except OSError:
+                continue
+            if str(store).encode() in argv and any(b"ctl" in arg for arg in argv):
+                found.append(int(name))
+    return found
+
+
+# In fleet mode the parent patches the first process itself (warm-up), then forks workers
+# that inherit its counts: a second occurrence is reached in a worker, which kills the
+# parent, then itself; the other workers die on their broken pipes or finish their process.
+FLEET_FAULTS = ("before:jump", "after:mmap:2", "at:syscall-exit:4", "after:jump:3")
+
+
+@pytest.mark.parametrize("fault", FLEET_FAULTS)
+def test_fleet_killed(fault, crash_build, start_patient):
+    patients = [start_patient() for _ in range(4)]
+    masks = [proc_status(p.pid, p.tids["avx"])["SigBlk"].strip() for p in patients]
+    killed = ctl("patch", "-p", "all", "--level", "1", "--no-verify", str(crash_build.store), fault=fault)
+    assert killed.returncode in KILLED, f"not killed at {fault}: {killed.returncode} {killed.stdout}{killed.stderr}"
+    assert eventually(lambda: not tools_running(crash_build.store), timeout=30), tools_running(crash_build.store)
+    for patient, mask in zip(patients, masks, strict=True):
+        shown = check_healthy(patient, (0, 1), mask)
+        check_info_tells_the_truth(patient, crash_build.store, shown, (0, 1))
+    finished = ctl("patch", "-p", "all", "--level", "1", "--no-verify", str(crash_build.store))
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    for patient, mask in zip(patients, masks, strict=True):
+        assert check_healthy(patient, (1,), mask) == BEHAVIOUR[1]
+        assert info_of(patient, crash_build.store) == (1, "")
+        set_level(patient, crash_build.store, 0)
+        check_original_code(patient, crash_build)

@@ -1,0 +1,66 @@
+"""The tracer killed at each instant of a remote syscall and a remote call, in each kind of
+thread: one busy with AVX registers, one blocked in read(), one in nanosleep(), the main
+thread (in usleep). The thread must resume exactly: the read() gets its data, the AVX
+registers and the signal mask are intact, nothing is pending, nothing traces it.
+A thread taken while in nanosleep() may see that sleep end early (EINTR, as a handled
+signal would make it: rt_sigreturn clears the restart block); the patient counts it.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from crash_helpers import BEHAVIOUR
+from test_crash_safety import KILLED, check_healthy, proc_status
+
+ROOT = Path(__file__).resolve().parents[3]
+# Runs in a child python: stop the patient, borrow thread TID for mmap, a remote call of
+# behaviour(1) returning through the stub, and munmap.
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+from plugins.module_utils.careengine.process import CALL_RETURN_STUB, StoppedProcess
+pid, tid, behaviour = {pid}, {tid}, {behaviour}
+with StoppedProcess(pid) as patient:
+    page = patient.remote_syscall(9, 0, 4096, 7, 0x22, (1 << 64) - 1, 0, tid=tid)
+    patient.write(page, CALL_RETURN_STUB)
+    assert patient.remote_call(behaviour, (1,), page, tid=tid) == 2
+    patient.remote_syscall(11, page, 4096, tid=tid)
+print("done")
+"""
+INSTANTS = ("borrow", "syscall-entry", "syscall-exit", "give-back", "call-return", "give-back:2")
+ROLES = ("avx", "reader", "sleeper", "main")
+
+
+@pytest.mark.parametrize("role", ROLES)
+@pytest.mark.parametrize("instant", INSTANTS)
+def test_tracer_killed_while_borrowing(role, instant, crash_build, start_patient):
+    patient = start_patient()
+    tid = patient.pid if role == "main" else patient.tids[role]
+    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    base = min(int(line.split("-")[0], 16) for line in open(f"/proc/{patient.pid}/maps")
+               if line.rstrip().endswith(str(crash_build.binary)))
+    script = SCRIPT.format(root=str(ROOT), pid=patient.pid, tid=tid,
+                           behaviour=base + crash_build.function_vaddr["behaviour"])
+    env = {**os.environ, "LIBCARE_FAULT_INJECT": f"at:{instant}"}
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60,
+                            check=False)
+    assert killed.returncode in KILLED, killed.stdout + killed.stderr
+    assert check_healthy(patient, (0,), mask) == BEHAVIOUR[0]
+    patient.echo("after the tracer died")
+
+
+def test_same_script_completes_without_a_fault(crash_build, start_patient):
+    patient = start_patient()
+    base = min(int(line.split("-")[0], 16) for line in open(f"/proc/{patient.pid}/maps")
+               if line.rstrip().endswith(str(crash_build.binary)))
+    script = SCRIPT.format(root=str(ROOT), pid=patient.pid, tid=patient.tids["reader"],
+                           behaviour=base + crash_build.function_vaddr["behaviour"])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stdout + done.stderr
+    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    assert check_healthy(patient, (0,), mask) == BEHAVIOUR[0]
