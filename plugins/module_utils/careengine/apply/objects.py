@@ -21,12 +21,14 @@ from elftools.common.exceptions import ELFError
 from elftools.dwarf.callframe import FDE, CallFrameInfo
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
+from elftools.elf.enums import ENUM_VERSYM
+from elftools.elf.gnuversions import GNUVerSymSection
 
 from ..errors import CareError
 from ..process import MappedObject
 
 SHN_UNDEF = 0
-VERSYM_HIDDEN = 0x8000
+VERSYM_HIDDEN = 0x8000           # the version is not the default one (``foo@V``, not ``foo@@V``)
 VERSYM_INDEX_MASK = 0x7FFF
 STT_GNU_IFUNC = 10
 _SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
@@ -95,7 +97,8 @@ class ObjectFile:
         self._stream = stream
         self.elf = ELFFile(stream)
         self.dynsym = self.elf.get_section_by_name(".dynsym")
-        self._versym = self._section_bytes(".gnu.version")
+        versym = self.elf.get_section_by_name(".gnu.version")
+        self._versym = versym if isinstance(versym, GNUVerSymSection) else None
         self._version_names = self._read_version_names()
         self._gnu_hash = self._parse_gnu_hash()
         self._names_without_hash: dict[str, list[int]] | None = None
@@ -188,9 +191,12 @@ class ObjectFile:
         return self._names_without_hash.get(name, [])
 
     def _version_of(self, index: int) -> tuple[int, bool]:
-        if self._versym is None or 2 * index + 2 > len(self._versym):
-            return 1, False
-        value = struct.unpack_from("<H", self._versym, 2 * index)[0]
+        """(version index, hidden) of ``.dynsym`` entry ``index``, from pyelftools' ``.gnu.version``."""
+        if self._versym is None or index >= self._versym.num_symbols():
+            return ENUM_VERSYM["VER_NDX_GLOBAL"], False
+        value = self._versym.get_symbol(index)["ndx"]
+        if isinstance(value, str):          # pyelftools names the reserved indexes
+            return ENUM_VERSYM[value], False
         return value & VERSYM_INDEX_MASK, bool(value & VERSYM_HIDDEN)
 
     def lookup_dynamic(self, name: str, version: str | None) -> SymbolDef | None:
