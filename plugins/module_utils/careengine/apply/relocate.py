@@ -15,12 +15,17 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from elftools.elf.enums import ENUM_RELOC_TYPE_x64
+
 from ..errors import CareError
 from .layout import JUMP_ENTRY_SLOT, DisplacementOverflow
 
+# The numbers come from pyelftools, which (0.32) lacks R_X86_64_GOTPCRELX (41, x86-64 psABI).
+_RELOCATION_NUMBERS = {"R_X86_64_GOTPCRELX": 41, **ENUM_RELOC_TYPE_x64}
 R_X86_64 = {
-    "NONE": 0, "64": 1, "PC32": 2, "PLT32": 4, "GOTPCREL": 9, "32": 10, "32S": 11,
-    "TPOFF64": 18, "GOTTPOFF": 22, "TPOFF32": 23, "PC64": 24, "GOTPCRELX": 41, "REX_GOTPCRELX": 42,
+    name: _RELOCATION_NUMBERS["R_X86_64_" + name]
+    for name in ("NONE", "64", "PC32", "PLT32", "GOTPCREL", "32", "32S", "TPOFF64", "GOTTPOFF", "TPOFF32",
+                 "PC64", "GOTPCRELX", "REX_GOTPCRELX")
 }
 RELOCATION_NAMES = {number: "R_X86_64_" + name for name, number in R_X86_64.items()}
 
