@@ -76,3 +76,23 @@ def test_function_called_in_a_tight_loop_by_four_threads_is_patched_every_time(b
         patient.stop()
     print(f"\n{RUNS} runs: waited_us median {statistics.median(waits)} max {max(waits)}; "
           f"paused_us median {statistics.median(pauses)} max {max(pauses)}")
+
+
+def test_replacing_a_level_under_the_same_load_is_safe(busyloop, start):
+    # Replacing a level also guards the applied patch's own code, which has no CFI: threads
+    # busy there are polled, not run out, so under this load the replacement may time out
+    # (README Limitations). Either way the patient runs on, and nothing is left behind.
+    patient = start(busyloop)
+    patch_file = str(busyloop.patch_of(busyloop.binary))
+    first = api.patch_processes(patch_file, [patient.pid], level=1)[0].objects[0]
+    assert first.action == "applied", first.reason
+    patient.wait_for(lambda line: line.endswith("kind=100"))
+    maps_patched = map_count(patient.pid)
+    second = api.patch_processes(patch_file, [patient.pid], level=2, timeout=10)[0].objects[0]
+    if second.action == "failed":
+        assert "the level-1 patch code" in second.reason, second.reason    # polled, not run out: may time out
+    else:
+        assert second.action == "applied" and second.applied_level == 2, second.reason
+        assert map_count(patient.pid) == maps_patched, "the replaced level or a trampoline page was left behind"
+    patient.wait_for(lambda line: line.endswith("kind=100"))
+    assert patient.alive()
