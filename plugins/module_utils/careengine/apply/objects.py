@@ -21,19 +21,22 @@ from elftools.common.exceptions import ELFError
 from elftools.dwarf.callframe import FDE, CallFrameInfo
 from elftools.dwarf.structs import DWARFStructs
 from elftools.elf.elffile import ELFFile
-from elftools.elf.enums import ENUM_VERSYM
+from elftools.elf.enums import ENUM_ST_INFO_BIND, ENUM_ST_INFO_TYPE, ENUM_ST_SHNDX, ENUM_VERSYM
 from elftools.elf.gnuversions import GNUVerSymSection
 
 from ..errors import CareError
 from ..process import MappedObject
 
-SHN_UNDEF = 0
+SHN_UNDEF = ENUM_ST_SHNDX["SHN_UNDEF"]
 VERSYM_HIDDEN = 0x8000           # the version is not the default one (``foo@V``, not ``foo@@V``)
 VERSYM_INDEX_MASK = 0x7FFF
-STT_GNU_IFUNC = 10
-_SYMBOL_TYPES = {"STT_NOTYPE": 0, "STT_OBJECT": 1, "STT_FUNC": 2, "STT_SECTION": 3, "STT_FILE": 4,
-                 "STT_COMMON": 5, "STT_TLS": 6, "STT_LOOS": 10, "STT_GNU_IFUNC": 10}
-_SYMBOL_BINDS = {"STB_LOCAL": 0, "STB_GLOBAL": 1, "STB_WEAK": 2, "STB_LOOS": 10, "STB_GNU_UNIQUE": 10}
+# Symbol type and binding numbers from pyelftools, which names the OS-specific ones only
+# STT_LOOS / STB_LOOS: GNU's names for them are added.
+STT_GNU_IFUNC = ENUM_ST_INFO_TYPE["STT_LOOS"]
+_SYMBOL_TYPES = {**{name: number for name, number in ENUM_ST_INFO_TYPE.items() if name.startswith("STT_")},
+                 "STT_GNU_IFUNC": STT_GNU_IFUNC}
+_SYMBOL_BINDS = {**{name: number for name, number in ENUM_ST_INFO_BIND.items() if name.startswith("STB_")},
+                 "STB_GNU_UNIQUE": ENUM_ST_INFO_BIND["STB_LOOS"]}
 DW_EH_PE_datarel_sdata4 = 0x3B
 SIGRETURN_CODE = bytes.fromhex("48c7c00f0000000f05")   # mov $15, %rax; syscall
 RETURN_ADDRESS_REGISTER = 16     # x86-64 DWARF number of the return address column
