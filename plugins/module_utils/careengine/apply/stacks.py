@@ -46,7 +46,8 @@ UCONTEXT_GREGS = 40
 UCONTEXT_FPREGS = 224
 UCONTEXT_FPREGS_MEM = 424
 UCONTEXT_SIZE = 968
-MAX_SCAN_BYTES = 512 << 20
+MAX_SCAN_BYTES = 1 << 30
+PIECE_SIZE = 32 << 20
 _SPECIAL = ("[vvar]", "[vvar_vclock]", "[vsyscall]", "[vdso]")
 
 
@@ -124,6 +125,24 @@ def find_contexts(regions: list[tuple[int, bytes]], executable: list[Mapping],
     return sorted(found.values(), key=lambda c: c.address)
 
 
+def read_in_pieces(pid: int, spans: list[tuple[int, int]]):
+    """``(base, bytes)`` of ``spans`` read at most :data:`PIECE_SIZE` at a time (memory stays
+    bounded); consecutive pieces of a span overlap by a ``ucontext_t`` so none is cut."""
+    pieces = []
+    for start, size in spans:
+        for offset in range(0, size, PIECE_SIZE):
+            pieces.append((start + offset, min(PIECE_SIZE + UCONTEXT_SIZE, size - offset)))
+    batch: list[tuple[int, int]] = []
+    for piece in [*pieces, None]:
+        if piece is not None and (not batch or sum(size for _, size in batch) + piece[1] <= PIECE_SIZE * 2):
+            batch.append(piece)
+            continue
+        for (base, _), data in zip(batch, read_ranges_lenient(pid, batch), strict=True):
+            if data:
+                yield base, data
+        batch = [piece] if piece is not None else []
+
+
 def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Mapping], ranges: list[GuardedRange],
                         rule_at: RuleFinder, switching: StackSwitching,
                         trampolines: frozenset[int] = frozenset()) -> StackDoubt | None:
@@ -143,15 +162,16 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
     if sum(m.size for m in scanned) > MAX_SCAN_BYTES:
         return StackDoubt(f"it can switch stacks ({switching.describe()}) and has more than "
                           f"{MAX_SCAN_BYTES >> 20} MiB of writable memory to search for suspended stacks", False)
-    contents = read_ranges_lenient(pid, [(m.start, m.size) for m in scanned])
-    regions = [(m.start, data) for m, data in zip(scanned, contents, strict=True) if data]
-    candidates = [found for base, data in regions for found in scan_candidates(data, base, index)]
+    spans = [(m.start, m.size) for m in scanned]
+    candidates = sorted({found for base, data in read_in_pieces(pid, spans)
+                         for found in scan_candidates(data, base, index)})
     if not candidates:
         return None
-    live_parts = [(rsp, m.end - rsp) for m, rsp in running.items() if m in own_stacks]
-    own = [(base, data) for (base, _), data in zip(live_parts, read_ranges_lenient(pid, live_parts), strict=True)
-           if data]
-    contexts = find_contexts(regions + own, [m for m in mappings if m.executable], writable)
+    spans += [(rsp, m.end - rsp) for m, rsp in running.items() if m in own_stacks]
+    executable = [m for m in mappings if m.executable]
+    contexts = sorted({context.address: context for base, data in read_in_pieces(pid, spans)
+                       for context in find_contexts([(base, data)], executable, writable)}.values(),
+                      key=lambda c: c.address)
     explained: list[tuple[int, int]] = []       # [start, end) spans of memory accounted for
     lowest: dict[Mapping, int] = {}
     reader = OtherStacks(pid, mappings)

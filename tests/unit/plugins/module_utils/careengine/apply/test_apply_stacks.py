@@ -97,3 +97,17 @@ def test_stack_switching_reasons():
     assert coroutines.COROUTINE_LIBRARIES.match("libboost_context.so.1.74.0")
     assert coroutines.COROUTINE_LIBRARIES.match("libco.so")
     assert not coroutines.COROUTINE_LIBRARIES.match("libcom_err.so.2")
+
+
+def test_memory_is_read_in_overlapping_pieces(monkeypatch):
+    import ctypes
+    import os
+
+    monkeypatch.setattr(stacks, "PIECE_SIZE", 4096)
+    content = bytes(range(256)) * 40                      # 10240 bytes of this process's own memory
+    buffer = ctypes.create_string_buffer(content, len(content))
+    start = ctypes.addressof(buffer)
+    pieces = list(stacks.read_in_pieces(os.getpid(), [(start, len(content))]))
+    assert [base - start for base, _ in pieces] == [0, 4096, 8192]
+    assert all(len(data) == min(4096 + stacks.UCONTEXT_SIZE, len(content) - (base - start)) for base, data in pieces)
+    assert all(data == content[base - start:base - start + len(data)] for base, data in pieces)
