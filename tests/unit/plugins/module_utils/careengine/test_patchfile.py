@@ -73,36 +73,45 @@ def test_info_entry_round_trip():
     assert not entry.is_new and patchfile.InfoEntry(0, 0x10, 0, 8).is_new
 
 
-@pytest.mark.parametrize("damage", [
-    "empty", "short_header", "bad_magic", "truncated_image", "total_size_beyond_file",
-    "flipped_image_byte", "not_elf", "not_relocatable", "wrong_machine", "bad_offsets", "no_build_id",
-])
+def _without_checksum(raw: bytearray) -> bytearray:
+    struct.pack_into("<I", raw, 344, 0)          # no checksum, so the ELF checks are reached
+    return raw
+
+
+def _set(raw: bytearray, offset: int, value: bytes) -> bytearray:
+    raw[offset:offset + len(value)] = value
+    return raw
+
+
+def _pack(raw: bytearray, fmt: str, offset: int, value: int) -> bytearray:
+    struct.pack_into(fmt, raw, offset, value)
+    return raw
+
+
+def _flip(raw: bytearray, offset: int) -> bytearray:
+    raw[offset] ^= 0x01
+    return raw
+
+
+# Each damage: a valid patch's bytes -> damaged bytes.
+DAMAGES = {
+    "empty": lambda raw: bytearray(),
+    "short_header": lambda raw: raw[:300],
+    "bad_magic": lambda raw: _set(raw, 0, b"KPATCH2\0"),
+    "truncated_image": lambda raw: raw[:-32],
+    "total_size_beyond_file": lambda raw: _pack(raw, "<I", 360, len(raw) + 16),
+    "flipped_image_byte": lambda raw: _flip(raw, 688 + 100),
+    "not_elf": lambda raw: _set(_without_checksum(raw), 688, b"\0ELF"),
+    "not_relocatable": lambda raw: _pack(_without_checksum(raw), "<H", 688 + 16, 2),
+    "wrong_machine": lambda raw: _pack(_without_checksum(raw), "<H", 688 + 18, 3),
+    "bad_offsets": lambda raw: _pack(raw, "<I", 352, 100),
+    "no_build_id": lambda raw: _set(raw, 80, bytes(256)),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGES))
 def test_damaged_patches_are_refused(damage):
-    raw = bytearray(patchfile.make_patch(BUILD_ID, _elf_image()).to_bytes())
-    if damage == "empty":
-        raw = bytearray()
-    elif damage == "short_header":
-        raw = raw[:300]
-    elif damage == "bad_magic":
-        raw[0:8] = b"KPATCH2\0"
-    elif damage == "truncated_image":
-        raw = raw[:-32]
-    elif damage == "total_size_beyond_file":
-        struct.pack_into("<I", raw, 360, len(raw) + 16)
-    elif damage == "flipped_image_byte":
-        raw[688 + 100] ^= 0x01
-    elif damage in ("not_elf", "not_relocatable", "wrong_machine"):
-        struct.pack_into("<I", raw, 344, 0)          # no checksum, so the ELF checks are reached
-        if damage == "not_elf":
-            raw[688:692] = b"\0ELF"
-        elif damage == "not_relocatable":
-            struct.pack_into("<H", raw, 688 + 16, 2)
-        else:
-            struct.pack_into("<H", raw, 688 + 18, 3)
-    elif damage == "bad_offsets":
-        struct.pack_into("<I", raw, 352, 100)
-    elif damage == "no_build_id":
-        raw[80:336] = bytes(256)
+    raw = DAMAGES[damage](bytearray(patchfile.make_patch(BUILD_ID, _elf_image()).to_bytes()))
     with pytest.raises(PatchFormatError):
         patchfile.decode_patch(bytes(raw))
 
