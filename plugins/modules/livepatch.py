@@ -181,6 +181,13 @@ results:
       description: Microseconds the process was stopped for this change (null when it was not stopped).
       type: int
       sample: 830
+    waited_us:
+      description:
+        - Of the process's stop, microseconds spent waiting for threads (and suspended stacks) to leave
+          the code being replaced; a busy thread is run alone to its return out of it (null when the
+          process was not stopped).
+      type: int
+      sample: 120
     applied_level:
       description: Patch level in force afterwards (null when none).
       type: int
@@ -269,7 +276,8 @@ def flatten_results(process_results):
             flat.append({
                 "pid": process.pid, "comm": process.comm, "build_id": None, "path": None,
                 "action": "failed", "reason": process.error,
-                "paused_us": process.paused_us, "applied_level": None, "previous_level": None,
+                "paused_us": process.paused_us, "waited_us": process.waited_us,
+                "applied_level": None, "previous_level": None,
                 "functions": [],
             })
             continue
@@ -277,6 +285,7 @@ def flatten_results(process_results):
             flat.append({
                 "pid": process.pid, "comm": process.comm, "build_id": obj.build_id, "path": obj.path,
                 "action": obj.action, "reason": obj.reason or process.error, "paused_us": obj.paused_us,
+                "waited_us": process.waited_us,
                 "applied_level": obj.applied_level, "previous_level": obj.previous_level,
                 "functions": list(obj.functions),
             })
