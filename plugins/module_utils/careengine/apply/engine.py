@@ -663,6 +663,7 @@ def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
         except Exception:  # noqa: BLE001 - best effort: the check while stopped copes without it
             pass
     patient.trampolines = frozenset(trampolines)
+    stack_switching(patient.objects, patient.files)   # decided before the stop (cached per build-id)
     rule_at = make_rule_finder(patient.objects, patient.files)
     warm_unwind_caches(patient.pid, patient.mappings, _merge([r for r in ranges if r.size > 0]), rule_at)
 
