@@ -1,14 +1,20 @@
-"""C++ units go through kept assembler: unchanged ones build as before, a changed one is
-refused by name (demangled) instead of being silently left out of the patch."""
+"""C++ units go through kept assembler and the asm diff: a changed leaf member function is
+patched live (exceptions thrown and caught around it keep working), a change that could
+let an exception through patched code is refused by name (demangled), never left out of
+the patch unnoticed."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "apply"))
+from apply_helpers import Patient, ctl  # noqa: E402
+
 PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
 LIBCARE_CXX = str(ROOT / "bin" / "libcare-c++")
 
@@ -23,8 +29,10 @@ struct Shape {
 struct Square : Shape {
 	int side;
 	explicit Square(int s) : side(s) {}
-	int area() const override { return side * side; }
+	int area() const override;
 };
+
+__attribute__((noinline)) int Square::area() const { return side * side; }
 
 namespace geo {
 __attribute__((noinline)) int check(int n)
@@ -38,16 +46,29 @@ __attribute__((noinline)) int check(int n)
 extern "C" void report(int round);
 void report(int round)
 {
-	Square square(round);
+	Square square(round % 3);
+	const Shape &shape = square;
 	try {
-		std::printf("shapes %s %d\n", std::to_string(geo::check(round - 1)).c_str(), square.area());
+		std::printf("shapes %s %d\n", std::to_string(geo::check(round % 3 - 1)).c_str(), shape.area());
 	} catch (const std::exception &error) {
 		std::printf("shapes caught %s\n", error.what());
 	}
+	std::fflush(stdout);
 }
 """
-MAIN_C = r"""void report(int round);
-int main(void) { for (int i = 0; i < 3; i++) report(i); return 0; }
+MAIN_C = r"""#include <stdlib.h>
+#include <unistd.h>
+void report(int round);
+int main(int argc, char **argv)
+{
+	int rounds = argc > 1 ? atoi(argv[1]) : 3;
+	for (int i = 0; rounds < 0 || i < rounds; i++) {
+		report(i);
+		if (rounds < 0)
+			usleep(20000);
+	}
+	return 0;
+}
 """
 MAKEFILE = """all: shapes
 shapes.o: shapes.cc
@@ -89,7 +110,7 @@ def test_changed_cxx_function_is_refused_by_its_demangled_name(tmp_path):
     before = {p.name: p.read_bytes() for p in project.iterdir() if p.is_file()}
     result = subprocess.run([PATCH_MAKE, "cxx.patch"], cwd=project, capture_output=True, text=True, check=False)
     assert result.returncode == 1
-    assert "geo::check(int)" in result.stderr and "C++ code cannot be live-patched yet" in result.stderr
+    assert "geo::check(int) has an exception handler" in result.stderr and "live-patched today" in result.stderr
     assert "reverting the patches" in result.stderr
     after = {name: (project / name).read_bytes() for name in before}
     assert after == before
@@ -97,7 +118,7 @@ def test_changed_cxx_function_is_refused_by_its_demangled_name(tmp_path):
 
 def test_c_change_in_a_mixed_project_builds_and_cxx_output_is_unchanged(tmp_path):
     project = _project(tmp_path)
-    (project / "c.patch").write_text(_diff(project, "main.c", "i < 3", "i < 4"))
+    (project / "c.patch").write_text(_diff(project, "main.c", "usleep(20000)", "usleep(30000)"))
     result = subprocess.run([PATCH_MAKE, "c.patch"], cwd=project, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "replaces main" in result.stdout
@@ -105,3 +126,30 @@ def test_c_change_in_a_mixed_project_builds_and_cxx_output_is_unchanged(tmp_path
     run = subprocess.run([str(program)], capture_output=True, text=True, check=True, env=dict(os.environ))
     assert run.stdout.splitlines() == ["shapes caught negative", "shapes 1 1", "shapes 2 4"]
     assert (project / ".kpatch_shapes.original.s").is_file()     # the C++ unit went through kept assembler
+
+
+def test_changed_leaf_member_function_is_patched_live_and_exceptions_still_work(tmp_path):
+    project = _project(tmp_path)
+    (project / "area.patch").write_text(_diff(project, "shapes.cc", "return side * side;",
+                                              "return side * side + 1000;"))
+    before = {p.name: p.read_bytes() for p in project.iterdir() if p.is_file()}
+    result = subprocess.run([PATCH_MAKE, "area.patch"], cwd=project, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "replaces Square::area() const" in result.stdout          # reported demangled
+    assert {name: (project / name).read_bytes() for name in before} == before
+    patient = Patient([str(project / "lpmake" / "usr" / "bin" / "shapes"), "-1"])
+    try:
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10, after=0)
+        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
+        assert applied.returncode == 0, applied.stderr
+        seen = len(patient.lines)
+        patient.wait_for(lambda line: line == "shapes 2 1004", timeout=10)
+        patient.wait_for(lambda line: line == "shapes 1 1001", timeout=10, after=seen)
+        # A throw and its catch around the patched virtual call work as before.
+        patient.wait_for(lambda line: line == "shapes caught negative", timeout=10, after=seen)
+        removed = ctl("unpatch", "-p", str(patient.pid))
+        assert removed.returncode == 0, removed.stderr
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10)
+        assert patient.alive()
+    finally:
+        patient.stop()

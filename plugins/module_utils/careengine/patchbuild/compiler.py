@@ -28,9 +28,10 @@ DIR/.kpatch_BASE.<stage>.aux`` and the same other flags, then
   ``DIR/.kpatch_BASE.s`` and assembles that.
 
 C++ units (``.cc``, ``.cpp``... or ``-x c++``) are compiled the same way, without
-``-aux-info``; in the patched stage their assembler must be the original one (or differ
-only where the diff finds no changed code): a changed C++ unit is refused
-(:func:`refuse_cxx_change`), never left out of the patch unnoticed.
+``-aux-info``; in the patched stage the diff's result must pass :mod:`asm.cxx` (changed
+functions that call nothing and handle no exception, outside COMDAT groups, no new data):
+anything else is refused naming the functions demangled, never left out of the patch
+unnoticed.
 
 ``-c`` with several C sources and no ``-o`` is done one source at a time. A compile and
 link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
@@ -91,7 +92,7 @@ def main(argv: list[str]) -> int:
 
 
 def main_cxx(argv: list[str]) -> int:
-    """``libcare-c++ ARGS...``: the same for g++ (a changed C++ unit is refused, see :func:`refuse_cxx_change`)."""
+    """``libcare-c++ ARGS...``: the same for g++ (which C++ changes are accepted: :mod:`asm.cxx`)."""
     return run(argv, cxx=True)
 
 
@@ -389,12 +390,9 @@ def compile_unit(real: str, flags: list[str], source: str, output: str, mode: st
 
     note_unit(COMPILED, unit)
     asm_path = stage_asm
-    if stage == "patched" and cxx:
-        refuse_cxx_change(source, _read_text(kept_asm_path(unit, "original")), _read_text(stage_asm))
-        note_unit(DIFFED, "same")
-    elif stage == "patched":
+    if stage == "patched":
         asm_path = kept_asm_path(unit, None)
-        changed = _write_instrumented(source, unit, stage_asm, stage_aux, asm_path)
+        changed = _write_instrumented(source, unit, stage_asm, stage_aux, asm_path, cxx=cxx)
         note_unit(DIFFED, "changed" if changed else "same")
     if mode == "-S":
         import shutil
@@ -414,9 +412,12 @@ def _read_text(path: str) -> str:
         return ""
 
 
-def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: str, target: str) -> bool:
+def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: str, target: str,
+                        cxx: bool = False) -> bool:
     """Diff the unit's original and patched assembler; write the instrumented file.
 
+    C units: prototypes must not change (``-aux-info``). C++ units: only the changes
+    :mod:`asm.cxx` accepts (leaf functions outside COMDAT groups, no new data).
     Returns True when the unit has changed or new functions.
     """
     from ..errors import BuildError, CareError
@@ -435,54 +436,19 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
     try:
         # No filename= here: the except clause below names the source once for both steps.
         result = gensrc.generate(original_text, patched_text, ignore_changes=_settings.ignored_functions(source))
-        if original_text:
+        if cxx:
+            from ..asm import cxx as cxx_rules
+            from ..asm.parse import parse
+
+            cxx_rules.check_change(parse(patched_text), result.changed_functions, result.new_functions,
+                                   result.new_variables)
+        elif original_text:
             gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
                                     result.changed_functions)
     except CareError as exc:
         raise type(exc)(f"{source}: {exc}") from None
     _write_text(target, result.text)
     return bool(result.changed_functions or result.new_functions)
-
-
-def refuse_cxx_change(source: str, original_text: str, patched_text: str) -> None:
-    """A C++ unit may be rebuilt in the patched stage, but its code must not have changed.
-
-    C++ code is not live-patched yet (unwind tables of new code are not registered in the
-    patient, so a throw through it would terminate the process): a change is refused,
-    naming the changed functions demangled, instead of being silently left out of the patch.
-    """
-    from ..errors import CareError, UnpatchableChange
-
-    if original_text == patched_text:
-        return
-    if not original_text:
-        raise UnpatchableChange(f"{source}: C++ unit compiled in the patched stage only (no original-stage "
-                                "assembler): C++ code cannot be live-patched yet")
-    from ..asm import gensrc
-
-    try:
-        result = gensrc.generate(original_text, patched_text)
-    except CareError as exc:
-        raise UnpatchableChange(f"{source}: C++ unit changed and C++ code cannot be live-patched yet ({exc})") from None
-    touched = result.changed_functions + result.new_functions
-    if touched or result.new_variables:
-        names = ", ".join(demangle(touched + result.new_variables))
-        raise UnpatchableChange(f"{source}: C++ functions or data changed ({names}); "
-                                "C++ code cannot be live-patched yet")
-
-
-def demangle(names: tuple[str, ...] | list[str]) -> list[str]:
-    """C++ names as people write them (``_Z5checki`` -> ``check(int)``), via binutils' c++filt."""
-    import subprocess
-
-    if not names:
-        return []
-    try:
-        found = subprocess.run(["c++filt"], input="\n".join(names) + "\n", capture_output=True, text=True,
-                               check=True).stdout.splitlines()
-    except (OSError, subprocess.CalledProcessError):
-        return list(names)
-    return found if len(found) == len(names) else list(names)
 
 
 def _write_text(target: str, text: str) -> None:

@@ -76,6 +76,15 @@ def with_default_compiler(make_args: list[str], tool_dir: str) -> list[str]:
     return result
 
 
+def _readable(names: tuple[str, ...]) -> list[str]:
+    """C++ names demangled (``_ZNK6Square4areaEv`` -> ``Square::area() const``), C names as they are."""
+    if not any(name.startswith("_Z") for name in names):
+        return list(names)
+    from ..asm.cxx import demangle
+
+    return demangle(list(names))
+
+
 def main(argv: list[str]) -> int:
     """Entry point of ``libcare-patch-make``; returns the exit status."""
     args = _parser().parse_args(argv)
@@ -107,8 +116,8 @@ def main(argv: list[str]) -> int:
     if not result.patches:
         reporter("no object changed: no patch written")
     for patch in result.patches:
-        functions = ", ".join(patch.functions) or "-"
-        added = f"; adds {', '.join(patch.new_functions)}" if patch.new_functions else ""
+        functions = ", ".join(_readable(patch.functions)) or "-"
+        added = f"; adds {', '.join(_readable(patch.new_functions))}" if patch.new_functions else ""
         where = f" (stored at level {patch.level})" if patch.level is not None else ""
         print(f"{patch.path}: {os.path.relpath(patch.object)}: replaces {functions}{added}{where}")
     return 0

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 
 import pytest
 
-from plugins.module_utils.careengine.asm import gensrc
-from plugins.module_utils.careengine.patchbuild.compiler import demangle
+from plugins.module_utils.careengine.asm import cxx, gensrc, parse
+from plugins.module_utils.careengine.asm.cxx import demangle
+from plugins.module_utils.careengine.errors import UnpatchableChange
 
 SOURCE = r"""#include <cstdio>
 #include <stdexcept>
@@ -90,3 +92,34 @@ def test_real_changes_are_exactly_the_changed_functions(original, tmp_path, old,
     assembled = subprocess.run(["g++", "-c", "-o", str(tmp_path / "instrumented.o"), str(tmp_path / "instrumented.s")],
                                capture_output=True, text=True, check=False)
     assert assembled.returncode == 0, assembled.stderr[:2000]     # the copy's exception table labels exist
+
+
+@pytest.mark.parametrize("old, new, refusal", [
+    ("return side * side;", "return side * side + 1;", None),                       # a leaf: accepted
+    ("return x * 3;", "return x * 5;", "int scale<int>(int) is an inline function or template instance"),
+    ("return n + 1;", "return n + 2;", "geo::check(int) has an exception handler or cleanup"),
+    ('std::printf("caught %s\\n"', 'std::printf("CAUGHT %s\\n"', "main has an exception handler"),
+    ("return side * side;", "static int calls; return side * side + calls++;",
+     "adds data (Square::area() const::calls)"),
+])
+def test_what_cxx_changes_are_accepted(original, tmp_path, old, new, refusal):
+    assert old in SOURCE
+    patched_text = _gxx(tmp_path, "patched", SOURCE.replace(old, new))
+    result = gensrc.generate(original, patched_text)
+    check = lambda: cxx.check_change(parse.parse(patched_text), result.changed_functions,  # noqa: E731
+                                     result.new_functions, result.new_variables, source="shapes.cc")
+    if refusal is None:
+        check()
+        return
+    with pytest.raises(UnpatchableChange, match=re.escape(refusal)):
+        check()
+
+
+def test_a_function_that_calls_is_refused_naming_the_callee(tmp_path):
+    caller = "int twice(int);\n__attribute__((noinline)) int twice(int x) { return x * 2; }\n" \
+             "int caller(int x) { return twice(x) + %d; }\n"
+    before = _gxx(tmp_path, "before", caller % 1)
+    after = _gxx(tmp_path, "after", caller % 2)
+    result = gensrc.generate(before, after)
+    with pytest.raises(UnpatchableChange, match=r"caller\(int\) calls _Z5twicei"):
+        cxx.check_change(parse.parse(after), result.changed_functions, result.new_functions, result.new_variables)
