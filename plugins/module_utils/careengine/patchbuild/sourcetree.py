@@ -37,15 +37,24 @@ def state_dir_for(srcdir: str) -> str:
     """Where the originals of ``srcdir``'s patched files are kept while it is patched.
 
     ``$LPMAKE_STATE_DIR`` if set, else ``$XDG_CACHE_HOME`` (or ``~/.cache``)
-    ``/libcare-patch-make/<hash of the source dir>``: outside the tree, stable across
-    runs so a killed run can be recovered by the next one.
+    ``/libcare-patch-make/<hash of the source dir>`` (``/tmp/libcare-patch-make-<uid>/...``
+    when that cannot be created): outside the tree, stable across runs so a killed run
+    can be recovered by the next one.
     """
     explicit = os.environ.get(STATE_ENV)
     if explicit:
         return os.path.abspath(explicit)
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     digest = hashlib.sha256(os.path.realpath(srcdir).encode()).hexdigest()[:16]
-    return os.path.join(cache, "libcare-patch-make", digest)
+    parent = os.path.join(cache, "libcare-patch-make")
+    try:
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+    except OSError:   # no writable home (a service account): a private dir under /tmp
+        parent = os.path.join(tempfile.gettempdir(), f"libcare-patch-make-{os.getuid()}")
+        os.makedirs(parent, mode=0o700, exist_ok=True)
+        if os.stat(parent).st_uid != os.getuid():
+            raise BuildError(f"{parent} belongs to another user: set {STATE_ENV} to a directory of yours") from None
+    return os.path.join(parent, digest)
 
 
 @contextmanager

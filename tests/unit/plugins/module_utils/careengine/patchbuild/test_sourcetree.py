@@ -118,3 +118,13 @@ def test_one_run_per_tree(tree, tmp_path_factory):
                 pass
     with sourcetree.exclusive(str(tree), state):      # released when the first run ends
         pass
+
+
+def test_state_dir_without_a_writable_home_falls_back_to_tmp(tree, monkeypatch, tmp_path_factory):
+    monkeypatch.delenv(sourcetree.STATE_ENV, raising=False)
+    blocked = tmp_path_factory.mktemp("home") / "a-file"
+    blocked.write_text("not a directory")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocked))
+    monkeypatch.setattr(sourcetree.tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))
+    state = sourcetree.state_dir_for(str(tree))
+    assert state.startswith(os.path.join(sourcetree.tempfile.tempdir, f"libcare-patch-make-{os.getuid()}"))
