@@ -1,5 +1,5 @@
 """A function that is always being called again: four threads call it in a tight loop,
-so nearly every look finds a thread inside it. Run-until-return gets each busy thread out
+so nearly every look finds a thread inside it or in its callee returning into it. Run-until-return gets each busy thread out
 (its return address redirected to a trampoline, that thread alone run to it) and patches in
 the same stop, within the default timeout, every time. The waits are measured and reported
 (``waited_us``)."""
@@ -23,11 +23,17 @@ SOURCE = r"""#include <pthread.h>
 
 static volatile long calls[4];
 
+__attribute__((noinline, noipa)) long step(long r)
+{
+	return (r * 7 + 3) % 1000003;
+}
+
+/* A thread is nearly always in f, or in step() returning into f. */
 __attribute__((noinline, noipa)) long f(long x)
 {
 	long r = x;
 	for (int i = 0; i < 2000; i++)
-		r = (r * 7 + 3) % 1000003;
+		r = step(r);
 	return r % 2 + 1;
 }
 
