@@ -139,7 +139,8 @@ class ProjectBuild:
         return os.path.join(self.project, *parts)
 
     def output_dirs(self) -> tuple[str, ...]:
-        """Our directories inside the project: never build outputs of the project itself."""
+        """Our output directories (inside the project unless ``LPMAKE_*`` put them elsewhere): never
+        searched for the project's own build outputs."""
         return (self.original_dir, self.patched_dir, self.patchroot)
 
     def make(self, stage: str, targets: Sequence[str] = (), extra: Sequence[str] = ()) -> None:
