@@ -378,7 +378,7 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
         return Decision("apply")
     if not applied.complete:
         return Decision("replace", f"replacing an incomplete level-{applied.level} patch (left by an interrupted run)")
-    if applied.leftovers:
+    if applied.leftovers and image.level >= applied.level:
         return Decision("replace", f"replacing level {applied.level} and the leftovers of an interrupted run "
                                    f"({applied.interrupted()})")
     requested = image.level

@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from plugins.module_utils.careengine.apply.engine import decide_level, decode_applied
+from plugins.module_utils.careengine.apply.engine import by_object, decide_level, decode_applied
 from plugins.module_utils.careengine.apply.image import DATA_SIZE_FIELD, IDENTITY_FIELD, PatchImage
 from plugins.module_utils.careengine.patchfile import (
     HEADER_OFFSETS,
@@ -102,3 +102,33 @@ def test_incomplete_leftover_is_replaced_even_at_the_same_level():
     assert not leftover.complete
     decision = decide_level(image(1, 7), leftover)
     assert decision.action == "replace" and "incomplete" in decision.reason
+
+
+def applied_at(level: int, identity: int, start: int, jumps: int):
+    contents = applied_bytes(level, identity, start)
+    decoded = decode_applied(Mapping(start, start + 0x1000, "r-xp", 0, "00:00", 0, ""), contents[:HEADER_SIZE],
+                             contents)
+    return replace(decoded, jumps_in_place=jumps)
+
+
+def test_an_interrupted_replacement_is_one_object_with_a_leftover():
+    """Killed between the jumps of a replacement: level 2 has one jump, level 1 the other."""
+    level1 = applied_at(1, 7, 0x7F00_0000_0000, 1)
+    level2 = applied_at(2, 9, 0x7F00_0001_0000, 1)
+    [(build_id, in_force)] = by_object([level1, level2]).items()
+    assert build_id == level1.build_id
+    assert in_force.level == 2 and in_force.leftovers == (level1,)
+    assert not in_force.in_force and in_force.interrupted().startswith("level2:1/")
+    decision = decide_level(image(2, 9), in_force)
+    assert decision.action == "replace" and "interrupted run" in decision.reason
+
+
+def test_a_leftover_without_jumps_does_not_hide_the_level_in_force():
+    """Killed after mmap of level 2: level 1 still runs, level 2 is an unused leftover; a
+    request for a lower level does not downgrade it."""
+    level1 = applied_at(1, 7, 0x7F00_0000_0000, 1)
+    level2 = applied_at(2, 9, 0x7F00_0001_0000, 0)
+    in_force = by_object([level2, level1])[level1.build_id]
+    assert in_force.level == 1 and in_force.in_force and not in_force.clean
+    assert decide_level(image(1, 7), in_force).action == "replace"
+    assert decide_level(image(0, 7), in_force).action == "skipped"
