@@ -23,6 +23,7 @@ benches=(
     "apply_wall 60 $py $here/apply_wall.py"
     "fleet 100 $py $here/fleet.py"
     "call_cost 60 $py $here/call_cost.py"
+    "watch 120 $py $here/watch.py"
     "build_overhead 320 $here/build_overhead.sh"
     "build_overhead_cjson 200 $here/build_overhead_cjson.sh"
 )

@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--audit-log", metavar="PATH", default=None,
                         help="append one JSON line per patch the service makes here (default $LIBCARE_AUDIT_LOG, "
                              "else /var/log/libcare/audit.jsonl)")
+    parser.add_argument("--no-realtime", action="store_true",
+                        help="do not raise the tracer to SCHED_FIFO while a patient is stopped")
     parser.add_argument("--status", action="store_true", help="print the running service's status and exit")
     parser.add_argument("--json", action="store_true", help="with --status: one JSON object")
     return parser
@@ -46,8 +48,11 @@ def main(argv: list[str]) -> int:
         if answer is None:
             raise ServiceNotRunning(f"no service answers on {socket_path}")
         return client.print_answer(answer)
+    from . import priority
     from .discovery import DEFAULT_SEARCH_PATHS
     from .service import Service
+
+    priority.enabled = not args.no_realtime
 
     service = Service(args.store, socket_path, search_paths=(*DEFAULT_SEARCH_PATHS, *args.path),
                       socket_group=args.socket_group, operator_group=args.operator_group,

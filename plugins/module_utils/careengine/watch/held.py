@@ -1,4 +1,5 @@
-"""Patch a process whose caught thread the service already holds under ptrace.
+"""Patch a process whose caught thread the service already holds under ptrace, and run the
+engine with the service's stoppers.
 
 The engine stops a patient with :class:`StoppedProcess`, which seizes every thread; a
 thread we already trace cannot be seized a second time. :class:`HeldProcess` is a
@@ -9,6 +10,8 @@ us instead of detaching it: we detach it after the patch, from the same stop.
 :func:`patch_held` runs the engine's own :func:`engine.patch_process` (planning, level
 rules, safety check, rollback) with ``HeldProcess`` in place of ``StoppedProcess`` for
 that one call. (An engine entry point taking the stopper would make the swap unneeded.)
+:func:`service_stoppers` makes every other stop the service causes a
+:class:`.priority.BoostedProcess` (real-time tracer while the patient is held).
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from ..apply import engine
 from ..process import StoppedProcess
 from ..results import ProcessResult
 from ..storage import PatchSource
+from .priority import BoostedProcess
 
 
-class HeldProcess(StoppedProcess):
+class HeldProcess(BoostedProcess):
     """A ``StoppedProcess`` whose thread ``held_tid`` is already in a ptrace stop of ours."""
 
     def __init__(self, pid: int, held_tid: int, *, timeout: float = 5.0) -> None:
@@ -50,16 +54,20 @@ class HeldProcess(StoppedProcess):
 
 
 @contextlib.contextmanager
-def _stopping_with(pid: int, held_tid: int) -> Iterator[list[HeldProcess]]:
+def service_stoppers(held: dict[int, int] | None = None) -> Iterator[list[HeldProcess]]:
+    """Within the block the engine stops processes with :class:`BoostedProcess`, and process
+    ``pid`` of ``held`` (pid -> held thread) with :class:`HeldProcess`; the held ones made
+    are listed in the yielded list."""
     made: list[HeldProcess] = []
     real = engine.StoppedProcess
+    held = held or {}
 
     def stopper(target_pid: int, *, timeout: float = 5.0) -> StoppedProcess:
-        if target_pid != pid:
-            return real(target_pid, timeout=timeout)
-        held = HeldProcess(pid, held_tid, timeout=timeout)
-        made.append(held)
-        return held
+        if target_pid not in held:
+            return BoostedProcess(target_pid, timeout=timeout)
+        process = HeldProcess(target_pid, held[target_pid], timeout=timeout)
+        made.append(process)
+        return process
 
     engine.StoppedProcess = stopper
     try:
@@ -74,7 +82,7 @@ def patch_held(pid: int, held_tid: int, source: PatchSource, *, timeout: float =
     Returns the result and the signal to give back to the held thread when detaching it.
     The thread stays in its ptrace stop, ours.
     """
-    with _stopping_with(pid, held_tid) as made:
+    with service_stoppers({pid: held_tid}) as made:
         try:
             result = engine.patch_process(pid, source, timeout=timeout)
         except Exception as exc:      # never raise out of the service loop for one process

@@ -37,7 +37,7 @@ from . import catch as catching
 from .catch import Catch, Target
 from .discovery import DEFAULT_SEARCH_PATHS, find_targets
 from .fanotify import FAN_OPEN_EXEC_PERM, FAN_OPEN_PERM, Fanotify, PermissionEvent
-from .held import patch_held
+from .held import patch_held, service_stoppers
 from .requests import run_ctl, run_ctl_as
 from .server import PRIVILEGED_COMMANDS, ControlSocket, Peer, answer, ensure_free, receive_request
 from .status import HOW_EXEC, HOW_LATE, HOW_PUBLISH, HOW_REQUEST, PatchRecord, Status, now_text
@@ -360,7 +360,7 @@ class Service:
                     log(str(exc))
         self.targets = targets
         self.status.objects_watched = len(targets)
-        candidates = [pid for pid in self._all_pids() if self._maps_wanted(pid)]
+        candidates = [pid for pid in self._all_pids() if self._maps_wanted(pid, quick=False)]
         first_look = {pid for pid in candidates if pid not in self.seen}
         self.seen = {pid: _start_time(pid) for pid in self._all_pids()}
         self._patch_running([p for p in candidates if p in first_look], HOW_LATE)
@@ -385,8 +385,12 @@ class Service:
         caught = {c.pid for c in self.catches.values()}
         return [pid for pid in engine_pids() if pid != self.pid and pid not in caught]
 
-    def _maps_wanted(self, pid: int) -> bool:
+    def _maps_wanted(self, pid: int, quick: bool = True) -> bool:
+        """Does ``pid`` map an object whose wanted patch it lacks? ``quick``: only processes
+        mapping a watched file by inode are read further (rescans; a sync reads them all)."""
         if not self.levels:
+            return False
+        if quick and not self._maps_a_target(pid):
             return False
         try:
             objects = mapped_objects(pid, read_maps(pid))
@@ -398,14 +402,24 @@ class Service:
                        if a.complete and a.level == self.levels.get(b)}
         return any(m.build_id in self.levels and m.build_id not in applied for m in objects)
 
+    def _maps_a_target(self, pid: int) -> bool:
+        """Cheap first look: does ``/proc/PID/maps`` name the inode of a watched object?"""
+        inodes = {str(target.inode) for target in self.targets.values()}
+        try:
+            with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as stream:
+                return any(line.split(maxsplit=5)[4:5][0] in inodes for line in stream if line.count(" ") >= 4)
+        except (OSError, IndexError):
+            return False
+
     def _patch_running(self, pids: list[int], how: str) -> None:
         """Patch running processes through the apply API (store checks, audit trail)."""
         if not pids:
             return
         by = SERVICE_ROLES[how]
         try:
-            results = api.patch_processes(wanted_source(self.store), pids, requested_by=service_requester(by),
-                                          audit_log=self.audit_log)
+            with service_stoppers():
+                results = api.patch_processes(wanted_source(self.store), pids, requested_by=service_requester(by),
+                                              audit_log=self.audit_log)
         except CareError as exc:
             log(f"not patching {len(pids)} process(es): {exc}")
             self.status.failures += 1
@@ -474,7 +488,8 @@ class Service:
             return run_ctl(argv, cwd, peer)    # prints the usage error
         pids = None if args.pid is None else [args.pid]
         before = applied_levels(pids)
-        result = run_ctl(argv, cwd, peer)
+        with service_stoppers():
+            result = run_ctl(argv, cwd, peer)
         if getattr(args, "check", False):
             return result
         after = applied_levels(list(before) if pids is None and command.startswith("unpatch") else pids)
