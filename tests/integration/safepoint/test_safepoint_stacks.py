@@ -1,7 +1,9 @@
 """Stacks no thread runs on right now: a swapcontext coroutine parked inside the replaced
-function (refused, then patched once it has left; unpatch likewise for the new code), a hand-made stack switch the engine
-cannot follow (refused, naming why; patched with force_unsafe, which says so), and a signal handler on an alternate signal stack
-that is inside the function (refused until it leaves)."""
+function (refused, then patched once it has left; unpatch likewise for the new code), a
+hand-made stack switch the engine cannot follow (refused, naming why; patched with
+force_unsafe, which says so), a signal handler on an alternate signal stack that is inside
+the function (refused until it leaves), and a program that can switch stacks (it links
+libcrypto) with no suspended stack in the function (patched)."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import signal
 import pytest
 from apply_helpers import Built, map_count, single_program_project
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import api, coroutines, engine
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root")
 
@@ -163,15 +165,36 @@ int main(void)
 }
 """
 
+# Links libcrypto, which uses setcontext/makecontext (OpenSSL's async jobs): a process that
+# can switch stacks but has no suspended stack in f must be patched all the same.
+CRYPTO_USER = COMMON + r"""
+__attribute__((noinline, noipa)) int f(int x)
+{
+	volatile int r = x + 1;
+	return r;
+}
+
+int main(void)
+{
+	handlers();
+	for (long round = 0;; round++) {
+		last = f(1);
+		printf("round=%ld last=%d leave=%d\n", round, last, (int)leave);
+		fflush(stdout);
+		usleep(2000);
+	}
+}
+"""
+
 FIX = (("int r = x + 1;", "int r = x + 100;"),)
 
 
-def makefile(name: str) -> str:
+def makefile(name: str, libraries: str = "") -> str:
     return f"""CFLAGS ?= -O2 -g -Wall
 PREFIX ?= /usr/local
 all: {name}
 {name}: {name}.c
-\t$(CC) $(CFLAGS) -fPIE -pie -o $@ {name}.c
+\t$(CC) $(CFLAGS) -fPIE -pie -o $@ {name}.c {libraries}
 install: all
 \tinstall -D -m 755 {name} $(DESTDIR)$(PREFIX)/bin/{name}
 clean:
@@ -180,8 +203,8 @@ clean:
 """
 
 
-def project(tmp_path_factory, name: str, source: str) -> Built:
-    return single_program_project(tmp_path_factory, name, source, FIX, makefile(name))
+def project(tmp_path_factory, name: str, source: str, libraries: str = "") -> Built:
+    return single_program_project(tmp_path_factory, name, source, FIX, makefile(name, libraries))
 
 
 @pytest.fixture(scope="module")
@@ -197,6 +220,11 @@ def handmade_program(tmp_path_factory) -> Built:
 @pytest.fixture(scope="module")
 def altstack_program(tmp_path_factory) -> Built:
     return project(tmp_path_factory, "altf", ALTSTACK)
+
+
+@pytest.fixture(scope="module")
+def crypto_user(tmp_path_factory) -> Built:
+    return project(tmp_path_factory, "cryptouser", CRYPTO_USER, "-Wl,--no-as-needed -l:libcrypto.so.3")
 
 
 def patch(built: Built, pid: int, timeout: float = 5.0):
@@ -269,3 +297,21 @@ def test_handler_on_an_alternate_stack_inside_the_function(altstack_program, sta
     patient.wait_for(lambda line: line == "in f")
     os.kill(patient.pid, signal.SIGUSR1)
     patient.wait_for(lambda line: line.endswith("last=101 leave=1"))
+
+
+def test_process_that_can_switch_stacks_but_has_none_in_f_is_patched(crypto_user, start):
+    patient = start(crypto_user)
+    patient.wait_for(lambda line: line.endswith("last=2 leave=0"), after=0)
+    seen = engine.read_patient(patient.pid)
+    for mapped in seen.objects:
+        seen.file_of(mapped)
+    switching = coroutines.stack_switching(seen.objects, seen.files)
+    assert "libcrypto.so.3 uses setcontext, makecontext" in switching.describe(), switching.describe()
+    applied = api.patch_processes(str(crypto_user.patches_dir), [patient.pid])[0]
+    assert applied.objects[0].action == "applied", applied.objects[0].reason
+    patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
+    removed = api.unpatch_processes([patient.pid])[0]
+    assert removed.objects[0].action == "removed", removed.objects[0].reason
+    patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
+    print(f"\nlibcrypto user: patch paused {applied.paused_us} us (waited {applied.waited_us}), "
+          f"unpatch paused {removed.paused_us} us")
