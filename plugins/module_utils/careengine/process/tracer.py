@@ -62,6 +62,7 @@ _SYSCALL_STOP = signal.SIGTRAP | 0x80
 _SYSCALL_ENTRY = 1  # PTRACE_SYSCALL_INFO_ENTRY
 _SYSCALL_EXIT = 2   # PTRACE_SYSCALL_INFO_EXIT
 _XSTATE_BUFFER = 64 * 1024
+_FRAME_ROOM = 16 * 1024  # a thread is preferred for remote work with this much stack below it
 _MAX_CATCH_UP_ROUNDS = 16
 _POLL_CAP = 0.01  # longest sleep between checks when SIGCHLD might go to another thread
 _GROUP_STOP_SIGNALS = frozenset({signal.SIGSTOP, signal.SIGTSTP, signal.SIGTTIN, signal.SIGTTOU})
@@ -180,6 +181,7 @@ class StoppedProcess:
         self._paused_ns = 0
         self._stop_started: int | None = None
         self._sites: ReturnSites | None = None
+        self._maps: list[Mapping] | None = None   # read once per stop, for the stacks
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -407,6 +409,7 @@ class StoppedProcess:
             self._stopped = False
             self._end_stop_period()
             self._sites = None
+            self._maps = None
             memory.forget_process(self.pid)
 
     def _end_stop_period(self) -> None:
@@ -463,6 +466,7 @@ class StoppedProcess:
         """
         if not self._stopped:
             raise ProcessError(f"process {self.pid} is not stopped")
+        self._maps = None         # threads may come and go meanwhile
         parked: set[int] = set()  # threads in a group-stop: not resumed, not interrupted
         for tid in list(self._seized):
             if self._stop_signal.get(tid, 0) == 0 and self._group_stopped.get(tid):
@@ -606,11 +610,29 @@ class StoppedProcess:
         # Prefer a thread not sitting in a signal's delivery-stop (running our code there
         # would make us re-send that signal instead of letting the kernel deliver it) and
         # not inside a system call (nothing to restart, see sigframe).
+        # The thread must have room on its own stack for the signal frame (see _stack_room).
         free = [tid for tid in self.tids if not self._pending.get(tid)] or self.tids
-        for candidate in free:
-            if sigframe.signed(self.get_regs(candidate).orig_rax) < 0:
+        registers = {tid: self.get_regs(tid) for tid in free}
+        roomy = [tid for tid in free if self._stack_room(registers[tid].rsp) >= _FRAME_ROOM] or free
+        for candidate in roomy:
+            if sigframe.signed(registers[candidate].orig_rax) < 0:
                 return candidate
-        return free[0]
+        return roomy[0]
+
+    def _stack_room(self, stack_pointer: int) -> int:
+        """Bytes below ``stack_pointer`` down to the start of its (writable) mapping.
+
+        The frame goes where the kernel would put a signal frame for a signal arriving
+        now, and is as big (every stack a program runs on must have that room, signals
+        may come at any time); but it must not leave the mapping, which the kernel would
+        grow and we cannot. A thread with a lot of room (a thread or main stack) is
+        preferred over one on a small buffer (a coroutine, a sigaltstack)."""
+        if self._maps is None:
+            self._maps = read_maps(self.pid)
+        holder = next((m for m in self._maps if m.start < stack_pointer <= m.end), None)
+        if holder is None or not holder.writable:
+            return 0
+        return stack_pointer - holder.start
 
     def _set_sigmask(self, tid: int, value: int) -> None:
         mask = ctypes.c_uint64(value)
@@ -734,6 +756,9 @@ class StoppedProcess:
             frame, frame_bytes = sigframe.build_frame(_register_values(saved), saved_mask, xstate, pretcode)
         except sigframe.FrameError as exc:
             raise ProcessError(f"cannot borrow thread {tid} of process {self.pid} safely: {exc}") from None
+        if self._stack_room(saved.rsp) < saved.rsp - frame:
+            raise ProcessError(f"thread {tid} of process {self.pid} has no room for a signal frame below its stack "
+                               f"pointer {saved.rsp:#x} in its mapping; try again")
         self.write(frame, frame_bytes)
         regs = saved.copy()
         regs.rsp = frame
