@@ -36,3 +36,8 @@ def test_a_library_loaded_by_dlopen_is_patched_before_dlopen_returns(service, pr
     info = service.ctl("info", "-p", str(program.pid))
     assert info.returncode == 0, info.stderr
     assert "libplug.so" in info.stdout and "patchlvl=1" in info.stdout.split("libplug.so", 1)[1], info.stdout
+
+
+def test_a_static_program_is_patched_at_its_exec(service, project, programs):
+    first_lines = [programs(str(project.static)).line(0) for _ in range(5)]
+    assert first_lines == ["static FIXED"] * 5

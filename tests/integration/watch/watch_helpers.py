@@ -68,9 +68,26 @@ PLUG_C = r"""__attribute__((noinline, noipa)) const char *plug_greeting(void)
 	return "plug UNPATCHED";
 }
 """
+STATIC_C = r"""#include <stdio.h>
+
+__attribute__((noinline, noipa)) const char *static_greeting(void)
+{
+	return "static UNPATCHED";
+}
+
+int main(void)
+{
+	printf("%s\n", static_greeting());
+	return 0;
+}
+"""
 MAKEFILE = """CFLAGS ?= -O2 -g -Wall
 PREFIX ?= /usr/local
-all: greeter libplug.so
+all: greeter libplug.so greeter-static
+greeter-static.o: greeter-static.c
+\t$(CC) $(CFLAGS) -c -o $@ greeter-static.c
+greeter-static: greeter-static.o
+\t$(CC) -static -o $@ greeter-static.o $(LDFLAGS)
 greeter.o: greeter.c
 \t$(CC) $(CFLAGS) -fPIE -c -o $@ greeter.c
 greeter: greeter.o
@@ -82,11 +99,14 @@ libplug.so: plug.o
 install: all
 \tinstall -D -m 755 greeter $(DESTDIR)$(PREFIX)/bin/greeter
 \tinstall -D -m 755 libplug.so $(DESTDIR)$(PREFIX)/lib/libplug.so
+\tinstall -D -m 755 greeter-static $(DESTDIR)$(PREFIX)/bin/greeter-static
 clean:
-\trm -f greeter libplug.so *.o .kpatch_*
+\trm -f greeter libplug.so greeter-static *.o .kpatch_*
 .PHONY: all install clean
 """
-FIXES = {"greeter.c": ('"greeting UNPATCHED"', '"greeting FIXED"'), "plug.c": ('"plug UNPATCHED"', '"plug FIXED"')}
+FIXES = {"greeter.c": ('"greeting UNPATCHED"', '"greeting FIXED"'), "plug.c": ('"plug UNPATCHED"', '"plug FIXED"'),
+         "greeter-static.c": ('"static UNPATCHED"', '"static FIXED"')}
+SOURCES = {"greeter.c": GREETER_C, "plug.c": PLUG_C, "greeter-static.c": STATIC_C}
 
 
 @dataclass(frozen=True)
@@ -96,6 +116,7 @@ class Project:
     root: Path
     greeter: Path
     plug: Path
+    static: Path                     # a statically linked program (no dynamic loader)
     patches: dict[str, Path]         # build-id -> patch file
 
 
@@ -105,8 +126,8 @@ def build_project(where: Path) -> Project:
     for side in ("a", "b"):
         (where / side).mkdir(parents=True)
     project.mkdir()
-    (project / "greeter.c").write_text(GREETER_C)
-    (project / "plug.c").write_text(PLUG_C)
+    for name, text in SOURCES.items():
+        (project / name).write_text(text)
     (project / "Makefile").write_text(MAKEFILE)
     diff = ""
     for name, (old, new) in FIXES.items():
@@ -123,7 +144,8 @@ def build_project(where: Path) -> Project:
     assert made.returncode == 0, made.stdout + made.stderr
     patches = {path.name[: -len(".kpatch")]: path for path in (project / "patchroot").glob("*.kpatch")}
     installed = project / "lpmake" / "usr" / "local"
-    return Project(project, installed / "bin" / "greeter", installed / "lib" / "libplug.so", patches)
+    return Project(project, installed / "bin" / "greeter", installed / "lib" / "libplug.so",
+                   installed / "bin" / "greeter-static", patches)
 
 
 def make_store(project: Project, where: Path, level: int = 1) -> Path:
