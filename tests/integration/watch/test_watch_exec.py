@@ -41,3 +41,11 @@ def test_a_library_loaded_by_dlopen_is_patched_before_dlopen_returns(service, pr
 def test_a_static_program_is_patched_at_its_exec(service, project, programs):
     first_lines = [programs(str(project.static)).line(0) for _ in range(5)]
     assert first_lines == ["static FIXED"] * 5
+
+
+def test_dlopen_in_a_multithreaded_process_stops_every_thread_for_the_patch(service, project, programs):
+    program = programs(str(project.greeter), "dlopen", str(project.plug), "threads", stdin=True)
+    assert program.line(0) == "greeting FIXED"
+    program.send("load\n")
+    assert program.line(1) == "plug FIXED"
+    assert program.process.poll() is None

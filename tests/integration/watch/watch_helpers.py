@@ -28,8 +28,10 @@ CC_ARG = f"CC={ROOT / 'bin' / 'libcare-cc'}"
 
 # A program that prints greeting() first thing; "sleep N" then sleeps; "wait" reads a line
 # and re-executes itself (as nginx does on USR2); "dlopen LIB" reads a line, loads LIB and
-# prints its plug_greeting() as soon as dlopen returns.
+# prints its plug_greeting() as soon as dlopen returns ("dlopen LIB threads": with two more
+# threads calling greeting() all along).
 GREETER_C = r"""#include <dlfcn.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -40,9 +42,23 @@ __attribute__((noinline, noipa)) const char *greeting(void)
 	return "greeting UNPATCHED";
 }
 
+static void *busy(void *arg)
+{
+	for (;;) {
+		*(volatile const char **)arg = greeting();
+		usleep(100);
+	}
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
 	char line[64];
+	static const char *seen[2];
+	pthread_t tid;
+
+	for (int i = 0; argc > 3 && strcmp(argv[3], "threads") == 0 && i < 2; i++)
+		pthread_create(&tid, NULL, busy, &seen[i]);
 
 	printf("%s\n", greeting());
 	fflush(stdout);
