@@ -28,7 +28,7 @@ from ptrace import PtraceError
 
 from ..apply import api, engine
 from ..apply.ctl import build_parser
-from ..audit import AuditLog, Requester, result_records
+from ..audit import AUDIT_LOG_ENV, AuditLog, Requester, result_records
 from ..errors import CareError
 from ..process import mapped_objects, read_maps
 from ..results import ProcessResult
@@ -130,6 +130,9 @@ class Service:
         signal.signal(signal.SIGCHLD, lambda signo, frame: None)
         signal.set_wakeup_fd(wake_write, warn_on_full_buffer=False)
         ensure_free(self.socket_path)
+        if self.audit_log:
+            # Requests run through the socket log where the service logs.
+            os.environ[AUDIT_LOG_ENV] = self.audit_log
         self.fan = Fanotify()
         threading.Thread(target=self._read_events, name="fanotify", daemon=True).start()
         try:
