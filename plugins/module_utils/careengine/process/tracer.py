@@ -228,6 +228,11 @@ class StoppedProcess:
                 self._sites = find_return_sites(self.pid)
             except ProcessError:
                 pass  # no usable code: remote_syscall will say so if it is needed
+        if self._maps is None:
+            try:
+                self._maps = read_maps(self.pid)   # the stacks, for the signal frames: read unpaused
+            except (ProcessError, ProcessGone, PermissionDenied):
+                pass  # stopping says what is wrong
         self._stop_started = time.perf_counter_ns()
         try:
             self._catch_all_threads()
