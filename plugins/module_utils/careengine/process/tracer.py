@@ -182,6 +182,9 @@ class StoppedProcess:
         self._stop_started: int | None = None
         self._sites: ReturnSites | None = None
         self._maps: list[Mapping] | None = None   # read once per stop, for the stacks
+        # Threads given back at a syscall-exit stop inside a restartable system call: they
+        # must pass a signal check on their way out for the kernel to restart it.
+        self._restart_pending: set[int] = set()
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -367,6 +370,7 @@ class StoppedProcess:
 
     def _forget_thread(self, tid: int) -> None:
         self._seized.discard(tid)
+        self._restart_pending.discard(tid)
         self._pending.pop(tid, None)
         self._stop_signal.pop(tid, None)
         self._group_stopped.pop(tid, None)
@@ -415,6 +419,7 @@ class StoppedProcess:
             self._end_stop_period()
             self._sites = None
             self._maps = None
+            self._restart_pending.clear()
             memory.forget_process(self.pid)
 
     def _end_stop_period(self) -> None:
@@ -424,6 +429,12 @@ class StoppedProcess:
 
     def _signal_to_inject(self, tid: int) -> int:
         """The signal to resume ``tid`` with; other held signals are queued again."""
+        if tid in self._restart_pending:
+            # Resumed from a syscall-exit stop, it would return the -ERESTART* code to the
+            # program: an interrupt makes it pass get_signal, where the kernel restarts the
+            # call (a detach does the same by itself; a dead tracer's too).
+            self._restart_pending.discard(tid)
+            self._interrupt(tid)
         held = self._pending.pop(tid, [])
         in_delivery = self._stop_signal.get(tid, 0)
         inject = 0
@@ -783,7 +794,8 @@ class StoppedProcess:
         the thread first gets its restarted registers with ``orig_rax`` -1 (the call is
         skipped) and is taken to the exit stop. The restart of a system call the thread
         was in happens on the way out of a signal check; a syscall-exit stop is not one,
-        so the thread is interrupted (which makes it pass one) when it needs a restart.
+        so the thread is interrupted (which makes it pass one) before it is resumed, when it
+        needs a restart (:meth:`_signal_to_inject`).
         """
         if tid not in self._seized:
             return
@@ -806,7 +818,9 @@ class StoppedProcess:
             operation = _SYSCALL_EXIT
         self.set_regs(tid, saved)
         if operation == _SYSCALL_EXIT and sigframe.in_restartable_syscall(values):
-            self._interrupt(tid)
+            self._restart_pending.add(tid)    # see _signal_to_inject
+        else:
+            self._restart_pending.discard(tid)
 
     def _to_syscall_exit(self, tid: int) -> bool:
         """Resume ``tid`` from a syscall-entry stop to its exit stop; False if it is gone."""
@@ -934,13 +948,13 @@ class StoppedProcess:
 
     def _get_xstate(self, tid: int) -> bytes:
         """The thread's XSAVE area (``PTRACE_GETREGSET NT_X86_XSTATE``, standard format)."""
-        buffer = ctypes.create_string_buffer(_XSTATE_BUFFER)
+        buffer = _xstate_buffer()
         vector = _IoVec(ctypes.addressof(buffer), _XSTATE_BUFFER)
         try:
             ptrace_func.ptrace(PTRACE_GETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vector))
         except PtraceError as exc:
             self._raise_thread_error(tid, exc, "read the FPU state of")
-        return buffer.raw[:vector.iov_len]
+        return ctypes.string_at(buffer, vector.iov_len)
 
     def _interrupt_and_wait(self, tid: int) -> None:
         """Stop a running thread; bounded, since a thread already in a stop reports none."""
@@ -1159,6 +1173,16 @@ def find_return_sites(pid: int, mappings: list[Mapping] | None = None) -> Return
         mappings = read_maps(pid)
     return ReturnSites(find_syscall_instruction(pid, mappings),
                        _find_code(pid, _RESTORERS, "rt_sigreturn restorer (mov $15,%rax; syscall)", mappings))
+
+
+_xstate_buffers: list = []
+
+
+def _xstate_buffer():
+    """One reusable buffer for PTRACE_GETREGSET NT_X86_XSTATE (a tracer runs one thread)."""
+    if not _xstate_buffers:
+        _xstate_buffers.append(ctypes.create_string_buffer(_XSTATE_BUFFER))
+    return _xstate_buffers[0]
 
 
 def _register_values(regs: Registers) -> dict[str, int]:
