@@ -17,6 +17,8 @@ import pytest
 from crash_helpers import BEHAVIOUR
 from test_crash_safety import KILLED, check_healthy, proc_status
 
+from plugins.module_utils.careengine.process import StoppedProcess
+
 ROOT = Path(__file__).resolve().parents[3]
 # Runs in a child python: stop the patient, borrow thread TID for mmap, a remote call of
 # behaviour(1) returning through the stub, and munmap.
@@ -72,3 +74,19 @@ def test_same_script_completes_without_a_fault(role, crash_build, start_patient)
     assert check_healthy(patient, (0,), mask) == BEHAVIOUR[0]
     last = next(line for line in reversed(patient.lines) if line.startswith("round="))
     assert last.endswith(" naperr=0"), last
+
+
+@pytest.mark.parametrize("role", ["reader", "sleeper"])
+def test_run_for_after_borrowing_a_thread_in_a_system_call(role, start_patient):
+    """Resumed with PTRACE_CONT from the syscall-exit stop where it got its registers back
+    (run_for), a thread borrowed in read() or nanosleep() still restarts that call."""
+    patient = start_patient()
+    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    with StoppedProcess(patient.pid) as stopped:
+        for _ in range(2):
+            assert stopped.remote_syscall(39, tid=patient.tids[role]) == patient.pid      # getpid
+            stopped.run_for(0.05)
+    assert check_healthy(patient, (0,), mask) == BEHAVIOUR[0]
+    patient.echo("after run_for")
+    last = next(line for line in reversed(patient.lines) if line.startswith("round="))
+    assert last.endswith(" naperr=0") and not any(line.startswith("readerror") for line in patient.lines), last
