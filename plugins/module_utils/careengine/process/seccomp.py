@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import os
+import signal
 import struct
+import threading
 from dataclasses import dataclass
 
 from ptrace import PtraceError
@@ -246,6 +249,10 @@ def check_syscalls_allowed(pid: int, tids: list[int], calls: list[PlannedSyscall
         if mode == SECCOMP_MODE_STRICT:
             raise SyscallForbidden(f"process {pid} runs under strict seccomp (thread {tid}): only read, write, "
                                    "exit and sigreturn are allowed, the engine cannot map a patch")
+        if seccomp_mode(os.getpid(), threading.get_native_id()) != SECCOMP_MODE_DISABLED:
+            # The kernel shows no filter to a tracer that is itself under seccomp (a container).
+            check_inherited_filters(pid, tid, calls)
+            continue
         filters = read_filters(tid)
         for call in calls:
             outcome, words = describe(verdict(filters, call, instruction_pointer))
@@ -253,3 +260,84 @@ def check_syscalls_allowed(pid: int, tids: list[int], calls: list[PlannedSyscall
                 raise SyscallForbidden(f"the seccomp filter of process {pid} (thread {tid}) would {words} "
                                        f"{call.label}, which the engine needs; not patched")
 
+
+
+# ------------------------------------------------- a tracer that is itself under seccomp
+# PTRACE_SECCOMP_GET_FILTER fails with EACCES for a tracer under seccomp, whatever its
+# capabilities: inside a container (podman's or docker's default profile) no filter can be
+# read. Filters are inherited and can only be added, so a patient with exactly as many
+# filters as the engine, in the engine's PID namespace, runs the filters the container gave
+# both; a child of the engine then makes the same calls under them. rt_sigreturn cannot be
+# tried that way (it would restore a garbage frame); it is only made if the engine dies.
+
+def filter_count(pid: int, tid: int | None = None) -> int | None:
+    """``Seccomp_filters:`` of a thread's status (None when the kernel does not say)."""
+    where = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
+    try:
+        with open(where) as stream:
+            for line in stream:
+                if line.startswith("Seccomp_filters:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _same_pid_namespace(pid: int) -> bool:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") == os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False
+
+
+def _denied_errno(value: int) -> bool:
+    return value in (errno.EPERM, errno.EACCES, errno.ENOSYS)
+
+
+def try_calls_in_child(calls: list[PlannedSyscall]) -> str | None:
+    """Make ``calls`` (but rt_sigreturn) in a forked child of the engine, under the
+    engine's own filters; None if all ran, else what happened to the first that did not."""
+    tried = [call for call in calls if call.nr != 15]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child only
+        code = 0
+        try:
+            for index, call in enumerate(tried):
+                ctypes.set_errno(0)
+                result = libc.syscall(ctypes.c_long(call.nr), *(ctypes.c_ulong(arg & (1 << 64) - 1)
+                                                                  for arg in call.args))
+                if result == -1 and _denied_errno(ctypes.get_errno()):
+                    code = 10 + index
+                    break
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    if os.WIFSIGNALED(status):
+        try:
+            name = signal.Signals(os.WTERMSIG(status)).name
+        except ValueError:
+            name = f"signal {os.WTERMSIG(status)}"
+        return f"kill a process with {name} on one of {', '.join(call.label for call in tried)}"
+    code = os.WEXITSTATUS(status)
+    if code >= 10 and code - 10 < len(tried):
+        return f"deny {tried[code - 10].label}"
+    if code:
+        return f"stop a test process (exit status {code})"
+    return None
+
+
+def check_inherited_filters(pid: int, tid: int, calls: list[PlannedSyscall]) -> None:
+    """SyscallForbidden unless thread ``tid`` (whose filters the engine, under seccomp
+    itself, cannot read) runs exactly the engine's inherited filters and those let ``calls`` run."""
+    theirs, ours = filter_count(pid, tid), filter_count(os.getpid())
+    if theirs is None or ours is None or theirs != ours or not _same_pid_namespace(pid):
+        raise SyscallForbidden(
+            f"cannot read the seccomp filter of process {pid} (thread {tid}: {theirs} filter(s)): the engine "
+            f"runs under seccomp itself ({ours} filter(s)) and the kernel hides filters from such a tracer; "
+            "run the engine outside the container's seccomp profile to patch this process")
+    outcome = try_calls_in_child(calls)
+    if outcome is not None:
+        raise SyscallForbidden(f"the seccomp filter that process {pid} shares with the engine would {outcome}, "
+                               "which the engine needs; not patched")
