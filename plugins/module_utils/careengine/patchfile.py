@@ -87,6 +87,16 @@ SECTION_TEXT = ".kpatch.text"
 SECTION_DATA = ".kpatch.data"
 SECTION_INFO = ".kpatch.info"
 SECTION_STRTAB = ".kpatch.strtab"
+# Optional (patches of code with unwind info): the patch code's call-frame records in
+# .eh_frame format, ended by a zero 4-byte length, and the exception tables they name.
+# A patch without them loads as before; LibCare's tools ignore them.
+SECTION_EH_FRAME = ".kpatch.eh_frame"
+SECTION_EXCEPT_TABLE = ".kpatch.gcc_except_table"
+EH_FRAME_TERMINATOR = b"\0" * 4
+# With .kpatch.eh_frame: zeroed writable room for the unwinder's bookkeeping of it
+# (libgcc's ``struct object``, 48 bytes on x86-64), so registering it allocates nothing.
+SECTION_EH_OBJECT = ".kpatch.eh_object"
+EH_OBJECT_SIZE = 64
 NEW_SYMBOL_SUFFIX = ".kpatch"
 
 

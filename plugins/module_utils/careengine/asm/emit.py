@@ -5,7 +5,9 @@ patched link reproduces the original code and data layout byte for byte); after 
 changed function, its patched body in ``.kpatch.text`` plus a name in ``.kpatch.strtab``
 and a 48-byte ``.kpatch.info`` record; then new functions and new variables; then the
 patched file's footer. In changed and new bodies, accesses to data the unit does not
-define go through the GOT (:mod:`.gotpcrel`).
+define go through the GOT (:mod:`.gotpcrel`). Their ``.cfi_*`` directives become
+``.kpatch.eh_frame`` records and their exception tables move to
+``.kpatch.gcc_except_table`` (:mod:`.eh_frame`).
 
 Section directives of re-emitted lines are written as explicit switches to the section
 they lead to, so dropping debug sections or mixing lines of two files never leaves a
@@ -14,11 +16,12 @@ line in the wrong section.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import AsmParseError, UnpatchableChange
-from . import gotpcrel
+from . import eh_frame, gotpcrel
 from .normalize import LOCAL_LABEL_PREFIX, rename_symbols
 from .parse import BARE_SECTIONS, SECTIONLESS_KINDS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
 
@@ -31,9 +34,12 @@ KPATCH_SECTIONS = {
     KPATCH_DATA: '.kpatch.data,"aw",@progbits',
     ".kpatch.strtab": '.kpatch.strtab,"a",@progbits',
     ".kpatch.info": '.kpatch.info,"a",@progbits',
+    **eh_frame.SECTION_SPECS,
 }
 
 
+# The label gcc puts where a function's cold part starts (before the function's block).
+COLD_START_RE = re.compile(r"^\.LCOLDB\d+$")
 # Statements whose meaning does not depend on the current section.
 SECTION_INDEPENDENT_KINDS = frozenset((Kind.IDENT, Kind.FILE))
 
@@ -114,6 +120,8 @@ def patched_section(line_section: str, specs: dict[str, str], symbol: str) -> st
     spec = specs.get(line_section, "")
     if section_is_tls(line_section, spec):
         raise UnpatchableChange(f"{symbol}: new thread-local data cannot be added by a live patch")
+    if line_section.startswith(eh_frame.EXCEPT_TABLE_PREFIX):
+        return eh_frame.KPATCH_EXCEPT_TABLE
     return KPATCH_TEXT if section_is_code(line_section, spec) else KPATCH_DATA
 
 
@@ -122,6 +130,11 @@ def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
     # inline asm) gets a suffix, so the copy does not collide with the original body.
     own_labels = {line.head for line in block.lines if line.kind in (Kind.LABEL, Kind.DEBUG_LABEL)
                   and line.head not in block.names and not line.head.isdigit()}
+    # gcc marks the start of a function's cold part with .LCOLDB<n> just before the
+    # function's block; the exception table of the cold part counts from it. In the
+    # copy that start is the cold part's own symbol (nothing comes between them).
+    cold_start = next((line.head for line in block.lines if line.kind is Kind.LABEL
+                       and line.head.endswith(".cold")), None)
 
     def rename(token: str) -> str:
         if token in own_labels:
@@ -129,6 +142,8 @@ def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
         mapped = names.get(token)
         if mapped is not None:
             return mapped
+        if cold_start is not None and COLD_START_RE.match(token):
+            return rename(cold_start)
         if token.startswith(LOCAL_LABEL_PREFIX):
             raise AsmParseError(f"{block.name}: reference to local label {token} defined outside the function")
         return token
@@ -138,11 +153,14 @@ def _block_renamer(block: Block, names: dict[str, str]) -> Callable[[str], str]:
 
 def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str], str], *,
                       keep_attributes: bool, size_labels: dict[str, str], current: str,
-                      defined: frozenset[str] | None = None) -> list[str]:
+                      defined: frozenset[str] | None = None,
+                      unwind: eh_frame.UnwindCollector | None = None) -> list[str]:
     """Lines of a patched block with sections moved into ``.kpatch.*`` and symbols renamed.
 
     With ``defined`` (the unit's symbols), instructions reaching other symbols through
-    ``sym(%rip)`` are rewritten to go through the GOT (:mod:`.gotpcrel`).
+    ``sym(%rip)`` are rewritten to go through the GOT (:mod:`.gotpcrel`). With
+    ``unwind``, ``.cfi_*`` directives become labels and records of ``.kpatch.eh_frame``
+    (:mod:`.eh_frame`) instead of going to gas.
     """
     output: list[str] = []
     for line in block.lines:
@@ -159,7 +177,10 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             current = target
         if line.kind is Kind.SIZE and line.first_arg() in size_labels:
             output.append(size_labels[line.first_arg()] + ":")
-        if line.kind is Kind.COMM:
+        if line.kind is Kind.CFI and unwind is not None:
+            args = rename_symbols(line.args, rename) if line.args else ""
+            output.extend(unwind.directive(line.head, args, block.name))
+        elif line.kind is Kind.COMM:
             output.extend(_common_as_data(line, rename))
         elif line.kind in (Kind.LABEL, Kind.DEBUG_LABEL):
             # Debug labels too: g++'s exception tables of the copy refer to them (.LFB, .LCOLDB).
@@ -192,9 +213,12 @@ def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict
     output_name = function.output_name
     end = (output_name if output_name.endswith(KPATCH_SUFFIX) else kpatch_name(output_name)) + "_end"
     rename = _block_renamer(block, names)
+    unwind = eh_frame.UnwindCollector(f".Lkpcfi{strtab_index}_")
     body = _translated_lines(block, specs, rename, keep_attributes=function.original is None
                              and output_name == block.name, size_labels={block.name: end},
-                             current=KPATCH_TEXT, defined=defined)
+                             current=KPATCH_TEXT, defined=defined, unwind=unwind)
+    if unwind.open_region():
+        raise AsmParseError(f"{block.name}: .cfi_startproc without .cfi_endproc")
     strtab_label = f"kpatch_strtab{strtab_index}"
     if function.original is None:
         original_address, original_length = "0", "0"
@@ -220,6 +244,7 @@ def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict
         "\t.long\t0",
         "\t.byte\t0, 0, 0, 0",
         "\t.popsection",
+        *unwind.records(),
     ]
 
 

@@ -9,6 +9,8 @@ One pass doing what LibCare's ``kpatch_strip --strip``, ``--rel-fixup``,
   name in the ORIGINAL binary (the loader adds the load bias);
 * the ``.kpatch.*`` sections with their contents (``.kpatch.info`` gets the 24-byte
   terminator), ``sh_addr`` 0;
+* ``.kpatch.eh_frame`` (patch code's unwind records) gets a zero 4-byte terminator and
+  a zeroed writable ``.kpatch.eh_object`` beside it (the unwinder's record of it);
 * ``.rela.kpatch.*`` for those (and nothing else), ``.symtab``, ``.strtab``, ``.shstrtab``.
 
 Offsets become section-relative. The gensrc output re-emits all original code and data
@@ -194,6 +196,11 @@ class _Extractor:
         for index in kpatch_indices:
             if self.sections[self.index_of[index]].name == patchfile.SECTION_INFO:
                 self.sections[self.index_of[index]].data += patchfile.info_terminator()
+            if self.sections[self.index_of[index]].name == patchfile.SECTION_EH_FRAME:
+                self.sections[self.index_of[index]].data += patchfile.EH_FRAME_TERMINATOR
+                self.sections.append(_Section(
+                    patchfile.SECTION_EH_OBJECT, "SHT_PROGBITS", SH_FLAGS.SHF_ALLOC | SH_FLAGS.SHF_WRITE, 0,
+                    data=bytes(patchfile.EH_OBJECT_SIZE), size=patchfile.EH_OBJECT_SIZE, sh_addralign=8))
         return ExtractedPatch(self._write(relocations), functions, new_functions)
 
     def _collect_sections(self) -> list[int]:
