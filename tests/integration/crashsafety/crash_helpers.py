@@ -89,7 +89,7 @@ class CrashPatient:
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
         self.tids = {role: int(self.wait_for(lambda line, r=role: line.startswith(r + " "), after=0).split()[1])
-                     for role in ("avx", "reader", "sleeper")}
+                     for role in ("avx", "busy", "reader", "sleeper")}
         self.wait_for(lambda line: line.startswith("round="), after=0)
 
     def _read(self) -> None:

@@ -73,6 +73,8 @@ static void *avx_worker(void *arg)
 static void *busy_worker(void *arg)
 {
 	(void)arg;
+	printf("busy %ld\n", (long)syscall(SYS_gettid));
+	fflush(stdout);
 	for (;;) {
 		if (!valid(behaviour(1), label()))
 			__atomic_add_fetch(&bad, 1, __ATOMIC_RELAXED);

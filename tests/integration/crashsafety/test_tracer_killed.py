@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from crash_helpers import BEHAVIOUR
-from test_crash_safety import KILLED, check_healthy, proc_status
+from test_crash_safety import KILLED, check_healthy, signal_masks
 
 from plugins.module_utils.careengine.process import StoppedProcess
 
@@ -43,7 +43,7 @@ ROLES = ("avx", "reader", "sleeper", "main")
 def test_tracer_killed_while_borrowing(role, instant, crash_build, start_patient):
     patient = start_patient()
     tid = patient.pid if role == "main" else patient.tids[role]
-    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    mask = signal_masks(patient.pid)
     base = min(int(line.split("-")[0], 16) for line in open(f"/proc/{patient.pid}/maps")
                if line.rstrip().endswith(str(crash_build.binary)))
     script = SCRIPT.format(root=str(ROOT), pid=patient.pid, tid=tid,
@@ -70,7 +70,7 @@ def test_same_script_completes_without_a_fault(role, crash_build, start_patient)
         done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
                               check=False)
         assert done.returncode == 0 and done.stdout.strip() == "done", done.stdout + done.stderr
-    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    mask = signal_masks(patient.pid)
     assert check_healthy(patient, (0,), mask) == BEHAVIOUR[0]
     last = next(line for line in reversed(patient.lines) if line.startswith("round="))
     assert last.endswith(" naperr=0"), last
@@ -81,7 +81,7 @@ def test_run_for_after_borrowing_a_thread_in_a_system_call(role, start_patient):
     """Resumed with PTRACE_CONT from the syscall-exit stop where it got its registers back
     (run_for), a thread borrowed in read() or nanosleep() still restarts that call."""
     patient = start_patient()
-    mask = proc_status(patient.pid, patient.tids["avx"])["SigBlk"].strip()
+    mask = signal_masks(patient.pid)
     with StoppedProcess(patient.pid) as stopped:
         for _ in range(2):
             assert stopped.remote_syscall(39, tid=patient.tids[role]) == patient.pid      # getpid
