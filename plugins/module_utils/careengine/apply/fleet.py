@@ -253,71 +253,104 @@ def _death_reason(status: int) -> str:
     return f"ended with wait status {status:#x}"
 
 
+class _WorkerPool:
+    """The task pipe, the workers reading it and the results they sent (steps 2-4 of ``_run_workers``)."""
+
+    def __init__(self, function: Callable[[int], ProcessResult], pids: Sequence[int], pending: list[int],
+                 stats: FleetStats) -> None:
+        self.function = function
+        self.pids = pids
+        self.pending = pending
+        self.stats = stats
+        self.task_read, self.task_write = os.pipe()
+        os.set_blocking(self.task_write, False)
+        with contextlib.suppress(OSError):   # room for every index at once when the system allows it
+            fcntl.fcntl(self.task_write, fcntl.F_SETPIPE_SZ,
+                        min(1 << 20, max(1 << 16, TASK.size * len(pending))))
+        self.queue = b"".join(TASK.pack(index) for index in pending)
+        self.results: dict[int, ProcessResult] = {}
+        self.workers: dict[int, _Worker] = {}          # by result fd
+        self.selector = selectors.DefaultSelector()
+
+    def spawn(self) -> None:
+        """Start one worker on the task pipe."""
+        inherited = [self.task_write, *self.workers]   # a worker must hold no other worker's pipe (EOF = death)
+        worker = _spawn_worker(self.function, self.pids, self.task_read, inherited)
+        self.workers[worker.result_fd] = worker
+        self.selector.register(worker.result_fd, selectors.EVENT_READ)
+        self.stats.workers_started += 1
+
+    def feed(self) -> None:
+        """Write as much of the queue as the pipe takes; close it once all is written."""
+        while self.queue:
+            batch = self.queue[:TASK.size * TASK_BATCH]
+            try:
+                written = os.write(self.task_write, batch)
+            except BlockingIOError:
+                return
+            self.queue = self.queue[written:]
+        if self.task_write >= 0:
+            with contextlib.suppress(KeyError, ValueError):
+                self.selector.unregister(self.task_write)
+            os.close(self.task_write)              # the workers see EOF once the queue is empty
+            self.task_write = -1
+
+    def start(self, jobs: int) -> None:
+        """Queue the tasks and start ``jobs`` workers."""
+        self.feed()
+        if self.queue:
+            self.selector.register(self.task_write, selectors.EVENT_WRITE)
+        for _ in range(jobs):
+            self.spawn()
+
+    def serve(self) -> None:
+        """Feed the pipe and collect results until every worker is gone."""
+        while self.workers:
+            for key, _events in self.selector.select():
+                if key.fd == self.task_write:
+                    self.feed()
+                else:
+                    self._collect_from(self.workers[key.fd])
+
+    def _collect_from(self, worker: _Worker) -> None:
+        """Read what ``worker`` sent; bury it when it is gone and replace it if work is left."""
+        if _collect(worker, self.pids, self.results):
+            return
+        self.selector.unregister(worker.result_fd)
+        del self.workers[worker.result_fd]
+        if not _bury(worker, self.pids, self.results, self.stats) and len(self.results) < len(self.pending):
+            self.spawn()           # a replacement takes the rest of the queue
+
+    def abort(self) -> None:
+        """Interrupted: stop the queue, collect what the workers finished and bury them."""
+        _stop_queue(self.task_read, self.task_write)
+        self.task_write = -1
+        for worker in list(self.workers.values()):
+            while _collect(worker, self.pids, self.results):
+                pass
+            _bury(worker, self.pids, self.results, self.stats)
+
+    def close(self) -> None:
+        """Close the selector and the task pipe."""
+        self.selector.close()
+        os.close(self.task_read)
+        if self.task_write >= 0:
+            os.close(self.task_write)
+
+
 def _run_workers(function: Callable[[int], ProcessResult], pids: Sequence[int], pending: list[int], jobs: int,
                  stats: FleetStats) -> dict[int, ProcessResult]:
     """Steps 2-4: feed ``pending`` to ``jobs`` workers, collect, replace dead workers."""
-    task_read, task_write = os.pipe()
-    os.set_blocking(task_write, False)
-    with contextlib.suppress(OSError):   # room for every index at once when the system allows it
-        fcntl.fcntl(task_write, fcntl.F_SETPIPE_SZ, min(1 << 20, max(1 << 16, TASK.size * len(pending))))
-    queue = b"".join(TASK.pack(index) for index in pending)
-    results: dict[int, ProcessResult] = {}
-    workers: dict[int, _Worker] = {}          # by result fd
-    selector = selectors.DefaultSelector()
-
-    def spawn() -> None:
-        inherited = [task_write, *workers]    # a worker must hold no other worker's pipe (EOF = death)
-        worker = _spawn_worker(function, pids, task_read, inherited)
-        workers[worker.result_fd] = worker
-        selector.register(worker.result_fd, selectors.EVENT_READ)
-        stats.workers_started += 1
-
-    def feed() -> None:
-        nonlocal queue, task_write
-        while queue:
-            batch = queue[:TASK.size * TASK_BATCH]
-            try:
-                written = os.write(task_write, batch)
-            except BlockingIOError:
-                return
-            queue = queue[written:]
-        if task_write >= 0:
-            with contextlib.suppress(KeyError, ValueError):
-                selector.unregister(task_write)
-            os.close(task_write)              # the workers see EOF once the queue is empty
-            task_write = -1
-
+    pool = _WorkerPool(function, pids, pending, stats)
     try:
-        feed()
-        if queue:
-            selector.register(task_write, selectors.EVENT_WRITE)
-        for _ in range(jobs):
-            spawn()
-        while workers:
-            for key, _events in selector.select():
-                if key.fd == task_write:
-                    feed()
-                    continue
-                worker = workers[key.fd]
-                if not _collect(worker, pids, results):
-                    selector.unregister(worker.result_fd)
-                    del workers[worker.result_fd]
-                    if not _bury(worker, pids, results, stats) and len(results) < len(pending):
-                        spawn()           # a replacement takes the rest of the queue
+        pool.start(jobs)
+        pool.serve()
     except BaseException:
-        _stop_queue(task_read, task_write)
-        task_write = -1
-        for worker in list(workers.values()):
-            while _collect(worker, pids, results):
-                pass
-            _bury(worker, pids, results, stats)
+        pool.abort()
         raise
     finally:
-        selector.close()
-        os.close(task_read)
-        if task_write >= 0:
-            os.close(task_write)
-    return results
+        pool.close()
+    return pool.results
 
 
 def _stop_queue(task_read: int, task_write: int) -> None:

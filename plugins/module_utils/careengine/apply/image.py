@@ -157,29 +157,54 @@ _SHNDX = {"SHN_UNDEF": SHN_UNDEF, "SHN_ABS": SHN_ABS, "SHN_COMMON": 0xFFF2}
 
 def _parse(patch: PatchFile, identity: int) -> PatchImage:
     elf = ELFFile(io.BytesIO(patch.elf_image))
-    sections = []
-    kpatch_offset = patch.header.kpatch_offset
-    for index, section in enumerate(elf.iter_sections()):
-        nobits = section["sh_type"] == "SHT_NOBITS"
-        if section.name.startswith(".kpatch") and section["sh_size"]:
-            if nobits:
-                raise PatchFormatError(f"patch for {patch.build_id}: {section.name} has no contents in the file")
-            # The mapping is page aligned; the image starts at kpatch_offset in it.
-            if (kpatch_offset + section["sh_offset"]) % max(section["sh_addralign"], 1):
-                raise PatchFormatError(f"patch for {patch.build_id}: {section.name} needs {section['sh_addralign']}-"
-                                       "byte alignment, which its place in the patch file does not give")
-        sections.append(ImageSection(index, section.name, nobits, section["sh_addr"],
-                                     section["sh_offset"], section["sh_size"],
-                                     bool(section["sh_flags"] & SHF_WRITE) and section.name.startswith(".kpatch"),
-                                     max(section["sh_addralign"], 1), bool(section["sh_flags"] & SHF_EXECINSTR)))
+    sections = [_image_section(patch, index, section) for index, section in enumerate(elf.iter_sections())]
+    symbols = _image_symbols(patch, elf)
+    relocations = _image_relocations(patch, elf, sections)
+    info = next((s for s in sections if s.name == SECTION_INFO and not s.nobits), None)
+    if info is None:
+        raise PatchFormatError(f"patch for {patch.build_id} has no {SECTION_INFO} section")
+    entries = decode_info_table(patch.elf_image[info.sh_offset:info.sh_offset + info.size])
+    entry_names, entry_is_new = _entry_names(patch, entries, info, relocations)
+    imports = []
+    for relocation in relocations:
+        symbol = symbols[relocation.symbol]
+        if symbol.is_import and symbol.name not in imports:
+            imports.append(symbol.name)
+    data_offsets, data_size = _data_placement(sections)
+    return PatchImage(patch, tuple(sections), symbols, tuple(relocations), info.sh_offset, len(entries),
+                      tuple(imports), entry_names, entry_is_new, identity, data_offsets, data_size)
+
+
+def _image_section(patch: PatchFile, index: int, section) -> ImageSection:
+    """One section of the patch's ELF image; a ``.kpatch*`` section must have contents, aligned in the file."""
+    nobits = section["sh_type"] == "SHT_NOBITS"
+    if section.name.startswith(".kpatch") and section["sh_size"]:
+        if nobits:
+            raise PatchFormatError(f"patch for {patch.build_id}: {section.name} has no contents in the file")
+        # The mapping is page aligned; the image starts at kpatch_offset in it.
+        if (patch.header.kpatch_offset + section["sh_offset"]) % max(section["sh_addralign"], 1):
+            raise PatchFormatError(f"patch for {patch.build_id}: {section.name} needs {section['sh_addralign']}-"
+                                   "byte alignment, which its place in the patch file does not give")
+    return ImageSection(index, section.name, nobits, section["sh_addr"],
+                        section["sh_offset"], section["sh_size"],
+                        bool(section["sh_flags"] & SHF_WRITE) and section.name.startswith(".kpatch"),
+                        max(section["sh_addralign"], 1), bool(section["sh_flags"] & SHF_EXECINSTR))
+
+
+def _image_symbols(patch: PatchFile, elf: ELFFile) -> tuple[ImageSymbol, ...]:
+    """The symbol table of the patch's ELF image."""
     symtab = elf.get_section_by_name(".symtab")
     if symtab is None:
         raise PatchFormatError(f"patch for {patch.build_id} has no symbol table")
-    symbols = tuple(
+    return tuple(
         ImageSymbol(symbol.name, symbol["st_value"], _number(symbol["st_shndx"], _SHNDX),
                     _number(symbol["st_info"]["type"], _TYPES), _number(symbol["st_info"]["bind"], _BINDS))
         for symbol in symtab.iter_symbols()
     )
+
+
+def _image_relocations(patch: PatchFile, elf: ELFFile, sections: list[ImageSection]) -> list[ImageRelocation]:
+    """Every RELA entry of the image (SHT_REL is refused; stripped sections must have none left)."""
     relocations = []
     for section in elf.iter_sections():
         if section["sh_type"] == "SHT_REL":
@@ -198,10 +223,12 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
         for entry in entries:
             relocations.append(ImageRelocation(target.index, entry["r_offset"], entry["r_info_sym"],
                                                entry["r_info_type"], entry["r_addend"]))
-    info = next((s for s in sections if s.name == SECTION_INFO and not s.nobits), None)
-    if info is None:
-        raise PatchFormatError(f"patch for {patch.build_id} has no {SECTION_INFO} section")
-    entries = decode_info_table(patch.elf_image[info.sh_offset:info.sh_offset + info.size])
+    return relocations
+
+
+def _entry_names(patch: PatchFile, entries: list[InfoEntry], info: ImageSection,
+                 relocations: list[ImageRelocation]) -> tuple[tuple[str, ...], tuple[bool, ...]]:
+    """The function name of each info entry, and whether it is a new function (no original to replace)."""
     summary = summarize(patch)
     names_iter = iter(function.name for function in summary.functions)
     new_iter = iter(summary.new_functions)
@@ -212,14 +239,7 @@ def _parse(patch: PatchFile, identity: int) -> PatchImage:
         is_new = entry.dlen == 0 and (number * INFO_ENTRY_SIZE) not in info_relocated
         entry_is_new.append(is_new)
         entry_names.append(next(new_iter, f"<new {number}>") if is_new else next(names_iter, f"<entry {number}>"))
-    imports = []
-    for relocation in relocations:
-        symbol = symbols[relocation.symbol]
-        if symbol.is_import and symbol.name not in imports:
-            imports.append(symbol.name)
-    data_offsets, data_size = _data_placement(sections)
-    return PatchImage(patch, tuple(sections), symbols, tuple(relocations), info.sh_offset, len(entries),
-                      tuple(imports), tuple(entry_names), tuple(entry_is_new), identity, data_offsets, data_size)
+    return tuple(entry_names), tuple(entry_is_new)
 
 
 def _data_placement(sections: list[ImageSection]) -> tuple[tuple[tuple[int, int], ...], int]:
@@ -273,33 +293,8 @@ def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses
     addresses = section_addresses(image, address, load_bias)
     jump_entry = {name: address + layout.jump_entry_offset(i) for i, name in enumerate(image.imports)}
     elf_bytes = bytearray(image.patch.elf_image)
-    relocations = []
-    for relocation in image.relocations:
-        symbol = image.symbols[relocation.symbol]
-        entry = None
-        if symbol.is_import:
-            if symbol.name not in import_addresses:
-                raise RelocationError(f"symbol {symbol.name} was not resolved")
-            value = import_addresses[symbol.name]
-            entry = jump_entry[symbol.name]
-        elif symbol.sym_type == STT_SECTION:
-            value = addresses.get(symbol.shndx, 0)
-        elif symbol.shndx == SHN_ABS or symbol.sym_type == STT_TLS:
-            value = symbol.value
-        elif symbol.shndx == SHN_UNDEF:
-            if symbol.bind == STB_WEAK or not symbol.name:
-                value = 0
-            else:
-                raise RelocationError(f"undefined local symbol {symbol.name!r} in the patch")
-        else:
-            value = addresses.get(symbol.shndx, 0) + symbol.value
-        section = image.sections[relocation.section]
-        place_in_elf = section.sh_offset + relocation.offset
-        place = addresses[section.index] + relocation.offset
-        where = f"{section.name}+{relocation.offset:#x} ({relocation_name(relocation.rtype)} {symbol.name or '?'})"
-        relocations.append(Relocation(place_in_elf, relocation.rtype,
-                                      RelocationInput(value, relocation.addend, place, entry, load_bias), where,
-                                      (section.sh_offset, section.sh_offset + section.size)))
+    relocations = [_link_relocation(image, relocation, addresses, import_addresses, jump_entry, load_bias)
+                   for relocation in image.relocations]
     apply_relocations(elf_bytes, relocations)
 
     header = bytearray(image.patch.to_bytes()[:HEADER_SIZE])
@@ -324,6 +319,38 @@ def link_patch(image: PatchImage, address: int, load_bias: int, import_addresses
     info_start = kpatch_offset + image.info_offset
     entries = tuple(decode_info_table(bytes(mapping[info_start:info_start + image.info_count * INFO_ENTRY_SIZE + 24])))
     return LinkedPatch(address, layout, bytes(mapping), entries)
+
+
+def _symbol_value(symbol: ImageSymbol, addresses: dict[int, int], import_addresses: dict[str, int]) -> int:
+    """The patient address (or absolute value) a relocation against ``symbol`` uses."""
+    if symbol.is_import:
+        if symbol.name not in import_addresses:
+            raise RelocationError(f"symbol {symbol.name} was not resolved")
+        return import_addresses[symbol.name]
+    if symbol.sym_type == STT_SECTION:
+        return addresses.get(symbol.shndx, 0)
+    if symbol.shndx == SHN_ABS or symbol.sym_type == STT_TLS:
+        return symbol.value
+    if symbol.shndx == SHN_UNDEF:
+        if symbol.bind == STB_WEAK or not symbol.name:
+            return 0
+        raise RelocationError(f"undefined local symbol {symbol.name!r} in the patch")
+    return addresses.get(symbol.shndx, 0) + symbol.value
+
+
+def _link_relocation(image: PatchImage, relocation: ImageRelocation, addresses: dict[int, int],
+                     import_addresses: dict[str, int], jump_entry: dict[str, int], load_bias: int) -> Relocation:
+    """One relocation of the image, with its symbol's value and its place in the patient."""
+    symbol = image.symbols[relocation.symbol]
+    value = _symbol_value(symbol, addresses, import_addresses)
+    entry = jump_entry[symbol.name] if symbol.is_import else None
+    section = image.sections[relocation.section]
+    place_in_elf = section.sh_offset + relocation.offset
+    place = addresses[section.index] + relocation.offset
+    where = f"{section.name}+{relocation.offset:#x} ({relocation_name(relocation.rtype)} {symbol.name or '?'})"
+    return Relocation(place_in_elf, relocation.rtype,
+                      RelocationInput(value, relocation.addend, place, entry, load_bias), where,
+                      (section.sh_offset, section.sh_offset + section.size))
 
 
 def split_import(name: str) -> tuple[str, str | None]:

@@ -196,65 +196,90 @@ class Walk:
     signal_frames: int = 0    # signal frames crossed
 
 
+class _StackWalker:
+    """One CFI walk in progress: the registers of the frame in hand, its pc, the frames found so far."""
+
+    def __init__(self, thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
+                 read_word: Callable[[int], int | None] | None) -> None:
+        self.stack = stack
+        self.base = base
+        self.rule_at = rule_at
+        self.read_word = read_word
+        self.registers = {number: thread.registers[name] for number, name in DWARF_REGISTERS.items()}
+        self.pc = thread.registers["rip"]
+        self.top = True
+        self.frames: list[Frame] = []
+        self.crossed = 0
+
+    def word_at(self, address: int) -> int | None:
+        """The word at ``address``: from the stack copy, else through ``read_word``."""
+        offset = address - self.base
+        if 0 <= offset and offset + 8 <= len(self.stack):
+            return struct.unpack_from("<Q", self.stack, offset)[0]
+        return self.read_word(address) if self.read_word is not None else None
+
+    def stop(self, complete: bool) -> Walk:
+        """End the walk at the frame in hand (its CFA unknown)."""
+        self.frames.append(Frame(self.pc, self.top, None))
+        return Walk(self.frames, complete, self.crossed)
+
+    def cross_signal_frame(self) -> Walk | None:
+        """Returning into __restore_rt: the interrupted context is in the ucontext at the
+        stack pointer; go on from its registers. A Walk if it cannot be read."""
+        context = self.registers[DWARF_RSP] + UCONTEXT_GREGS
+        saved = {name: self.word_at(context + 8 * index) for name, index in GREGS.items()}
+        if any(value is None for value in saved.values()):
+            return self.stop(False)
+        self.frames.append(Frame(self.pc, self.top, self.registers[DWARF_RSP]))
+        for number, name in DWARF_REGISTERS.items():
+            self.registers[number] = saved[name]
+        self.pc = saved["rip"]
+        self.top = True
+        self.crossed += 1
+        return None
+
+    def step_out(self) -> Walk | None:
+        """Unwind one ordinary frame with its CFI rule; a Walk when the walk ends here."""
+        rule, _known = self.rule_at(self.pc if self.top else self.pc - 1)
+        if rule is not None and rule.outermost:
+            return self.stop(True)     # _start, a thread's clone: nothing called this
+        if rule is None or rule.cfa_register is None or rule.cfa_register not in self.registers:
+            return self.stop(False)
+        cfa = self.registers[rule.cfa_register] + rule.cfa_offset
+        saved_at = dict(rule.saved)
+        return_address = self.word_at(cfa + saved_at[DWARF_RA]) if DWARF_RA in saved_at else None
+        previous = next((f.cfa for f in reversed(self.frames) if f.cfa is not None), None)
+        if return_address is None or (previous is not None and cfa <= previous and not self.crossed):
+            return self.stop(False)
+        self.frames.append(Frame(self.pc, self.top, cfa))
+        self._restore_registers(cfa, saved_at)
+        if return_address == 0:
+            return Walk(self.frames, True, self.crossed)
+        self.pc = return_address
+        self.top = False
+        return None
+
+    def _restore_registers(self, cfa: int, saved_at: dict[int, int]) -> None:
+        """The caller's registers: those the rule saved, and the stack pointer at the CFA."""
+        for number, offset in saved_at.items():
+            if number in self.registers:
+                value = self.word_at(cfa + offset)
+                if value is not None:
+                    self.registers[number] = value
+        self.registers[DWARF_RSP] = cfa
+
+
 def walk_stack(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,
                read_word: Callable[[int], int | None] | None = None,
                trampolines: frozenset[int] = frozenset()) -> Walk:
     """Unwind the thread with CFI, crossing signal frames. ``stack`` holds the memory
     from ``base`` up; ``read_word`` reads anything else (another stack)."""
-    registers = {number: thread.registers[name] for number, name in DWARF_REGISTERS.items()}
-    pc = thread.registers["rip"]
-    top = True
-    frames: list[Frame] = []
-    crossed = 0
-
-    def word_at(address: int) -> int | None:
-        offset = address - base
-        if 0 <= offset and offset + 8 <= len(stack):
-            return struct.unpack_from("<Q", stack, offset)[0]
-        return read_word(address) if read_word is not None else None
-
+    walker = _StackWalker(thread, stack, base, rule_at, read_word)
     for _ in range(MAX_FRAMES):
-        if pc in trampolines:
-            # Returning into __restore_rt: the interrupted context is in the ucontext
-            # at the stack pointer; go on from its registers.
-            context = registers[DWARF_RSP] + UCONTEXT_GREGS
-            saved = {name: word_at(context + 8 * index) for name, index in GREGS.items()}
-            if any(value is None for value in saved.values()):
-                frames.append(Frame(pc, top, None))
-                return Walk(frames, False, crossed)
-            frames.append(Frame(pc, top, registers[DWARF_RSP]))
-            for number, name in DWARF_REGISTERS.items():
-                registers[number] = saved[name]
-            pc = saved["rip"]
-            top = True
-            crossed += 1
-            continue
-        rule, _known = rule_at(pc if top else pc - 1)
-        if rule is not None and rule.outermost:
-            frames.append(Frame(pc, top, None))
-            return Walk(frames, True, crossed)     # _start, a thread's clone: nothing called this
-        if rule is None or rule.cfa_register is None or rule.cfa_register not in registers:
-            frames.append(Frame(pc, top, None))
-            return Walk(frames, False, crossed)
-        cfa = registers[rule.cfa_register] + rule.cfa_offset
-        saved_at = dict(rule.saved)
-        return_address = word_at(cfa + saved_at[DWARF_RA]) if DWARF_RA in saved_at else None
-        previous = next((f.cfa for f in reversed(frames) if f.cfa is not None), None)
-        if return_address is None or (previous is not None and cfa <= previous and not crossed):
-            frames.append(Frame(pc, top, None))
-            return Walk(frames, False, crossed)
-        frames.append(Frame(pc, top, cfa))
-        for number, offset in saved_at.items():
-            if number in registers:
-                value = word_at(cfa + offset)
-                if value is not None:
-                    registers[number] = value
-        registers[DWARF_RSP] = cfa
-        if return_address == 0:
-            return Walk(frames, True, crossed)
-        pc = return_address
-        top = False
-    return Walk(frames, False, crossed)
+        walk = walker.cross_signal_frame() if walker.pc in trampolines else walker.step_out()
+        if walk is not None:
+            return walk
+    return Walk(walker.frames, False, walker.crossed)
 
 
 def walk_frames(thread: ThreadState, stack: bytes, base: int, rule_at: RuleFinder,

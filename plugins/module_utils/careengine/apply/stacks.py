@@ -152,11 +152,7 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
         return None
     writable = writable_mappings(mappings)
     containing = _Containing(writable)
-    running: dict[Mapping, int] = {}            # stack mapping -> lowest stack pointer on it
-    for thread in threads:
-        holder = containing(thread.registers["rsp"])
-        if holder is not None:
-            running[holder] = min(running.get(holder, holder.end), thread.registers["rsp"])
+    running = _running_stacks(threads, containing)
     own_stacks = {m for m in running if is_stack_like(m, mappings)}
     scanned = [m for m in writable if m not in own_stacks]
     if sum(m.size for m in scanned) > MAX_SCAN_BYTES:
@@ -172,39 +168,76 @@ def find_busy_suspended(pid: int, threads: list[ThreadState], mappings: list[Map
     contexts = sorted({context.address: context for base, data in read_in_pieces(pid, spans)
                        for context in find_contexts([(base, data)], executable, writable)}.values(),
                       key=lambda c: c.address)
-    explained: list[tuple[int, int]] = []       # [start, end) spans of memory accounted for
-    lowest: dict[Mapping, int] = {}
-    reader = OtherStacks(pid, mappings)
+    search = _SuspendedSearch(pid, mappings, index, rule_at, trampolines)
     for context in contexts:
         holder = containing(context.registers["rsp"])
         if holder is None or holder in own_stacks:
             continue                             # a stale context of a stack a thread runs on now
-        explained.append((context.address, context.address + UCONTEXT_SIZE))
-        lowest[holder] = min(lowest.get(holder, holder.end), context.registers["rsp"])
+        doubt = search.check_context(context, holder)
+        if doubt is not None:
+            return doubt
+    return search.unexplained(candidates, containing, switching)
+
+
+def _running_stacks(threads: list[ThreadState], containing: _Containing) -> dict[Mapping, int]:
+    """Each mapping a thread's stack pointer is in -> the lowest such stack pointer."""
+    running: dict[Mapping, int] = {}
+    for thread in threads:
+        holder = containing(thread.registers["rsp"])
+        if holder is not None:
+            running[holder] = min(running.get(holder, holder.end), thread.registers["rsp"])
+    return running
+
+
+class _SuspendedSearch:
+    """The suspended contexts checked so far and the memory they account for."""
+
+    def __init__(self, pid: int, mappings: list[Mapping], index: RangeIndex, rule_at: RuleFinder,
+                 trampolines: frozenset[int]) -> None:
+        self.pid = pid
+        self.mappings = mappings
+        self.index = index
+        self.rule_at = rule_at
+        self.trampolines = trampolines
+        self.reader = OtherStacks(pid, mappings)
+        self.explained: list[tuple[int, int]] = []   # [start, end) spans of memory accounted for
+        self.lowest: dict[Mapping, int] = {}
+
+    def check_context(self, context: SuspendedContext, holder: Mapping) -> StackDoubt | None:
+        """Whether the suspended ``context`` (on ``holder``) resumes or returns into a guarded range."""
+        rsp = context.registers["rsp"]
+        self.explained.append((context.address, context.address + UCONTEXT_SIZE))
+        self.lowest[holder] = min(self.lowest.get(holder, holder.end), rsp)
         rip = context.registers["rip"]
-        guarded = index.find(rip) or index.find(rip - 1)
+        guarded = self.index.find(rip) or self.index.find(rip - 1)
         if guarded is not None:
             return StackDoubt(f"a suspended context (ucontext at {context.address:#x}) resumes inside {guarded.name}",
                               True)
-        stack = read_ranges_lenient(pid, [(context.registers["rsp"], holder.end - context.registers["rsp"])])[0]
-        walk = walk_stack(ThreadState(0, context.registers), stack or b"", context.registers["rsp"], rule_at,
-                          reader.word, trampolines)
+        stack = read_ranges_lenient(self.pid, [(rsp, holder.end - rsp)])[0]
+        walk = walk_stack(ThreadState(0, context.registers), stack or b"", rsp, self.rule_at,
+                          self.reader.word, self.trampolines)
         for frame in walk.frames[1:]:
-            guarded = index.find(frame.pc if frame.top else frame.pc - 1)
+            guarded = self.index.find(frame.pc if frame.top else frame.pc - 1)
             if guarded is not None:
                 return StackDoubt(f"a suspended stack (ucontext at {context.address:#x}) returns into "
                                   f"{guarded.name} (at {frame.pc:#x})", True)
-        reached = max((f.cfa for f in walk.frames if f.cfa is not None), default=context.registers["rsp"])
-        end = holder.end if walk.complete and is_stack_like(holder, mappings) else reached + 8
-        explained.append((context.registers["rsp"], end))
-    for holder, rsp in lowest.items():
-        if is_stack_like(holder, mappings):
-            explained.append((holder.start, rsp))
-    for word_address, guarded in candidates:
-        if not any(start <= word_address < end for start, end in explained):
-            holder = containing(word_address)
-            where = (holder.path or "anonymous memory") if holder is not None else "memory"
-            return StackDoubt(f"it can switch stacks ({switching.describe()}) and {word_address:#x} ({where}) holds "
-                              f"what may be a return address into {guarded.name} on a stack that could not be found",
-                              False)
-    return None
+        reached = max((f.cfa for f in walk.frames if f.cfa is not None), default=rsp)
+        end = holder.end if walk.complete and is_stack_like(holder, self.mappings) else reached + 8
+        self.explained.append((rsp, end))
+        return None
+
+    def unexplained(self, candidates: list[tuple[int, GuardedRange]], containing: _Containing,
+                    switching: StackSwitching) -> StackDoubt | None:
+        """A candidate return address that no found stack accounts for, as a doubt (None: none)."""
+        explained = list(self.explained)
+        for holder, rsp in self.lowest.items():
+            if is_stack_like(holder, self.mappings):
+                explained.append((holder.start, rsp))
+        for word_address, guarded in candidates:
+            if not any(start <= word_address < end for start, end in explained):
+                holder = containing(word_address)
+                where = (holder.path or "anonymous memory") if holder is not None else "memory"
+                return StackDoubt(f"it can switch stacks ({switching.describe()}) and {word_address:#x} ({where}) "
+                                  f"holds what may be a return address into {guarded.name} on a stack that could "
+                                  "not be found", False)
+        return None

@@ -211,35 +211,55 @@ def parse_invocation(argv: list[str]) -> Invocation:
         value = argv[index + 1] if takes_next else None
         if arg in _QUERY_OPTIONS or arg.startswith(_QUERY_PREFIXES):
             inv.query = True
-        if arg == "-o" and value is not None:
-            inv.output = value
-        elif arg.startswith("-o") and len(arg) > 2 and not takes_next:
-            inv.output = arg[2:]
-        elif arg in ("-c", "-S"):
-            if inv.mode != "-S":
-                inv.mode = arg
-        elif arg == "-x" or (arg.startswith("-x") and len(arg) > 2):
-            inv.has_x = True
-            language = value if value is not None else arg[2:]
-            if language == "none":
-                language = ""
-            inv.flags.extend([arg] + ([value] if value is not None else []))
-        elif arg == "-" or not arg.startswith("-") or arg == "":
-            inv.inputs.append((language, arg))
-            if arg == "-":
-                inv.query = True     # stdin: nothing to keep
-            if _is_source(language, arg):
-                inv.sources.append((language, arg))
-        else:
-            if arg in _DEPENDENCY_FLAGS or arg in _DEPENDENCY_WITH_ARGUMENT:
-                inv.has_dependency_flags = True
-            if arg.startswith("-flto") and arg != "-fno-lto":
-                inv.lto = True
-            inv.flags.append(arg)
-            if value is not None:
-                inv.flags.append(value)
+        language = _take_argument(inv, arg, value, takes_next, language)
         index += 2 if takes_next else 1
     return inv
+
+
+def _take_argument(inv: Invocation, arg: str, value: str | None, takes_next: bool, language: str) -> str:
+    """Record one argument (with its ``value`` if it takes one); the input language in force after it."""
+    if arg == "-o" and value is not None:
+        inv.output = value
+    elif arg.startswith("-o") and len(arg) > 2 and not takes_next:
+        inv.output = arg[2:]
+    elif arg in ("-c", "-S"):
+        if inv.mode != "-S":
+            inv.mode = arg
+    elif arg == "-x" or (arg.startswith("-x") and len(arg) > 2):
+        return _take_language(inv, arg, value)
+    elif arg == "-" or not arg.startswith("-") or arg == "":
+        _take_input(inv, language, arg)
+    else:
+        _take_flag(inv, arg, value)
+    return language
+
+
+def _take_language(inv: Invocation, arg: str, value: str | None) -> str:
+    """``-x LANG``: kept as a flag; the language of the inputs after it ("" for ``none``)."""
+    inv.has_x = True
+    language = value if value is not None else arg[2:]
+    inv.flags.extend([arg] + ([value] if value is not None else []))
+    return "" if language == "none" else language
+
+
+def _take_input(inv: Invocation, language: str, arg: str) -> None:
+    """An input file (``-`` is stdin: a query, nothing to keep)."""
+    inv.inputs.append((language, arg))
+    if arg == "-":
+        inv.query = True
+    if _is_source(language, arg):
+        inv.sources.append((language, arg))
+
+
+def _take_flag(inv: Invocation, arg: str, value: str | None) -> None:
+    """Any other option, with its value if it takes one."""
+    if arg in _DEPENDENCY_FLAGS or arg in _DEPENDENCY_WITH_ARGUMENT:
+        inv.has_dependency_flags = True
+    if arg.startswith("-flto") and arg != "-fno-lto":
+        inv.lto = True
+    inv.flags.append(arg)
+    if value is not None:
+        inv.flags.append(value)
 
 
 def _is_source(language: str, path: str) -> bool:

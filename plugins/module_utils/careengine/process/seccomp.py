@@ -121,59 +121,106 @@ _JUMPS = {
 }
 
 
+class _Machine:
+    """The state of a running filter: accumulator, index register, scratch memory, next instruction."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.a = 0
+        self.x = 0
+        self.memory = [0] * _MEMWORDS
+        self.pc = 0
+
+
+def _load_value(machine: _Machine, insn: Instruction, kind: int) -> int:
+    """The value an LD/LDX instruction loads (only the modes a seccomp filter may use)."""
+    mode = insn.code & 0xE0
+    if mode == 0x00:
+        return insn.k
+    if mode == 0x20 and kind == 0x00 and (insn.code & 0x18) == 0x00:
+        if insn.k % 4 or insn.k + 4 > len(machine.data):
+            raise FilterError(f"the filter loads seccomp_data at offset {insn.k}")
+        return struct.unpack_from("<I", machine.data, insn.k)[0]
+    if mode == 0x60:
+        return machine.memory[insn.k % _MEMWORDS]
+    if mode == 0x80:
+        return len(machine.data)
+    raise FilterError(f"BPF load {insn.code:#x} is not valid in a seccomp filter")
+
+
+def _step_ld(machine: _Machine, insn: Instruction) -> int | None:
+    machine.a = _load_value(machine, insn, 0x00)
+    return None
+
+
+def _step_ldx(machine: _Machine, insn: Instruction) -> int | None:
+    machine.x = _load_value(machine, insn, 0x01)
+    return None
+
+
+def _step_st(machine: _Machine, insn: Instruction) -> int | None:
+    machine.memory[insn.k % _MEMWORDS] = machine.a
+    return None
+
+
+def _step_stx(machine: _Machine, insn: Instruction) -> int | None:
+    machine.memory[insn.k % _MEMWORDS] = machine.x
+    return None
+
+
+def _step_alu(machine: _Machine, insn: Instruction) -> int | None:
+    machine.a = _alu(insn.code & 0xF0, machine.a, machine.x if insn.code & 0x08 else insn.k)
+    return RET_KILL_THREAD if machine.a < 0 else None
+
+
+def _step_jmp(machine: _Machine, insn: Instruction) -> int | None:
+    op = insn.code & 0xF0
+    if op == 0x00:
+        machine.pc += insn.k
+        return None
+    if op not in _JUMPS:
+        raise FilterError(f"unknown BPF jump {insn.code:#x}")
+    taken = _JUMPS[op](machine.a, machine.x if insn.code & 0x08 else insn.k)
+    machine.pc += insn.jt if taken else insn.jf
+    return None
+
+
+def _step_ret(machine: _Machine, insn: Instruction) -> int | None:
+    return (machine.a if (insn.code & 0x18) == 0x10 else insn.k) & _U32
+
+
+def _step_misc(machine: _Machine, insn: Instruction) -> int | None:
+    if insn.code & 0xF8 == 0x00:        # TAX
+        machine.x = machine.a
+    else:                               # TXA
+        machine.a = machine.x
+    return None
+
+
+# BPF instruction class (code & 7) -> its step; a step returns the filter's result when it ends the run.
+_STEPS = {
+    0x00: _step_ld,
+    0x01: _step_ldx,
+    0x02: _step_st,
+    0x03: _step_stx,
+    0x04: _step_alu,
+    0x05: _step_jmp,
+    0x06: _step_ret,
+    0x07: _step_misc,
+}
+
+
 def run_filter(program: list[Instruction], data: bytes) -> int:
     """The 32-bit value the filter returns for ``data`` (a ``seccomp_data``)."""
-    a = x = 0
-    memory = [0] * _MEMWORDS
-    pc = 0
+    machine = _Machine(data)
     for _ in range(BPF_MAXINSNS + 1):
-        if not 0 <= pc < len(program):
-            raise FilterError(f"the filter runs off its end at instruction {pc}")
-        insn = program[pc]
-        pc += 1
-        kind = insn.code & 0x07
-        if kind in (0x00, 0x01):                       # LD, LDX
-            mode = insn.code & 0xE0
-            if mode == 0x00:
-                value = insn.k
-            elif mode == 0x20 and kind == 0x00 and (insn.code & 0x18) == 0x00:
-                if insn.k % 4 or insn.k + 4 > len(data):
-                    raise FilterError(f"the filter loads seccomp_data at offset {insn.k}")
-                value = struct.unpack_from("<I", data, insn.k)[0]
-            elif mode == 0x60:
-                value = memory[insn.k % _MEMWORDS]
-            elif mode == 0x80:
-                value = len(data)
-            else:
-                raise FilterError(f"BPF load {insn.code:#x} is not valid in a seccomp filter")
-            if kind == 0x00:
-                a = value
-            else:
-                x = value
-        elif kind == 0x02:                             # ST
-            memory[insn.k % _MEMWORDS] = a
-        elif kind == 0x03:                             # STX
-            memory[insn.k % _MEMWORDS] = x
-        elif kind == 0x04:                             # ALU
-            a = _alu(insn.code & 0xF0, a, x if insn.code & 0x08 else insn.k)
-            if a < 0:
-                return RET_KILL_THREAD
-        elif kind == 0x05:                             # JMP
-            op = insn.code & 0xF0
-            if op == 0x00:
-                pc += insn.k
-                continue
-            if op not in _JUMPS:
-                raise FilterError(f"unknown BPF jump {insn.code:#x}")
-            taken = _JUMPS[op](a, x if insn.code & 0x08 else insn.k)
-            pc += insn.jt if taken else insn.jf
-        elif kind == 0x06:                             # RET
-            return (a if (insn.code & 0x18) == 0x10 else insn.k) & _U32
-        else:                                          # MISC
-            if insn.code & 0xF8 == 0x00:
-                x = a
-            else:
-                a = x
+        if not 0 <= machine.pc < len(program):
+            raise FilterError(f"the filter runs off its end at instruction {machine.pc}")
+        insn = program[machine.pc]
+        machine.pc += 1
+        result = _STEPS[insn.code & 0x07](machine, insn)
+        if result is not None:
+            return result
     raise FilterError("the filter does not return")
 
 

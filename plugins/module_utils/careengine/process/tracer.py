@@ -323,36 +323,46 @@ class StoppedProcess:
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
             while pending:
-                still = []
-                for tid in pending:
-                    status = self._waitpid(tid, os.WNOHANG)
-                    if status is None:
-                        still.append(tid)
-                        continue
-                    if status < 0:
-                        gone.add(tid)
-                        continue
-                    new_tid = self._note_stop(tid, status)
-                    if new_tid:
-                        still.append(new_tid)
-                pending = still
+                pending = self._collect_stops(pending, gone)
                 if pending:
-                    remaining = deadline - time.monotonic()
-                    if remaining <= 0:
-                        raise ProcessError(
-                            f"threads {pending} of process {self.pid} did not stop within {self.timeout} s "
-                            f"(uninterruptible sleep?)"
-                        )
-                    if signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP)) is None:
-                        # Quiet for a while: a main thread that exited while others run is a
-                        # zombie the kernel never reports; do not wait for it.
-                        for tid in [tid for tid in pending if self._is_zombie(tid)]:
-                            pending.remove(tid)
-                            gone.add(tid)
-                            self._forget_thread(tid)
+                    self._await_more_stops(pending, gone, deadline)
         finally:
             if signal.SIGCHLD not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
+
+    def _collect_stops(self, pending: list[int], gone: set[int]) -> list[int]:
+        """One pass over ``pending``: record the stops reported; the threads still to wait for
+        (new clones included)."""
+        still = []
+        for tid in pending:
+            status = self._waitpid(tid, os.WNOHANG)
+            if status is None:
+                still.append(tid)
+                continue
+            if status < 0:
+                gone.add(tid)
+                continue
+            new_tid = self._note_stop(tid, status)
+            if new_tid:
+                still.append(new_tid)
+        return still
+
+    def _await_more_stops(self, pending: list[int], gone: set[int], deadline: float) -> None:
+        """Wait (up to the deadline) for the next SIGCHLD; when none comes for a while, drop
+        from ``pending`` the zombies that will never report."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ProcessError(
+                f"threads {pending} of process {self.pid} did not stop within {self.timeout} s "
+                f"(uninterruptible sleep?)"
+            )
+        if signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP)) is None:
+            # Quiet for a while: a main thread that exited while others run is a
+            # zombie the kernel never reports; do not wait for it.
+            for tid in [tid for tid in pending if self._is_zombie(tid)]:
+                pending.remove(tid)
+                gone.add(tid)
+                self._forget_thread(tid)
 
     def _waitpid(self, tid: int, flags: int = 0) -> int | None:
         """The wait status of ``tid``; None if no change (WNOHANG); -1 if the thread is gone."""
@@ -483,15 +493,30 @@ class StoppedProcess:
         if not self._stopped:
             raise ProcessError(f"process {self.pid} is not stopped")
         self._maps = None         # threads may come and go meanwhile
-        parked: set[int] = set()  # threads in a group-stop: not resumed, not interrupted
+        parked = self._resume_all()
+        self._stop_signal.clear()
+        self._end_stop_period()
+        self._serve_running(time.monotonic() + seconds, parked)
+        self._stop_started = time.perf_counter_ns()
+        running = [tid for tid in self._seized if tid not in parked]
+        self._interrupt_all(running)
+        self._wait_stopped(running, set())
+        self._catch_all_threads()
+
+    def _resume_all(self) -> set[int]:
+        """Continue every thread (with the signal it stopped for); the threads in a
+        group-stop, which stay stopped (not resumed, not interrupted)."""
+        parked: set[int] = set()
         for tid in list(self._seized):
             if self._stop_signal.get(tid, 0) == 0 and self._group_stopped.get(tid):
                 parked.add(tid)
                 continue
             self._cont(tid, self._signal_to_inject(tid))
-        self._stop_signal.clear()
-        self._end_stop_period()
-        deadline = time.monotonic() + seconds
+        return parked
+
+    def _serve_running(self, deadline: float, parked: set[int]) -> None:
+        """Until ``deadline``, service the stops of running threads (signals, clones); a
+        thread that enters a group-stop joins ``parked``."""
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
         try:
             while True:
@@ -510,17 +535,15 @@ class StoppedProcess:
         finally:
             if signal.SIGCHLD not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
-        self._stop_started = time.perf_counter_ns()
-        running = [tid for tid in self._seized if tid not in parked]
-        gone: set[int] = set()
+
+    def _interrupt_all(self, running: list[int]) -> None:
+        """PTRACE_INTERRUPT every thread of ``running`` (one already gone is no error)."""
         for tid in running:
             try:
                 ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
             except PtraceError as exc:
                 if _errno_of(exc) != errno.ESRCH:
                     raise ProcessError(f"cannot interrupt thread {tid}: {exc}") from None
-        self._wait_stopped(running, gone)
-        self._catch_all_threads()
 
     def _service_running_stop(self, tid: int, status: int) -> bool:
         """A running thread stopped (signal, clone, group-stop): True if it stays stopped."""
@@ -1063,7 +1086,6 @@ class StoppedProcess:
         while True:
             if not self._resume_to_next_syscall_stop(tid, signo):
                 return "gone"
-            signo = 0
             try:
                 status = self._wait_thread(tid, deadline)
             except TimeoutError:
@@ -1071,26 +1093,32 @@ class StoppedProcess:
                 return "timeout" if tid in self._seized else "gone"
             except ProcessGone:
                 return "gone"
-            event = status >> 16
-            stop_signal = os.WSTOPSIG(status)
-            if event == 0 and stop_signal == signal.SIGTRAP | 0x80:      # a syscall stop
-                regs = self.get_regs(tid)
-                if regs.rip == rip_after and regs.orig_rax == nr:
-                    return "arrived"
-                continue
-            if event == ptrace_func.PTRACE_EVENT_CLONE:
-                new_tid = ptrace_func.ptrace_geteventmsg(tid)
-                if new_tid and new_tid not in self._seized:
-                    self._seized.add(new_tid)
-                    self._wait_stopped([new_tid], set())
-                continue
-            if event == PTRACE_EVENT_STOP:
-                if stop_signal in _GROUP_STOP_SIGNALS:
-                    self._group_stopped[tid] = True
-                    return "stopped"
-                continue
-            if event == 0:
-                signo = stop_signal            # the thread's own signal: delivered as usual
+            outcome, signo = self._syscall_run_stop(tid, status, rip_after, nr)
+            if outcome is not None:
+                return outcome
+
+    def _syscall_run_stop(self, tid: int, status: int, rip_after: int, nr: int) -> tuple[str | None, int]:
+        """One stop of a thread run to a syscall: ("arrived" or "stopped", 0) when the run
+        ends here, else (None, the signal to deliver when it is resumed)."""
+        event = status >> 16
+        stop_signal = os.WSTOPSIG(status)
+        if event == 0 and stop_signal == signal.SIGTRAP | 0x80:      # a syscall stop
+            regs = self.get_regs(tid)
+            return ("arrived" if regs.rip == rip_after and regs.orig_rax == nr else None), 0
+        if event == ptrace_func.PTRACE_EVENT_CLONE:
+            new_tid = ptrace_func.ptrace_geteventmsg(tid)
+            if new_tid and new_tid not in self._seized:
+                self._seized.add(new_tid)
+                self._wait_stopped([new_tid], set())
+            return None, 0
+        if event == PTRACE_EVENT_STOP:
+            if stop_signal in _GROUP_STOP_SIGNALS:
+                self._group_stopped[tid] = True
+                return "stopped", 0
+            return None, 0
+        if event == 0:
+            return None, stop_signal            # the thread's own signal: delivered as usual
+        return None, 0
 
 def _build_id_key(pid: int, group: list[Mapping]) -> str:
     objects = mapped_objects(pid, group)
