@@ -284,7 +284,7 @@ def flatten_results(process_results):
         for obj in process.objects:
             flat.append({
                 "pid": process.pid, "comm": process.comm, "build_id": obj.build_id, "path": obj.path,
-                "action": obj.action, "reason": obj.reason or process.error, "paused_us": obj.paused_us,
+                "action": str(obj.action), "reason": obj.reason or process.error, "paused_us": obj.paused_us,
                 "waited_us": process.waited_us,
                 "applied_level": obj.applied_level, "previous_level": obj.previous_level,
                 "functions": list(obj.functions),

@@ -32,12 +32,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from .errors import AuditError
-from .results import ProcessResult
+from .results import ObjectAction, ProcessResult
 
 DEFAULT_AUDIT_LOG = "/var/log/libcare/audit.jsonl"
 AUDIT_LOG_ENV = "LIBCARE_AUDIT_LOG"        # overrides the default path (tests, labs)
 SYSLOG_IDENT = "libcare"
-RECORDED_ACTIONS = ("applied", "removed", "failed")   # "skipped" changed nothing: not recorded
+# "skipped" changed nothing: not recorded
+RECORDED_ACTIONS = (ObjectAction.APPLIED, ObjectAction.REMOVED, ObjectAction.FAILED)
 _OPEN_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
 
 
@@ -257,17 +258,18 @@ def result_records(event: str, results: Iterable[ProcessResult], requester: Requ
         if facts.comm is None:
             facts = ProcessFacts(process.comm, None, None)
         if not wanted:
-            records.append(_base_record(event, "failed", process.error, requester, process.pid, facts, source,
+            records.append(_base_record(event, ObjectAction.FAILED.value, process.error, requester, process.pid, facts, source,
                                         insecure_store))
             continue
         for obj in wanted:
-            record = _base_record(event, obj.action, obj.reason or process.error, requester, process.pid, facts,
+            record = _base_record(event, obj.action.value, obj.reason or process.error, requester, process.pid, facts,
                                   source, insecure_store)
-            level = obj.applied_level if event == "patch" and obj.action == "applied" else obj.previous_level
+            applied_now = obj.action == ObjectAction.APPLIED
+            level = obj.applied_level if event == "patch" and applied_now else obj.previous_level
             record.update(object=obj.path, build_id=obj.build_id, level=level, previous_level=obj.previous_level,
                           paused_us=obj.paused_us)
             if event == "patch":
-                record["patch_sha256"] = patch_sha256(obj.build_id, level if obj.action == "applied" else None) \
+                record["patch_sha256"] = patch_sha256(obj.build_id, level if applied_now else None) \
                     if patch_sha256 else None
                 record["signer"] = signer
             elif known is not None:

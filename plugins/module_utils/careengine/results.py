@@ -7,8 +7,23 @@ One :class:`ObjectResult` per (process, patched object); the JSON form of a run 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
 
-ACTIONS = ("applied", "skipped", "removed", "failed")
+
+class ObjectAction(str, Enum):  # noqa: UP042 (StrEnum is 3.11+; the targets run Python >= 3.10)
+    """What happened to one object. A ``str`` so that ``--json`` output, the modules' results
+    and comparisons with the plain strings stay exactly "applied", "skipped", "removed", "failed"."""
+
+    APPLIED = "applied"
+    SKIPPED = "skipped"
+    REMOVED = "removed"
+    FAILED = "failed"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+ACTIONS = tuple(action.value for action in ObjectAction)
 
 
 @dataclass(frozen=True)
@@ -17,16 +32,20 @@ class ObjectResult:
 
     path: str
     build_id: str
-    action: str                      # applied | skipped | removed | failed
+    action: ObjectAction             # a plain string is taken too (results read back from JSON)
     applied_level: int | None = None  # the level in force afterwards (None: no patch)
     previous_level: int | None = None  # the level in force before
     reason: str = ""
     paused_us: int | None = None     # time the patient was stopped for this change
     functions: tuple[str, ...] = ()
 
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "action", ObjectAction(self.action))
+
     def to_json(self) -> dict:
         """A JSON-ready dict."""
         data = asdict(self)
+        data["action"] = self.action.value
         data["functions"] = list(self.functions)
         return data
 
@@ -44,7 +63,7 @@ class ProcessResult:
 
     @property
     def ok(self) -> bool:
-        return not self.error and all(o.action != "failed" for o in self.objects)
+        return not self.error and all(o.action != ObjectAction.FAILED for o in self.objects)
 
     def to_json(self) -> dict:
         """A JSON-ready dict."""
@@ -92,10 +111,10 @@ class ProcessInfo:
 
 def summarize_results(results: list[ProcessResult]) -> dict:
     """Counts per action over every object of every process (plus failed processes)."""
-    counts = {action: 0 for action in ACTIONS}
+    counts = dict.fromkeys(ACTIONS, 0)
     for process in results:
         if process.error and not process.objects:
-            counts["failed"] += 1
+            counts[ObjectAction.FAILED.value] += 1
         for obj in process.objects:
-            counts[obj.action] += 1
+            counts[obj.action.value] += 1
     return counts

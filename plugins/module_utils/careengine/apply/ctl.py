@@ -19,7 +19,7 @@ import signal
 import sys
 
 from ..audit import AuditLog, Requester, applied_record, index_applied
-from ..results import ObjectInfo, ProcessInfo, ProcessResult, summarize_results
+from ..results import ObjectAction, ObjectInfo, ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
 from . import api
 
@@ -162,13 +162,13 @@ def _report_patch(result: ProcessResult, args) -> None:
     if result.error:
         print(f"Failed to apply patch '{args.source}' to PID '{result.pid}': {result.error}", file=sys.stderr)
         return
-    applied = [o for o in result.objects if o.action == "applied"]
-    failed = [o for o in result.objects if o.action == "failed"]
+    applied = [o for o in result.objects if o.action == ObjectAction.APPLIED]
+    failed = [o for o in result.objects if o.action == ObjectAction.FAILED]
     for obj in result.objects:
-        line = f"{obj.path}: {obj.action}: {obj.reason}"
-        if obj.action == "failed":
+        line = f"{obj.path}: {obj.action.value}: {obj.reason}"
+        if obj.action == ObjectAction.FAILED:
             print(f"PID '{result.pid}': {line}", file=sys.stderr)
-        elif obj.action == "skipped":
+        elif obj.action == ObjectAction.SKIPPED:
             print(f"PID '{result.pid}' ({result.comm}): {line}")
         elif args.verbose:
             extra = f" (paused {obj.paused_us} us)" if obj.paused_us is not None else ""
@@ -193,11 +193,11 @@ def _unpatch(args) -> int:
         if result.error:
             print(f"Failed to cancel patches for {result.pid}: {result.error}", file=sys.stderr)
             continue
-        failed = [o for o in result.objects if o.action == "failed"]
-        removed = [o for o in result.objects if o.action == "removed"]
+        failed = [o for o in result.objects if o.action == ObjectAction.FAILED]
+        removed = [o for o in result.objects if o.action == ObjectAction.REMOVED]
         if args.verbose:
             for obj in result.objects:
-                print(f"{obj.path}: {obj.action}: {obj.reason}")
+                print(f"{obj.path}: {obj.action.value}: {obj.reason}")
         if failed:
             print(f"Failed to cancel patches for {result.pid}: {failed[0].reason}", file=sys.stderr)
         elif removed:

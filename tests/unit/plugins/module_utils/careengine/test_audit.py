@@ -34,8 +34,10 @@ def lines(path: Path) -> list[dict]:
 
 
 def applied_result(pid: int, level: int = 1, action: str = "applied") -> ProcessResult:
-    obj = ObjectResult("/usr/bin/server", BUILD_ID, action, level if action == "applied" else None,
-                       None if action == "applied" else level, f"level {level} {action}", 640, ("handle",))
+    obj = ObjectResult(path="/usr/bin/server", build_id=BUILD_ID, action=action,
+                       applied_level=level if action == "applied" else None,
+                       previous_level=None if action == "applied" else level, reason=f"level {level} {action}",
+                       paused_us=640, functions=("handle",))
     return ProcessResult(pid, "server", (obj,), "", 640)
 
 

@@ -11,14 +11,14 @@ import time
 import pytest
 
 from plugins.module_utils.careengine.apply import fleet
-from plugins.module_utils.careengine.results import ObjectResult, ProcessResult
+from plugins.module_utils.careengine.results import ObjectAction, ObjectResult, ProcessResult
 
 FAKE_PIDS = [4_000_000 + n for n in range(40)]      # above pid_max: never a live process
 
 
 def handled_by(pid: int) -> ProcessResult:
     """A result saying which process ran the function (its pid, in comm)."""
-    return ProcessResult(pid, str(os.getpid()), (ObjectResult("/bin/x", "ab", "applied", 1),))
+    return ProcessResult(pid, str(os.getpid()), (ObjectResult(path="/bin/x", build_id="ab", action=ObjectAction.APPLIED, applied_level=1),))
 
 
 def test_every_pid_once_in_order_by_forked_workers(tmp_path):
