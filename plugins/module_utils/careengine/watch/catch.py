@@ -157,30 +157,46 @@ def step(catch: Catch, status: int) -> str:
         catch.reason = "the loader did not reach the object's RELRO in time"
         return RELEASE
     if event == PTRACE_EVENT_EXEC:
-        if not catch.target.has_interp:
-            return READY                          # static: nothing runs before its entry point
-        if not catch.target.has_relro:
-            catch.reason = "no PT_GNU_RELRO segment to know when relocation ends"
-            return RELEASE
-        catch.in_syscall = True                   # the exec event comes from inside execve
-        resume_syscalls(catch.tid)
-        return CONTINUE
+        return _at_exec(catch)
     if event == PTRACE_EVENT_STOP:
-        if signo in _GROUP_STOP_SIGNALS:
-            catch.reason = "job-control stop"
-            return RELEASE
-        if not catch.target.has_relro:
-            catch.reason = "no PT_GNU_RELRO segment to know when relocation ends"
-            return RELEASE
-        catch.in_syscall = False
-        resume_syscalls(catch.tid)
-        return CONTINUE
+        return _at_interrupt(catch, signo)
     if event:
         resume_syscalls(catch.tid)
         return CONTINUE
     if signo != SYSCALL_STOP:
         resume_syscalls(catch.tid, signo)         # a signal: deliver it as it came
         return CONTINUE
+    return _at_syscall_stop(catch)
+
+
+def _at_exec(catch: Catch) -> str:
+    """The exec event (from inside execve): a static target is ready; else follow its syscalls."""
+    if not catch.target.has_interp:
+        return READY                          # static: nothing runs before its entry point
+    if not catch.target.has_relro:
+        catch.reason = "no PT_GNU_RELRO segment to know when relocation ends"
+        return RELEASE
+    catch.in_syscall = True                   # the exec event comes from inside execve
+    resume_syscalls(catch.tid)
+    return CONTINUE
+
+
+def _at_interrupt(catch: Catch, signo: int) -> str:
+    """A PTRACE_EVENT_STOP: a job-control stop releases the thread; our interrupt (as its
+    open returns) starts following its syscalls."""
+    if signo in _GROUP_STOP_SIGNALS:
+        catch.reason = "job-control stop"
+        return RELEASE
+    if not catch.target.has_relro:
+        catch.reason = "no PT_GNU_RELRO segment to know when relocation ends"
+        return RELEASE
+    catch.in_syscall = False
+    resume_syscalls(catch.tid)
+    return CONTINUE
+
+
+def _at_syscall_stop(catch: Catch) -> str:
+    """A syscall entry or exit: ready once an exit shows the target's RELRO sealed."""
     catch.syscall_stops += 1
     leaving = catch.in_syscall
     catch.in_syscall = not catch.in_syscall

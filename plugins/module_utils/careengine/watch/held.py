@@ -86,6 +86,6 @@ def patch_held(pid: int, held_tid: int, source: PatchSource, *, timeout: float =
         try:
             result = engine.patch_process(pid, source, timeout=timeout)
         except Exception as exc:      # never raise out of the service loop for one process
-            result = ProcessResult(pid, engine.read_comm(pid), (), f"{type(exc).__name__}: {exc}", None)
+            result = ProcessResult(pid=pid, comm=engine.read_comm(pid), error=f"{type(exc).__name__}: {exc}")
     signo = made[-1].signal_for_held if made else 0
     return result, signo

@@ -31,7 +31,7 @@ from ..apply.ctl import build_parser
 from ..audit import AUDIT_LOG_ENV, AuditLog, Requester, result_records
 from ..errors import CareError
 from ..process import mapped_objects, read_maps
-from ..results import ProcessResult
+from ..results import ObjectAction, ProcessResult
 from ..storage import PatchSource
 from . import catch as catching
 from .catch import Catch, Target
@@ -277,25 +277,29 @@ class Service:
             if waited == 0:
                 break
             caught = self._find_catch(waited)
-            if caught is None:
-                continue
-            try:
-                outcome = catching.step(caught, status)
-            except (PtraceError, CareError, OSError) as exc:
-                caught.reason = f"lost it: {exc}"
-                outcome = catching.RELEASE
-            if outcome == catching.READY:
-                self._patch_caught(caught)
-            elif outcome == catching.RELEASE:
-                self._drop(caught.tid, caught.reason)
-                self._patch_running([caught.pid], HOW_LATE)
-            elif outcome == catching.GONE:
-                self.catches.pop(caught.tid, None)
-                self.caught_at.pop(caught.tid, None)
+            if caught is not None:
+                self._step_catch(caught, status)
         for tid, caught in list(self.catches.items()):
             if caught.expired():
                 self._drop(tid, "it did not reach its entry point in time")
                 self._patch_running([caught.pid], HOW_LATE)
+
+    def _step_catch(self, caught: Catch, status: int) -> None:
+        """One wait status of a caught thread: patch it when ready, let it go (patched late)
+        when it cannot be followed, forget it when gone."""
+        try:
+            outcome = catching.step(caught, status)
+        except (PtraceError, CareError, OSError) as exc:
+            caught.reason = f"lost it: {exc}"
+            outcome = catching.RELEASE
+        if outcome == catching.READY:
+            self._patch_caught(caught)
+        elif outcome == catching.RELEASE:
+            self._drop(caught.tid, caught.reason)
+            self._patch_running([caught.pid], HOW_LATE)
+        elif outcome == catching.GONE:
+            self.catches.pop(caught.tid, None)
+            self.caught_at.pop(caught.tid, None)
 
     def _drop(self, tid: int, reason: str) -> None:
         caught = self.catches.pop(tid, None)
@@ -316,7 +320,7 @@ class Service:
                                       audit_log=self.audit_log)
         except CareError as exc:
             source = None
-            result, signo = ProcessResult(caught.pid, engine.read_comm(caught.pid), (), str(exc), None), 0
+            result, signo = ProcessResult(pid=caught.pid, comm=engine.read_comm(caught.pid), error=str(exc)), 0
         if source is not None:
             result, signo = patch_held(caught.pid, caught.tid, source)
         try:
@@ -433,19 +437,19 @@ class Service:
     def _record(self, result: ProcessResult, how: str, by: str, latency_ms: float | None = None) -> None:
         uid = _uid(result.pid)
         if result.error:
-            self.status.note(PatchRecord(result.pid, uid, result.comm, "", None, how, by, now_text(), "failed",
-                                         result.error))
+            self.status.note(PatchRecord(result.pid, uid, result.comm, "", None, how, by, now_text(),
+                                         ObjectAction.FAILED.value, result.error))
             log(f"pid {result.pid} ({result.comm}): failed: {result.error}")
             return
         for obj in result.objects:
-            if obj.action not in ("applied", "failed"):
+            if obj.action not in (ObjectAction.APPLIED, ObjectAction.FAILED):
                 continue
             record = PatchRecord(result.pid, uid, result.comm, obj.build_id, obj.applied_level, how, by,
-                                 now_text(), obj.action, obj.reason, obj.paused_us,
+                                 now_text(), obj.action.value, obj.reason, obj.paused_us,
                                  None if latency_ms is None else round(latency_ms, 3))
             self.status.note(record)
             extra = f", {latency_ms:.1f} ms after exec" if latency_ms is not None else ""
-            log(f"pid {result.pid} ({result.comm}): {obj.action} level {obj.applied_level} of {obj.build_id} "
+            log(f"pid {result.pid} ({result.comm}): {obj.action.value} level {obj.applied_level} of {obj.build_id} "
                 f"({how}{extra}): {obj.reason}")
 
     # ---------------------------------------------------------------- socket requests
@@ -496,26 +500,39 @@ class Service:
         if getattr(args, "check", False):
             return result
         after = applied_levels(list(before) if pids is None and command.startswith("unpatch") else pids)
+        if command.startswith("unpatch"):
+            self._note_removed(before, after, peer)
+        if command.startswith("patch"):
+            self._note_applied(before, after, peer)
+        self.signature = store_signature(self.store)   # our own marks are not a publication
+        self.levels = wanted_levels(self.store)
+        return result
+
+
+    def _note_removed(self, before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
+                      peer: Peer) -> None:
+        """Levels an operator's unpatch removed: marked unpatched in the store (not re-applied
+        until published again) and dropped from the status."""
         store_ids = set(wanted_levels_all(self.store))
         for pid, levels in before.items():
             for build_id, level in levels.items():
-                if build_id not in after.get(pid, {}) and command.startswith("unpatch"):
+                if build_id not in after.get(pid, {}):
                     if build_id in store_ids:
                         mark_unpatched(self.store, build_id, level)
                     self.status.by_pid.get(pid, {}).pop(build_id, None)
                     log(f"pid {pid}: level {level} of {build_id} removed on request of {peer.describe()}; "
                         f"not re-applied until published again")
-        if command.startswith("patch"):
-            for pid, levels in after.items():
-                for build_id, level in levels.items():
-                    if before.get(pid, {}).get(build_id) != level:
-                        clear_unpatched(self.store, build_id)
-                        self.status.note(PatchRecord(pid, _uid(pid), engine.read_comm(pid), build_id, level,
-                                                     HOW_REQUEST, f"libcare-ctl ({peer.describe()})", now_text(),
-                                                     "applied"))
-        self.signature = store_signature(self.store)   # our own marks are not a publication
-        self.levels = wanted_levels(self.store)
-        return result
+
+    def _note_applied(self, before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
+                      peer: Peer) -> None:
+        """Levels an operator's patch applied: the unpatched mark cleared, the status noted."""
+        for pid, levels in after.items():
+            for build_id, level in levels.items():
+                if before.get(pid, {}).get(build_id) != level:
+                    clear_unpatched(self.store, build_id)
+                    self.status.note(PatchRecord(pid, _uid(pid), engine.read_comm(pid), build_id, level,
+                                                 HOW_REQUEST, f"libcare-ctl ({peer.describe()})", now_text(),
+                                                 ObjectAction.APPLIED.value))
 
 
 def engine_pids() -> list[int]:
