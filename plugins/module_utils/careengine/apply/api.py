@@ -48,7 +48,7 @@ def _maps_object_with(pid: int, build_ids: set[str]) -> bool:
 
 
 def _failed_process(pid: int, message: str) -> ProcessResult:
-    return ProcessResult(pid, engine.read_comm(pid), (), message, None)
+    return ProcessResult(pid=pid, comm=engine.read_comm(pid), error=message)
 
 
 def _safely(pid: int, action, *args, **kwargs):
@@ -129,9 +129,9 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
         result = _safely(pid, engine.patch_process, patch_source, level=level, timeout=timeout, retries=retries,
                          check=check, force_unsafe=force_unsafe)
         if explicit and not result.objects and not result.error and patch_source.store is None:
-            result = ProcessResult(pid, result.comm, (), str(NotApplicable(
+            result = ProcessResult(pid=pid, comm=result.comm, error=str(NotApplicable(
                 f"no object in process {pid} has build-id {patch_source.build_ids()[0]}, "
-                f"the one {source} was made for")), None)
+                f"the one {source} was made for")))
         return result
 
     results = fleet.run_parallel(patch_one, pids)

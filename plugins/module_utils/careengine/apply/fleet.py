@@ -86,7 +86,7 @@ def _read_comm(pid: int) -> str:
 
 def failed_result(pid: int, reason: str) -> ProcessResult:
     """A result saying process ``pid`` could not be handled, and why."""
-    return ProcessResult(pid, _read_comm(pid), (), reason, None)
+    return ProcessResult(pid=pid, comm=_read_comm(pid), error=reason)
 
 
 def _call(function: Callable[[int], ProcessResult], pid: int) -> ProcessResult:
