@@ -17,6 +17,7 @@ the patient.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import UnpatchableChange
@@ -203,53 +204,11 @@ class UnwindCollector:
 
     @staticmethod
     def _operation(region: Region, head: str, args: str, where: str) -> list[str]:
-        """The DW_CFA instruction bytes of one directive (table of the forms gcc writes)."""
-        offsets = region.cfa_offsets
-        if head == ".cfi_def_cfa_offset":
-            (offset,) = _integers(args, 1, where, head)
-            offsets[-1] = offset
-            return [_bytes_line([DW_CFA_DEF_CFA_OFFSET, *_uleb(offset)])]
-        if head == ".cfi_adjust_cfa_offset":
-            (delta,) = _integers(args, 1, where, head)
-            offsets[-1] += delta
-            return [_bytes_line([DW_CFA_DEF_CFA_OFFSET, *_uleb(offsets[-1])])]
-        if head == ".cfi_def_cfa":
-            register, offset = _integers(args, 2, where, head)
-            offsets[-1] = offset
-            return [_bytes_line([DW_CFA_DEF_CFA, *_uleb(register), *_uleb(offset)])]
-        if head == ".cfi_def_cfa_register":
-            (register,) = _integers(args, 1, where, head)
-            return [_bytes_line([DW_CFA_DEF_CFA_REGISTER, *_uleb(register)])]
-        if head == ".cfi_offset":
-            register, offset = _integers(args, 2, where, head)
-            if offset % DATA_ALIGNMENT:
-                raise UnpatchableChange(f"{where}: {head} {args}: offset not a multiple of 8")
-            factored = offset // DATA_ALIGNMENT
-            if register < 64 and factored >= 0:
-                return [_bytes_line([DW_CFA_OFFSET | register, *_uleb(factored)])]
-            return [_bytes_line([DW_CFA_OFFSET_EXTENDED_SF, *_uleb(register), *_sleb(factored)])]
-        if head == ".cfi_restore":
-            (register,) = _integers(args, 1, where, head)
-            if register < 64:
-                return [_bytes_line([DW_CFA_RESTORE | register])]
-            return [_bytes_line([DW_CFA_RESTORE_EXTENDED, *_uleb(register)])]
-        if head in (".cfi_undefined", ".cfi_same_value"):
-            (register,) = _integers(args, 1, where, head)
-            code = DW_CFA_UNDEFINED if head == ".cfi_undefined" else DW_CFA_SAME_VALUE
-            return [_bytes_line([code, *_uleb(register)])]
-        if head == ".cfi_register":
-            first, second = _integers(args, 2, where, head)
-            return [_bytes_line([DW_CFA_REGISTER, *_uleb(first), *_uleb(second)])]
-        if head == ".cfi_remember_state":
-            offsets.append(offsets[-1])
-            return [_bytes_line([DW_CFA_REMEMBER_STATE])]
-        if head == ".cfi_restore_state":
-            if len(offsets) > 1:
-                offsets.pop()
-            return [_bytes_line([DW_CFA_RESTORE_STATE])]
-        if head == ".cfi_escape":
-            return [f"\t.byte\t{args}"]
-        raise UnpatchableChange(f"{where}: {head} is not supported in patch unwind tables")
+        """The DW_CFA instruction bytes of one directive (table of the forms gcc writes: _CFA_FORMS)."""
+        form = _CFA_FORMS.get(head)
+        if form is None:
+            raise UnpatchableChange(f"{where}: {head} is not supported in patch unwind tables")
+        return form(region.cfa_offsets, head, args, where)
 
     def open_region(self) -> bool:
         """True while a region is open (a body ended inside ``.cfi_startproc``)."""
@@ -265,6 +224,90 @@ class UnwindCollector:
         output.append("\t.popsection")
         self.closed = []
         return output
+
+
+# One form per CFI directive: (the region's CFA offset stack, directive, its arguments,
+# where) -> the lines of its DW_CFA instruction. Each may update the offset stack.
+def _def_cfa_offset(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    (offset,) = _integers(args, 1, where, head)
+    offsets[-1] = offset
+    return [_bytes_line([DW_CFA_DEF_CFA_OFFSET, *_uleb(offset)])]
+
+
+def _adjust_cfa_offset(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    (delta,) = _integers(args, 1, where, head)
+    offsets[-1] += delta
+    return [_bytes_line([DW_CFA_DEF_CFA_OFFSET, *_uleb(offsets[-1])])]
+
+
+def _def_cfa(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    register, offset = _integers(args, 2, where, head)
+    offsets[-1] = offset
+    return [_bytes_line([DW_CFA_DEF_CFA, *_uleb(register), *_uleb(offset)])]
+
+
+def _def_cfa_register(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    (register,) = _integers(args, 1, where, head)
+    return [_bytes_line([DW_CFA_DEF_CFA_REGISTER, *_uleb(register)])]
+
+
+def _offset(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    register, offset = _integers(args, 2, where, head)
+    if offset % DATA_ALIGNMENT:
+        raise UnpatchableChange(f"{where}: {head} {args}: offset not a multiple of 8")
+    factored = offset // DATA_ALIGNMENT
+    if register < 64 and factored >= 0:
+        return [_bytes_line([DW_CFA_OFFSET | register, *_uleb(factored)])]
+    return [_bytes_line([DW_CFA_OFFSET_EXTENDED_SF, *_uleb(register), *_sleb(factored)])]
+
+
+def _restore(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    (register,) = _integers(args, 1, where, head)
+    if register < 64:
+        return [_bytes_line([DW_CFA_RESTORE | register])]
+    return [_bytes_line([DW_CFA_RESTORE_EXTENDED, *_uleb(register)])]
+
+
+def _undefined_or_same_value(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    (register,) = _integers(args, 1, where, head)
+    code = DW_CFA_UNDEFINED if head == ".cfi_undefined" else DW_CFA_SAME_VALUE
+    return [_bytes_line([code, *_uleb(register)])]
+
+
+def _register(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    first, second = _integers(args, 2, where, head)
+    return [_bytes_line([DW_CFA_REGISTER, *_uleb(first), *_uleb(second)])]
+
+
+def _remember_state(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    offsets.append(offsets[-1])
+    return [_bytes_line([DW_CFA_REMEMBER_STATE])]
+
+
+def _restore_state(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    if len(offsets) > 1:
+        offsets.pop()
+    return [_bytes_line([DW_CFA_RESTORE_STATE])]
+
+
+def _escape(offsets: list[int], head: str, args: str, where: str) -> list[str]:
+    return [f"\t.byte\t{args}"]
+
+
+_CFA_FORMS: dict[str, Callable[[list[int], str, str, str], list[str]]] = {
+    ".cfi_def_cfa_offset": _def_cfa_offset,
+    ".cfi_adjust_cfa_offset": _adjust_cfa_offset,
+    ".cfi_def_cfa": _def_cfa,
+    ".cfi_def_cfa_register": _def_cfa_register,
+    ".cfi_offset": _offset,
+    ".cfi_restore": _restore,
+    ".cfi_undefined": _undefined_or_same_value,
+    ".cfi_same_value": _undefined_or_same_value,
+    ".cfi_register": _register,
+    ".cfi_remember_state": _remember_state,
+    ".cfi_restore_state": _restore_state,
+    ".cfi_escape": _escape,
+}
 
 
 def _cie_and_fde(region: Region) -> list[str]:
