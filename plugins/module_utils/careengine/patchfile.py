@@ -94,9 +94,10 @@ SECTION_EH_FRAME = ".kpatch.eh_frame"
 SECTION_EXCEPT_TABLE = ".kpatch.gcc_except_table"
 EH_FRAME_TERMINATOR = b"\0" * 4
 # With .kpatch.eh_frame: zeroed writable room for the unwinder's bookkeeping of it
-# (libgcc's ``struct object``, 48 bytes on x86-64), so registering it allocates nothing.
+# (libgcc's ``struct object``, 48 bytes on x86-64, then the engine's registration state
+# and scratch), so registering it allocates nothing.
 SECTION_EH_OBJECT = ".kpatch.eh_object"
-EH_OBJECT_SIZE = 64
+EH_OBJECT_SIZE = 96
 NEW_SYMBOL_SUFFIX = ".kpatch"
 
 

@@ -82,6 +82,18 @@ from .safety import (
 from .split_parts import split_parts
 from .stacks import find_busy_suspended
 from .syscall_policy import check_seccomp, patch_mapping_calls, support_calls
+from .unwind_registry import (
+    FrameRegistry,
+    MappedTables,
+    data_pages_offset,
+    find_registry,
+    has_unwind_tables,
+    plan_tables,
+    register_tables,
+    release_tables,
+    return_stub_in_mapping,
+    tables_in_mapping,
+)
 from .validate import validate
 
 PROT_READ_WRITE = 0x3
@@ -110,6 +122,8 @@ class AppliedPatch:
     jumps_in_place: int = -1         # replaced functions that jump to it now (-1: not checked)
     data_size: int = 0               # its writable pages, right after ``mapping`` (0: none)
     leftovers: tuple[AppliedPatch, ...] = ()   # other patch mappings of the same object (interrupted runs)
+    tables: MappedTables | None = None   # its unwind tables, which may be registered (None: none)
+    return_stub: int = 0             # the remote-call return stub in its code pages (0: none)
 
     @property
     def all_mappings(self) -> tuple[AppliedPatch, ...]:
@@ -201,6 +215,7 @@ class ObjectPlan:
     import_addresses: dict[str, int]
     replaces: AppliedPatch | None = None
     cold_ranges: tuple[GuardedRange, ...] = ()   # original ``foo.cold`` parts of replaced functions
+    registry: FrameRegistry | None = None        # the patient's unwinder registry (patches with unwind tables)
 
 
 def read_comm(pid: int) -> str:
@@ -236,7 +251,13 @@ def decode_applied(mapping: Mapping, header_bytes: bytes, contents: bytes | None
     data_size = struct.unpack_from("<I", header_bytes, DATA_SIZE_FIELD)[0]
     if data_size % PAGE_SIZE or data_size > MAX_DATA_SIZE:
         data_size = 0       # not ours (LibCare leaves the field 0): the mapping is all there is
-    return AppliedPatch(mapping, header, identity, tuple(entries), tuple(undo), tuple(names), data_size=data_size)
+    tables, return_stub = None, 0
+    if contents is not None and entries:
+        data_start = mapping.start + data_pages_offset(header.user_undo, len(entries))
+        tables = tables_in_mapping(mapping.start, contents, header.kpatch_offset, data_start, entries[0].saddr)
+        return_stub = return_stub_in_mapping(mapping.start, contents, header.user_undo, len(entries))
+    return AppliedPatch(mapping, header, identity, tuple(entries), tuple(undo), tuple(names), data_size=data_size,
+                        tables=tables, return_stub=return_stub)
 
 
 def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, AppliedPatch]:
@@ -476,8 +497,35 @@ def plan_object(patient: Patient, mapped: MappedObject, image: PatchImage, taken
     taken.append((address, address + size))
     linked = link_patch(image, address, mapped.load_bias, import_addresses)
     _check_entries(linked, mapped)
+    registry = frame_registry(patient) if has_unwind_tables(image) else None
+    plan_tables(image, address, mapped.load_bias, 0, registry, patient.pid)     # refuses before any stop
     return ObjectPlan(mapped, image, linked, ifuncs, import_addresses, replaces,
-                      cold_ranges(patient, mapped, image, linked))
+                      cold_ranges(patient, mapped, image, linked), registry)
+
+
+def frame_registry(patient: Patient) -> FrameRegistry | None:
+    """libgcc's frame registration functions in the patient, bound as the dynamic linker
+    binds them (see :mod:`.unwind_registry`); None when no object defines them."""
+    for mapped in patient.objects:
+        try:
+            patient.file_of(mapped)
+        except CareError:
+            continue
+    order = search_order(patient.objects, patient.executable(), patient.files, preloaded_libraries(patient.pid))
+
+    def lookup(mapped: MappedObject, name: str) -> int | None:
+        parsed = patient.files.get(id(mapped))
+        symbol = parsed.lookup_dynamic(name, None) if parsed is not None else None
+        return mapped.load_bias + symbol.vaddr if symbol is not None and symbol.vaddr else None
+
+    def lookup_local(mapped: MappedObject, name: str) -> int | None:
+        # libgcc linked statically (-static-libgcc): its copy in the executable's .symtab
+        parsed = patient.files.get(id(mapped))
+        symbol = parsed.lookup_local(name) if parsed is not None else None
+        return mapped.load_bias + symbol.vaddr if symbol is not None and symbol.vaddr else None
+
+    executable = patient.executable()
+    return find_registry(order, lookup) or (find_registry([executable], lookup_local) if executable else None)
 
 
 def cold_ranges(patient: Patient, mapped: MappedObject, image: PatchImage,
@@ -523,6 +571,7 @@ class Journal:
         self.patient = patient
         self.writes: list[tuple[int, bytes]] = []     # (address, bytes before)
         self.mappings: list[tuple[int, int]] = []     # (address, size) mapped by us
+        self.tables: list[tuple[FrameRegistry, MappedTables, int]] = []   # registered (and their call stub)
 
     def write(self, address: int, data: bytes, before: bytes) -> None:
         self.writes.append((address, before))
@@ -534,6 +583,14 @@ class Journal:
                 self.patient.write(address, before)
             except CareError:
                 pass
+        for registry, tables, return_stub in reversed(self.tables):
+            try:
+                release_tables(self.patient, registry, tables, return_stub)
+            except CareError:
+                # The unwinder may still point into the mapping: leave it mapped (a
+                # leftover the next run deregisters and removes), never dangling.
+                self.mappings.clear()
+        self.tables.clear()
         for address, size in reversed(self.mappings):
             try:
                 self.patient.munmap(address, size)
@@ -620,6 +677,27 @@ def resolve_ifuncs(stopped: StoppedProcess, plan: ObjectPlan) -> None:
         target = stopped.remote_call(resolver, (), return_stub)
         slot = plan.linked.address + layout.jump_entry_offset(index) + JUMP_ENTRY_SLOT
         stopped.write(slot, struct.pack("<Q", target))
+
+
+def register_patch_frames(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> None:
+    """Step 5e: the patch code's unwind tables registered in the patient's unwinder
+    (:mod:`.unwind_registry`), after the mapping is sealed and before any jump; the
+    journal deregisters them if the run is rolled back."""
+    code = next((entry.saddr for entry in plan.linked.entries), 0)
+    tables = plan_tables(plan.image, plan.linked.address, plan.mapped.load_bias, code, plan.registry, stopped.pid)
+    if tables is None or plan.registry is None:
+        return
+    return_stub = plan.linked.address + plan.linked.layout.trap_offset
+    journal.tables.append((plan.registry, tables, return_stub))
+    register_tables(stopped, plan.registry, tables, return_stub)
+
+
+def release_frames(stopped: StoppedProcess, applied: AppliedPatch, registry: FrameRegistry | None) -> None:
+    """Deregister the unwind tables of a patch mapping about to be unmapped, if they are
+    registered. Raises ProcessError when that cannot be made sure: the caller then keeps
+    the mapping (a registration must never outlive its memory)."""
+    if applied.tables is not None:
+        release_tables(stopped, registry, applied.tables, applied.return_stub)
 
 
 def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
@@ -809,6 +887,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
                 if plan.ifuncs:
                     with faults.step("resolve-ifunc", pid):
                         resolve_ifuncs(stopped, plan)
+                register_patch_frames(stopped, plan, journal)
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
             with faults.step("safety-check", pid):
                 wait_until_safe(stopped, patient, ranges, timeout, "patch")
@@ -825,6 +904,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
             for replaced in plan.replaces.all_mappings if plan.replaces is not None else ():
                 with faults.step("unmap-old", pid):
                     try:
+                        release_frames(stopped, replaced, plan.registry)
                         stopped.munmap(replaced.mapping.start, replaced.total_size)
                     except CareError:
                         pass    # unreferenced now; only memory is lost (the next patch or unpatch retries)
@@ -947,9 +1027,11 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
                     raise
                 # Nothing jumps to them any more. An unmap that fails leaves an unused
                 # mapping: reported, and removed by the next patch or unpatch.
+                registry = frame_registry(patient) if any(a.tables for a in everything) else None
                 for applied in everything:
                     with faults.step("unmap", pid):
                         try:
+                            release_frames(stopped, applied, registry)
                             stopped.munmap(applied.mapping.start, applied.total_size)
                         except CareError as exc:
                             unmap_failed[applied.build_id] = (

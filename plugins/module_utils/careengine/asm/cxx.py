@@ -1,35 +1,32 @@
-"""Which changes of a C++ unit a live patch may carry today.
+"""Which changes of a C++ unit a live patch may carry.
 
-The patient's unwinder finds the unwind tables of the objects the dynamic loader
-loaded; those of patch code are not registered in the patient yet. An exception thrown
-through patched code would therefore end the process (``std::terminate``). So a changed
-or new C++ function is accepted only when no exception can pass through it:
+Changed and new C++ functions may call others, throw, and catch: the patch carries their
+unwind records and exception tables (:mod:`.eh_frame`) and the apply step registers
+them in the patient's unwinder, so an exception thrown through patched code is caught
+where it was before. Refused, with :class:`UnpatchableChange` naming the functions or
+classes demangled and the reason:
 
-* it calls nothing (no ``call``, no tail ``jmp`` to another symbol) and has no
-  exception handler or cleanup (``.cfi_personality``/``.cfi_lsda``);
-* it is not an inline function or template instance emitted in a COMDAT group (one
-  copy per unit that uses it: patching them "once, consistently" across units is not
-  done yet);
-* the unit adds no data (static initialisation guards, new literals...).
-
-Everything else is refused with :class:`UnpatchableChange`, naming the functions
-demangled and the reason.
+* an inline function or template instance emitted in a COMDAT group (one copy per unit
+  that uses it: patching them "once, consistently" across units is not done yet);
+* a unit that adds data (static initialisation guards, new literals of ``static``
+  objects...);
+* a changed vtable, typeinfo or VTT of a class (a changed set of virtual functions or
+  bases): objects that exist keep pointing at the old one (:func:`describe_class_data`).
 """
 
 from __future__ import annotations
 
+import re
 import subprocess
 from collections.abc import Iterable, Sequence
 
 from ..errors import UnpatchableChange
-from .normalize import LOCAL_LABEL_PREFIX
-from .parse import AsmFile, Block, Kind
+from .parse import AsmFile, Block
 
-HANDLER_DIRECTIVES = frozenset((".cfi_personality", ".cfi_lsda"))
-CALLS = ("call",)
-JUMPS = ("jmp",)
-WHY_NOT_YET = ("only C++ functions that call nothing, handle no exception and are not inline or template "
-               "instances can be live-patched today")
+WHY_NOT_YET = "inline functions and template instances (COMDAT) cannot be live-patched yet"
+# Class data g++ emits, by mangled prefix (Itanium C++ ABI).
+CLASS_DATA = {"_ZTV": "vtable", "_ZTI": "typeinfo", "_ZTS": "typeinfo name", "_ZTT": "VTT"}
+CLASS_DATA_RE = re.compile(r"\b(_ZT[VIST]\w+)")
 
 
 def demangle(names: Sequence[str]) -> list[str]:
@@ -44,27 +41,25 @@ def demangle(names: Sequence[str]) -> list[str]:
     return found if len(found) == len(names) else list(names)
 
 
-def _target(line) -> str:
-    return line.args.split(",")[0].strip()
-
-
-def exception_hazard(block: Block, asm: AsmFile) -> str | None:
-    """Why an exception could pass through (or an issue arise in) ``block``; None when it is safe."""
+def refusal_reason(block: Block, asm: AsmFile) -> str | None:
+    """Why ``block`` cannot be patched as a C++ function; None when it can."""
     spec = asm.section_specs.get(block.section, "")
     if "comdat" in spec or block.section.startswith(".gnu.linkonce"):
         return "is an inline function or template instance emitted in every unit using it (COMDAT)"
-    for line in block.lines:
-        if line.kind is Kind.CFI and line.head in HANDLER_DIRECTIVES:
-            return "has an exception handler or cleanup"
-        if line.kind is not Kind.INSTRUCTION:
-            continue
-        if line.head.startswith(CALLS):
-            return f"calls {_target(line)}"
-        if line.head.startswith(JUMPS):
-            target = _target(line)
-            if target.startswith("*") or not (target.startswith(LOCAL_LABEL_PREFIX) or target in block.names):
-                return f"jumps to {target}"
     return None
+
+
+def describe_class_data(message: str) -> str | None:
+    """A refusal about changed data, reworded when the data is a class's vtable,
+    typeinfo or VTT (``vtable for Square changed``); None when it is not."""
+    found = CLASS_DATA_RE.search(message)
+    if not found:
+        return None
+    mangled = found.group(1)
+    what = CLASS_DATA[mangled[:4]]
+    class_name = demangle([mangled])[0].removeprefix(f"{what} for ")
+    return (f"the {what} of class {class_name} changed (virtual functions, bases or layout): objects that exist "
+            "keep using the old one, so this cannot be live-patched")
 
 
 def check_change(patched: AsmFile, changed: Iterable[str], new_functions: Iterable[str],
@@ -79,7 +74,7 @@ def check_change(patched: AsmFile, changed: Iterable[str], new_functions: Iterab
     reasons = []
     for name in list(changed) + list(new_functions):
         block = functions.get(name)
-        hazard = exception_hazard(block, patched) if block is not None else "is not in the patched assembler"
+        hazard = refusal_reason(block, patched) if block is not None else "is not in the patched assembler"
         if hazard:
             reasons.append((name, hazard))
     if reasons:

@@ -212,7 +212,8 @@ def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict
     block = function.block
     output_name = function.output_name
     end = (output_name if output_name.endswith(KPATCH_SUFFIX) else kpatch_name(output_name)) + "_end"
-    rename = _block_renamer(block, names)
+    slots: dict[str, str] = {}
+    rename = _with_pointer_slots(_block_renamer(block, names), slots, f".Lkpref{strtab_index}_")
     unwind = eh_frame.UnwindCollector(f".Lkpcfi{strtab_index}_")
     body = _translated_lines(block, specs, rename, keep_attributes=function.original is None
                              and output_name == block.name, size_labels={block.name: end},
@@ -245,7 +246,38 @@ def function_patch(function: PatchedFunction, specs: dict[str, str], names: dict
         "\t.byte\t0, 0, 0, 0",
         "\t.popsection",
         *unwind.records(),
+        *_pointer_slot_lines(slots, rename),
     ]
+
+
+# g++ reaches the personality routine and the typeinfo its exception tables name through
+# hidden "DW.ref.X" pointers in COMDAT groups; the linker keeps one unit's copy and
+# refuses references to the others' from any section but .eh_frame itself.
+DW_REF_PREFIX = "DW.ref."
+
+
+def _with_pointer_slots(rename: Callable[[str], str], slots: dict[str, str],
+                        prefix: str) -> Callable[[str], str]:
+    """``rename``, with every ``DW.ref.X`` turned into a pointer slot of the patch's own
+    (filled in by :func:`_pointer_slot_lines`): the same indirection, no COMDAT."""
+
+    def renamed(token: str) -> str:
+        if token.startswith(DW_REF_PREFIX):
+            return slots.setdefault(token, f"{prefix}{len(slots)}")
+        return rename(token)
+
+    return renamed
+
+
+def _pointer_slot_lines(slots: dict[str, str], rename: Callable[[str], str]) -> list[str]:
+    """``.kpatch.data`` words holding the address of each ``DW.ref.X``'s ``X``."""
+    if not slots:
+        return []
+    lines = [f"\t.pushsection\t{KPATCH_SECTIONS[KPATCH_DATA]}", "\t.balign\t8"]
+    for reference, label in slots.items():
+        lines.extend([f"{label}:", f"\t.quad\t{rename(reference[len(DW_REF_PREFIX):])}"])
+    lines.append("\t.popsection")
+    return lines
 
 
 def variable_patch(block: Block, specs: dict[str, str], names: dict[str, str]) -> list[str]:

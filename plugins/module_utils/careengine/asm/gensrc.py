@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from itertools import zip_longest
 
 from ..errors import AsmParseError, CareError, UnpatchableChange
-from . import emit, match, parse
+from . import cxx, emit, match, parse
 from .normalize import IGNORED_KINDS, collapse_blanks, statement_text
 
 # Names of compiler-made variables that are not worth reporting as "new variables".
@@ -66,8 +66,13 @@ def generate(original_asm: str, patched_asm: str, *, filename: str = "",
             to_original=matching.patched_to_original,
         )
     except CareError as error:
+        class_data = cxx.describe_class_data(str(error)) if isinstance(error, UnpatchableChange) else None
+        if class_data:
+            error = UnpatchableChange(class_data)
         if filename:
             raise type(error)(f"{filename}: {error}") from error
+        if class_data:
+            raise error from None
         raise
     return GensrcResult(
         text=text,
