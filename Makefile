@@ -36,6 +36,7 @@ setup-realproject:
 	tests/realproject/prepare.sh
 	tests/realproject/nginx/prepare.sh
 	tests/realproject/cjson/prepare.sh
+	tests/realproject/tinyxml/prepare.sh
 
 ## test: everything; any failure fails the run
 test: lint collected unit integration ansible-test

@@ -26,6 +26,7 @@ benches=(
     "watch 120 $py $here/watch.py"
     "build_overhead 320 $here/build_overhead.sh"
     "build_overhead_cjson 200 $here/build_overhead_cjson.sh"
+    "build_overhead_tinyxml 200 $here/build_overhead_tinyxml.sh"
 )
 wanted=("$@")
 failed=0
