@@ -145,3 +145,29 @@ def test_unsupported_directives_are_refused(head, args):
     collector.directive(".cfi_startproc", "", "f")
     with pytest.raises(UnpatchableChange, match="f: "):
         collector.directive(head, args, "f")
+
+
+def test_personality_and_typeinfo_pointers_survive_a_link_that_discards_this_units_comdat_copies(linked, tmp_path):
+    """g++ reaches them through DW.ref.X in COMDAT groups; linked after another unit that
+    has them, this unit's copies are discarded, and a reference from .kpatch.* would fail
+    the link. The patch uses pointer slots of its own."""
+    result = linked[0]
+    in_patch, patch_lines = False, []
+    for line in result.text.splitlines():
+        if line.startswith("\t.pushsection\t.kpatch."):
+            in_patch = True
+        elif line.startswith("\t.popsection"):
+            in_patch = False
+        elif in_patch:
+            patch_lines.append(line)
+    assert any(".Lkpref" in line for line in patch_lines)
+    assert not any("DW.ref." in line for line in patch_lines)
+    (tmp_path / "other.cc").write_text('#include <stdexcept>\nint other(int x) { try { if (x) throw 1; } '
+                                       'catch (const std::runtime_error &) { return 2; } catch (int) { return 3; } '
+                                       'return 0; }\n')
+    subprocess.run(["g++", "-O2", "-fPIE", "-c", "-o", str(tmp_path / "other.o"), str(tmp_path / "other.cc")],
+                   check=True)
+    (tmp_path / "instrumented.s").write_text(result.text)
+    linking = subprocess.run(["g++", "-pie", "-o", str(tmp_path / "both"), str(tmp_path / "other.o"),
+                              str(tmp_path / "instrumented.s")], capture_output=True, text=True, check=False)
+    assert linking.returncode == 0, linking.stderr[-2000:]
