@@ -109,7 +109,7 @@ def stack_switching(objects: list[MappedObject], files: dict[int, ObjectFile]) -
     """Every sign of stack switching among the process's mapped objects."""
     reasons: list[str] = []
     for mapped in objects:
-        parsed = files.get(id(mapped))
+        parsed = files.get(mapped.start)
         if parsed is None:
             continue
         try:

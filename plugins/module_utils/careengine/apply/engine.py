@@ -180,17 +180,17 @@ class Patient:
     mappings: list[Mapping]
     objects: list[MappedObject]
     applied: dict[str, AppliedPatch]
-    files: dict[int, ObjectFile] = field(default_factory=dict)   # id(MappedObject) -> parsed file
+    files: dict[int, ObjectFile] = field(default_factory=dict)   # MappedObject.start -> parsed file
     trampolines: frozenset[int] = frozenset()   # addresses of sigreturn trampolines (signal frames)
     waited_ns: int = 0                          # time the safety check waited for busy threads
     force_unsafe: bool = False                  # patch although a stack may be unaccounted for
     forced: list[str] = field(default_factory=list)   # the doubts force_unsafe went past
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
-        parsed = self.files.get(id(mapped))
+        parsed = self.files.get(mapped.start)
         if parsed is None:
             parsed = object_file(self.pid, mapped)
-            self.files[id(mapped)] = parsed
+            self.files[mapped.start] = parsed
         return parsed
 
     def executable(self) -> MappedObject | None:
@@ -273,11 +273,11 @@ def read_applied_patches(pid: int, mappings: list[Mapping]) -> dict[str, Applied
             continue
     sites = [(patch, entry) for patch in decoded for entry in patch.entries if not entry.is_new]
     current = read_ranges_lenient(pid, [(entry.daddr, JUMP_SIZE) for _, entry in sites]) if sites else []
-    jumps: dict[int, int] = {}
+    jumps: dict[int, int] = {}              # patch mapping start -> jumps to it in place
     for (patch, entry), data in zip(sites, current, strict=True):
         if data is not None and data == _jump_or_none(entry):
-            jumps[id(patch)] = jumps.get(id(patch), 0) + 1
-    return by_object([replace(patch, jumps_in_place=jumps.get(id(patch), 0)) for patch in decoded])
+            jumps[patch.mapping.start] = jumps.get(patch.mapping.start, 0) + 1
+    return by_object([replace(patch, jumps_in_place=jumps.get(patch.mapping.start, 0)) for patch in decoded])
 
 
 def by_object(patches: list[AppliedPatch]) -> dict[str, AppliedPatch]:
@@ -472,11 +472,11 @@ def _libraries_not_loaded(patient: Patient, order: list[MappedObject]) -> list[s
     loaded = set()
     for mapped in order:
         loaded.add(os.path.basename(mapped.path))
-        soname = patient.files[id(mapped)].soname if id(mapped) in patient.files else None
+        soname = patient.files[mapped.start].soname if mapped.start in patient.files else None
         if soname:
             loaded.add(soname)
-    return sorted({name for mapped in order if id(mapped) in patient.files
-                   for name in patient.files[id(mapped)].needed if name not in loaded})
+    return sorted({name for mapped in order if mapped.start in patient.files
+                   for name in patient.files[mapped.start].needed if name not in loaded})
 
 
 def choose_patch_address(mappings: list[Mapping], target: MappedObject, size: int,
@@ -514,13 +514,13 @@ def frame_registry(patient: Patient) -> FrameRegistry | None:
     order = search_order(patient.objects, patient.executable(), patient.files, preloaded_libraries(patient.pid))
 
     def lookup(mapped: MappedObject, name: str) -> int | None:
-        parsed = patient.files.get(id(mapped))
+        parsed = patient.files.get(mapped.start)
         symbol = parsed.lookup_dynamic(name, None) if parsed is not None else None
         return mapped.load_bias + symbol.vaddr if symbol is not None and symbol.vaddr else None
 
     def lookup_local(mapped: MappedObject, name: str) -> int | None:
         # libgcc linked statically (-static-libgcc): its copy in the executable's .symtab
-        parsed = patient.files.get(id(mapped))
+        parsed = patient.files.get(mapped.start)
         symbol = parsed.lookup_local(name) if parsed is not None else None
         return mapped.load_bias + symbol.vaddr if symbol is not None and symbol.vaddr else None
 
@@ -926,7 +926,7 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
     patient = read_patient(pid)
     patient.force_unsafe = force_unsafe
     matches = match_patches(patient, source, level)
-    results: dict[int, ObjectResult] = {}
+    results: dict[int, ObjectResult] = {}    # by MappedObject.start
     plans: list[ObjectPlan] = []
     taken: list[tuple[int, int]] = []
     for mapped, patch in matches:
@@ -940,12 +940,12 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
                 plans.append(plan_object(patient, mapped, image, taken,
                                          applied if decision.action == "replace" else None))
                 continue
-            results[id(mapped)] = ObjectResult(
+            results[mapped.start] = ObjectResult(
                 mapped.path, mapped.build_id or "", decision.action,
                 applied_level=previous, previous_level=previous, reason=decision.reason,
                 functions=applied.replaced_functions if applied else image.replaced_functions)
         except CareError as exc:
-            results[id(mapped)] = ObjectResult(mapped.path, mapped.build_id or "", "failed", previous, previous,
+            results[mapped.start] = ObjectResult(mapped.path, mapped.build_id or "", "failed", previous, previous,
                                                str(exc))
     paused_us = None
     failure = ""
@@ -982,8 +982,8 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
                 reason += f"; FORCED (force_unsafe) although {patient.forced[0]}"
             result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "applied", plan.image.level,
                                   previous, reason, paused_us, plan.image.replaced_functions)
-        results[id(plan.mapped)] = result
-    ordered = [results[id(m)] for m, _ in matches if id(m) in results]
+        results[plan.mapped.start] = result
+    ordered = [results[m.start] for m, _ in matches if m.start in results]
     waited_us = patient.waited_ns // 1000 if plans and not check else None
     return ProcessResult(pid, patient.comm, tuple(ordered), "", paused_us, waited_us)
 

@@ -476,27 +476,27 @@ def search_order(objects: list[MappedObject], executable: MappedObject | None,
     file name), then any other loaded object in maps order (dlopen'ed, the dynamic linker)."""
     by_name: dict[str, MappedObject] = {}
     for mapped in objects:
-        parsed = files.get(id(mapped))
+        parsed = files.get(mapped.start)
         if parsed is not None and parsed.soname:
             by_name.setdefault(parsed.soname, mapped)
         by_name.setdefault(os.path.basename(mapped.path), mapped)
         by_name.setdefault(mapped.path, mapped)
     order: list[MappedObject] = []
-    seen: set[int] = set()
+    seen: set[int] = set()                  # MappedObject.start of those in order
     queue = [executable] if executable is not None else []
     queue += [by_name[name] for name in preload if name in by_name]
     while queue:
         mapped = queue.pop(0)
-        if id(mapped) in seen:
+        if mapped.start in seen:
             continue
-        seen.add(id(mapped))
+        seen.add(mapped.start)
         order.append(mapped)
-        parsed = files.get(id(mapped))
+        parsed = files.get(mapped.start)
         for name in parsed.needed if parsed is not None else ():
             dependency = by_name.get(name)
-            if dependency is not None and id(dependency) not in seen:
+            if dependency is not None and dependency.start not in seen:
                 queue.append(dependency)
-    order.extend(mapped for mapped in objects if id(mapped) not in seen)
+    order.extend(mapped for mapped in objects if mapped.start not in seen)
     return order
 
 

@@ -330,7 +330,7 @@ def make_rule_finder(objects: list[MappedObject], files: dict[int, object]) -> R
         mapped = ordered[position]
         if not any(m.contains(pc) and m.executable for m in mapped.mappings):
             return None, False
-        parsed = files.get(id(mapped))
+        parsed = files.get(mapped.start)
         if parsed is None:
             return None, False
         return parsed.frame_rule(pc - mapped.load_bias), True

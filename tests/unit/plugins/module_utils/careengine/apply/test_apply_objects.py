@@ -87,12 +87,12 @@ def test_search_order_follows_needed_breadth_first():
     exe, liba, libb, libc_, ld, extra = (_mapped(p, i * 0x10000) for i, p in enumerate(
         ["/bin/app", "/lib/liba.so", "/lib/libb.so.1", "/lib/libc.so.6", "/lib/ld-linux-x86-64.so.2", "/x/plugin.so"]))
     files = {
-        id(exe): SimpleNamespace(soname=None, needed=("libb.so.1", "liba.so")),
-        id(liba): SimpleNamespace(soname="liba.so", needed=("libc.so.6",)),
-        id(libb): SimpleNamespace(soname="libb.so.1", needed=("libc.so.6",)),
-        id(libc_): SimpleNamespace(soname="libc.so.6", needed=("ld-linux-x86-64.so.2",)),
-        id(ld): SimpleNamespace(soname="ld-linux-x86-64.so.2", needed=()),
-        id(extra): SimpleNamespace(soname=None, needed=()),
+        exe.start: SimpleNamespace(soname=None, needed=("libb.so.1", "liba.so")),
+        liba.start: SimpleNamespace(soname="liba.so", needed=("libc.so.6",)),
+        libb.start: SimpleNamespace(soname="libb.so.1", needed=("libc.so.6",)),
+        libc_.start: SimpleNamespace(soname="libc.so.6", needed=("ld-linux-x86-64.so.2",)),
+        ld.start: SimpleNamespace(soname="ld-linux-x86-64.so.2", needed=()),
+        extra.start: SimpleNamespace(soname=None, needed=()),
     }
     objects = [extra, ld, libc_, liba, libb, exe]          # maps order differs from link order
     order = search_order(objects, exe, files)
@@ -103,8 +103,8 @@ def test_search_order_follows_needed_breadth_first():
 def test_preloaded_libraries_come_right_after_the_executable():
     exe, libc_, preload = (_mapped(p, i * 0x10000) for i, p in enumerate(
         ["/bin/app", "/lib/libc.so.6", "/usr/lib/libstdbuf.so"]))
-    files = {id(exe): SimpleNamespace(soname=None, needed=("libc.so.6",)),
-             id(libc_): SimpleNamespace(soname="libc.so.6", needed=()),
-             id(preload): SimpleNamespace(soname=None, needed=("libc.so.6",))}
+    files = {exe.start: SimpleNamespace(soname=None, needed=("libc.so.6",)),
+             libc_.start: SimpleNamespace(soname="libc.so.6", needed=()),
+             preload.start: SimpleNamespace(soname=None, needed=("libc.so.6",))}
     order = search_order([libc_, preload, exe], exe, files, ("/usr/lib/libstdbuf.so",))
     assert [o.path for o in order] == ["/bin/app", "/usr/lib/libstdbuf.so", "/lib/libc.so.6"]
