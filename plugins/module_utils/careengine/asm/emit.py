@@ -177,20 +177,25 @@ def _translated_lines(block: Block, specs: dict[str, str], rename: Callable[[str
             current = target
         if line.kind is Kind.SIZE and line.first_arg() in size_labels:
             output.append(size_labels[line.first_arg()] + ":")
-        if line.kind is Kind.CFI and unwind is not None:
-            args = rename_symbols(line.args, rename) if line.args else ""
-            output.extend(unwind.directive(line.head, args, block.name))
-        elif line.kind is Kind.COMM:
-            output.extend(_common_as_data(line, rename))
-        elif line.kind in (Kind.LABEL, Kind.DEBUG_LABEL):
-            # Debug labels too: g++'s exception tables of the copy refer to them (.LFB, .LCOLDB).
-            output.append(rename(line.head) + ":")
-        elif through_got is not None:
-            output.extend(f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in through_got)
-        else:
-            args = rename_symbols(line.args, rename) if line.args else ""
-            output.append(f"\t{line.head}\t{args}".rstrip())
+        output.extend(_translated_line(line, rename, through_got, block.name, unwind))
     return output
+
+
+def _translated_line(line: Line, rename: Callable[[str], str], through_got: list[gotpcrel.Statement] | None,
+                     where: str, unwind: eh_frame.UnwindCollector | None) -> list[str]:
+    """The output lines of one line of a patched block (symbols renamed)."""
+    if line.kind is Kind.CFI and unwind is not None:
+        args = rename_symbols(line.args, rename) if line.args else ""
+        return unwind.directive(line.head, args, where)
+    if line.kind is Kind.COMM:
+        return _common_as_data(line, rename)
+    if line.kind in (Kind.LABEL, Kind.DEBUG_LABEL):
+        # Debug labels too: g++'s exception tables of the copy refer to them (.LFB, .LCOLDB).
+        return [rename(line.head) + ":"]
+    if through_got is not None:
+        return [f"\t{head}\t{rename_symbols(args, rename)}".rstrip() for head, args in through_got]
+    args = rename_symbols(line.args, rename) if line.args else ""
+    return [f"\t{line.head}\t{args}".rstrip()]
 
 
 def _common_as_data(line: Line, rename: Callable[[str], str]) -> list[str]:
