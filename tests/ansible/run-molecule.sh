@@ -13,8 +13,10 @@ export CONTAINERS_CONF=$ROOT/extensions/molecule/containers.conf
 # shellcheck disable=SC1091
 source "$ROOT/.venv/bin/activate"
 export ANSIBLE_FORCE_COLOR=${ANSIBLE_FORCE_COLOR:-0}
-podman image exists localhost/libcare-debian:12 || {
-    echo "no image localhost/libcare-debian:12: run tests/ansible/setup-containers.sh" >&2
+image=localhost/libcare-debian:12
+[ "$scenario" = watch ] && image=localhost/libcare-debian-systemd:12
+podman image exists "$image" || {
+    echo "no image $image: run tests/ansible/setup-containers.sh" >&2
     exit 2
 }
 ls "$ROOT"/.cache/wheels/*.whl >/dev/null 2>&1 || {

@@ -6,6 +6,7 @@
 #   - .cache/wheels: wheels of the engine's target dependencies (the apply_patch role
 #     installs them on targets without network)
 #   - the image localhost/libcare-debian:12, built once with debootstrap (reused when present)
+#   - localhost/libcare-debian-systemd:12, that image plus systemd (the watch scenario)
 # Idempotent: every step is skipped when its result is already there.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -14,6 +15,7 @@ VENV=$ROOT/.venv
 PY=$VENV/bin/python
 CACHE=$ROOT/.cache
 IMAGE=${LIBCARE_IMAGE:-localhost/libcare-debian:12}
+SYSTEMD_IMAGE=${LIBCARE_SYSTEMD_IMAGE:-localhost/libcare-debian-systemd:12}
 export CONTAINERS_CONF=$ROOT/extensions/molecule/containers.conf
 APT=(env DEBIAN_FRONTEND=noninteractive apt-get -y -o DPkg::Lock::Timeout=600)
 
@@ -82,4 +84,16 @@ else
     rm -rf "$rootfs"/var/lib/apt/lists/*
     tar -C "$rootfs" -c . | podman import --change 'CMD ["/bin/bash"]' - "$IMAGE" >/dev/null
     log "image $IMAGE built"
+fi
+
+# --- the image with systemd (the watch scenario boots it as PID 1) --------------------------
+# One cheap layer over the image above (~10 s), not a second debootstrap: apt-get inside a
+# build container with the host's network (the containers themselves run without one).
+if podman image exists "$SYSTEMD_IMAGE"; then
+    log "image $SYSTEMD_IMAGE present"
+else
+    log "image $SYSTEMD_IMAGE: $IMAGE + systemd, systemd-sysv"
+    podman build --quiet --network=host --build-arg "BASE=$IMAGE" -t "$SYSTEMD_IMAGE" \
+        -f "$ROOT/tests/ansible/systemd.Containerfile" "$ROOT/tests/ansible" >/dev/null
+    log "image $SYSTEMD_IMAGE built"
 fi
