@@ -54,7 +54,7 @@ unit:
 integration:
 	$(PY) -m pytest -q -p no:cacheprovider tests/integration
 
-ansible-test: ansible-sanity ansible-lint ansible-integration molecule clean-install
+ansible-test: ansible-sanity ansible-lint ansible-integration molecule molecule-watch clean-install
 
 ansible-sanity:
 	tests/ansible/run-sanity.sh
