@@ -56,7 +56,7 @@ from ..process import (
     read_ranges,
     read_ranges_lenient,
 )
-from ..results import ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
+from ..results import ObjectAction, ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource, StoredPatch
 from .coroutines import stack_switching
 from .image import DATA_SIZE_FIELD, IDENTITY_FIELD, LinkedPatch, PatchImage, link_patch, read_patch_image, split_import
@@ -68,7 +68,7 @@ from .layout import (
     jump_instruction,
     reach_window,
 )
-from .objects import ObjectFile, object_file, preloaded_libraries, search_order
+from .objects import ObjectFile, SymbolDef, object_file, preloaded_libraries, search_order
 from .run_to_return import ReturnRunner
 from .safety import (
     BusyThread,
@@ -387,7 +387,8 @@ def _load_patch(source: PatchSource, found: StoredPatch) -> PatchFile:
 
 @dataclass(frozen=True)
 class Decision:
-    """What to do with one object: apply, replace, skipped or failed."""
+    """What to do with one object: "apply", "replace", or the result it gets without a plan
+    (:attr:`ObjectAction.SKIPPED`, :attr:`ObjectAction.FAILED`)."""
 
     action: str
     reason: str = ""
@@ -406,15 +407,15 @@ def decide_level(image: PatchImage, applied: AppliedPatch | None) -> Decision:
     if applied.level == requested:
         if not applied.identity:
             # Applied by another tool (LibCare): nothing in memory identifies the patch.
-            return Decision("skipped", f"level {requested} is already applied (by another tool; "
+            return Decision(ObjectAction.SKIPPED, f"level {requested} is already applied (by another tool; "
                                        "its contents cannot be compared)")
         if applied.identity == image.identity:
-            return Decision("skipped", f"level {requested} is already applied")
-        return Decision("failed", f"a different patch is already applied at level {requested}; "
+            return Decision(ObjectAction.SKIPPED, f"level {requested} is already applied")
+        return Decision(ObjectAction.FAILED, f"a different patch is already applied at level {requested}; "
                                   "give the new patch a higher level")
     if requested > applied.level:
         return Decision("replace", f"replacing level {applied.level} with level {requested}")
-    return Decision("skipped", f"level {applied.level} is applied, newer than the requested level {requested}")
+    return Decision(ObjectAction.SKIPPED, f"level {applied.level} is applied, newer than the requested level {requested}")
 
 
 # ---------------------------------------------------------------------------- planning
@@ -437,33 +438,41 @@ def resolve_imports(patient: Patient, image: PatchImage, target: MappedObject) -
     addresses: dict[str, int] = {}
     ifuncs: dict[str, int] = {}
     for name in image.imports:
-        base, version = split_import(name)
-        found = None
-        for mapped in order:
-            symbol = patient.file_of(mapped).lookup_dynamic(base, version)
-            if symbol is not None:
-                found = (mapped, symbol)
-                break
-        if found is None:
-            symbol = patient.file_of(target).lookup_local(base)
-            if symbol is not None:
-                found = (target, symbol)
+        found = _find_definition(patient, order, target, name)
         if found is None:
             if name in weak_imports:
                 addresses[name] = 0
                 continue
-            missing = _libraries_not_loaded(patient, order)
-            if missing:
-                raise SymbolNotFound(f"process {patient.pid} is still starting ({', '.join(missing)} not loaded "
-                                     f"yet), so symbol {name} cannot be resolved; try again")
-            raise SymbolNotFound(f"symbol {name} needed by the patch for {target.path} is defined in none of "
-                                 f"the objects loaded in process {patient.pid}")
+            raise _unresolved(patient, order, target, name)
         mapped, symbol = found
         address = mapped.load_bias + symbol.vaddr
         addresses[name] = address
         if symbol.is_ifunc:
             ifuncs[name] = address
     return addresses, ifuncs
+
+
+def _find_definition(patient: Patient, order: list[MappedObject], target: MappedObject,
+                     name: str) -> tuple[MappedObject, SymbolDef] | None:
+    """The first definition of import ``name`` in search ``order``, else in the target's
+    own ``.symtab``; None if nothing defines it."""
+    base, version = split_import(name)
+    for mapped in order:
+        symbol = patient.file_of(mapped).lookup_dynamic(base, version)
+        if symbol is not None:
+            return mapped, symbol
+    symbol = patient.file_of(target).lookup_local(base)
+    return (target, symbol) if symbol is not None else None
+
+
+def _unresolved(patient: Patient, order: list[MappedObject], target: MappedObject, name: str) -> SymbolNotFound:
+    """The error for an import nothing defines: a process still starting, or a wrong patch."""
+    missing = _libraries_not_loaded(patient, order)
+    if missing:
+        return SymbolNotFound(f"process {patient.pid} is still starting ({', '.join(missing)} not loaded "
+                              f"yet), so symbol {name} cannot be resolved; try again")
+    return SymbolNotFound(f"symbol {name} needed by the patch for {target.path} is defined in none of "
+                          f"the objects loaded in process {patient.pid}")
 
 
 def _libraries_not_loaded(patient: Patient, order: list[MappedObject]) -> list[str]:
@@ -875,42 +884,60 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
             + support_calls())
         journal = Journal(stopped)
         try:
-            for plan in plans:
-                with faults.step("mmap", pid):
-                    map_patch(stopped, plan, journal)
-            originals = save_original_bytes(stopped, plans)
-            for plan, saved in zip(plans, originals, strict=True):
-                with faults.step("write-image", pid):
-                    write_patch(stopped, plan, saved)
-                with faults.step("mprotect", pid):
-                    seal_code(stopped, plan)
-                if plan.ifuncs:
-                    with faults.step("resolve-ifunc", pid):
-                        resolve_ifuncs(stopped, plan)
-                register_patch_frames(stopped, plan, journal)
+            _write_patches(stopped, plans, journal)
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
             with faults.step("safety-check", pid):
                 wait_until_safe(stopped, patient, ranges, timeout, "patch")
-            for plan in plans:
-                write_jumps(stopped, plan, journal)
-            for plan in plans:
-                if plan.replaces is not None:
-                    taken_over = frozenset(entry.daddr for entry in plan.linked.entries if not entry.is_new)
-                    restore_functions(stopped, plan.replaces.all_mappings, journal, taken_over)
+            _switch_to_patches(stopped, plans, journal)
         except BaseException:
             journal.rollback()
             raise
-        for plan in plans:
-            for replaced in plan.replaces.all_mappings if plan.replaces is not None else ():
-                with faults.step("unmap-old", pid):
-                    try:
-                        release_frames(stopped, replaced, plan.registry)
-                        stopped.munmap(replaced.mapping.start, replaced.total_size)
-                    except CareError:
-                        pass    # unreferenced now; only memory is lost (the next patch or unpatch retries)
+        _unmap_replaced(stopped, plans)
         with faults.step("resume", pid):
             stopped.resume()
     return stopped.paused_ns
+
+
+def _write_patches(stopped: StoppedProcess, plans: list[ObjectPlan], journal: Journal) -> None:
+    """Steps 5a-5e: every patch mapping created, written whole, sealed, its IFUNC slots
+    resolved and its unwind tables registered; nothing jumps to them yet."""
+    pid = stopped.pid
+    for plan in plans:
+        with faults.step("mmap", pid):
+            map_patch(stopped, plan, journal)
+    originals = save_original_bytes(stopped, plans)
+    for plan, saved in zip(plans, originals, strict=True):
+        with faults.step("write-image", pid):
+            write_patch(stopped, plan, saved)
+        with faults.step("mprotect", pid):
+            seal_code(stopped, plan)
+        if plan.ifuncs:
+            with faults.step("resolve-ifunc", pid):
+                resolve_ifuncs(stopped, plan)
+        register_patch_frames(stopped, plan, journal)
+
+
+def _switch_to_patches(stopped: StoppedProcess, plans: list[ObjectPlan], journal: Journal) -> None:
+    """Steps 5f-5g (threads out of the way): the jumps, each one write; then a replaced
+    level's other functions get their original bytes back."""
+    for plan in plans:
+        write_jumps(stopped, plan, journal)
+    for plan in plans:
+        if plan.replaces is not None:
+            taken_over = frozenset(entry.daddr for entry in plan.linked.entries if not entry.is_new)
+            restore_functions(stopped, plan.replaces.all_mappings, journal, taken_over)
+
+
+def _unmap_replaced(stopped: StoppedProcess, plans: list[ObjectPlan]) -> None:
+    """Step 5h: the mappings of replaced levels, unreferenced now, deregistered and unmapped."""
+    for plan in plans:
+        for replaced in plan.replaces.all_mappings if plan.replaces is not None else ():
+            with faults.step("unmap-old", stopped.pid):
+                try:
+                    release_frames(stopped, replaced, plan.registry)
+                    stopped.munmap(replaced.mapping.start, replaced.total_size)
+                except CareError:
+                    pass    # unreferenced now; only memory is lost (the next patch or unpatch retries)
 
 
 # ---------------------------------------------------------------------------- patch
@@ -930,62 +957,87 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
     plans: list[ObjectPlan] = []
     taken: list[tuple[int, int]] = []
     for mapped, patch in matches:
-        applied = patient.applied.get(mapped.build_id or "")
-        previous = applied.level if applied else None
-        try:
-            image = read_patch_image(patch)
-            validate(image, patient.file_of(mapped), mapped.path)   # every field, before any stop
-            decision = decide_level(image, applied)
-            if decision.action in ("apply", "replace"):
-                plans.append(plan_object(patient, mapped, image, taken,
-                                         applied if decision.action == "replace" else None))
-                continue
-            results[mapped.start] = ObjectResult(
-                mapped.path, mapped.build_id or "", decision.action,
-                applied_level=previous, previous_level=previous, reason=decision.reason,
-                functions=applied.replaced_functions if applied else image.replaced_functions)
-        except CareError as exc:
-            results[mapped.start] = ObjectResult(mapped.path, mapped.build_id or "", "failed", previous, previous,
-                                               str(exc))
+        planned = _plan_or_result(patient, mapped, patch, taken)
+        if isinstance(planned, ObjectPlan):
+            plans.append(planned)
+        else:
+            results[mapped.start] = planned
     paused_us = None
     failure = ""
     if plans and not check:
-        for attempt in range(retries + 1):
-            try:
-                paused_us = apply_plans(pid, patient, plans, timeout) // 1000
-                break
-            except UnsafeToPatch as exc:
-                failure = str(exc)
-                if attempt == retries:
-                    break
-                failure = ""
-            except CareError as exc:
-                failure = str(exc)
-                break
-        if has_exited(pid):
-            failure = f"process {pid} exited during patching; nothing was left in it"
+        paused_us, failure = _apply_with_retries(pid, patient, plans, timeout, retries)
     for plan in plans:
-        previous = plan.replaces.level if plan.replaces else None
-        if failure:
-            result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "failed", previous, previous,
-                                  failure, None, plan.image.replaced_functions)
-        else:
-            if plan.replaces is None:
-                reason = f"level {plan.image.level} applied"
-            elif plan.replaces.complete:
-                reason = f"replaced level {previous} with level {plan.image.level}"
-            else:
-                reason = f"replaced an incomplete level-{previous} patch with level {plan.image.level}"
-            if check:
-                reason = "would have " + reason
-            if patient.forced:
-                reason += f"; FORCED (force_unsafe) although {patient.forced[0]}"
-            result = ObjectResult(plan.mapped.path, plan.mapped.build_id or "", "applied", plan.image.level,
-                                  previous, reason, paused_us, plan.image.replaced_functions)
-        results[plan.mapped.start] = result
+        results[plan.mapped.start] = _plan_result(plan, patient, failure, paused_us, check)
     ordered = [results[m.start] for m, _ in matches if m.start in results]
     waited_us = patient.waited_ns // 1000 if plans and not check else None
-    return ProcessResult(pid, patient.comm, tuple(ordered), "", paused_us, waited_us)
+    return ProcessResult(pid=pid, comm=patient.comm, objects=tuple(ordered), paused_us=paused_us, waited_us=waited_us)
+
+
+def _plan_or_result(patient: Patient, mapped: MappedObject, patch: PatchFile,
+                    taken: list[tuple[int, int]]) -> ObjectPlan | ObjectResult:
+    """Steps 2-4 for one object: its plan, or the result it gets without one (skipped or
+    failed: everything is checked before any stop)."""
+    applied = patient.applied.get(mapped.build_id or "")
+    previous = applied.level if applied else None
+    try:
+        image = read_patch_image(patch)
+        validate(image, patient.file_of(mapped), mapped.path)   # every field, before any stop
+        decision = decide_level(image, applied)
+        if decision.action in ("apply", "replace"):
+            return plan_object(patient, mapped, image, taken, applied if decision.action == "replace" else None)
+        return ObjectResult(path=mapped.path, build_id=mapped.build_id or "", action=decision.action,
+                            applied_level=previous, previous_level=previous, reason=decision.reason,
+                            functions=applied.replaced_functions if applied else image.replaced_functions)
+    except CareError as exc:
+        return ObjectResult(path=mapped.path, build_id=mapped.build_id or "", action=ObjectAction.FAILED,
+                            applied_level=previous, previous_level=previous, reason=str(exc))
+
+
+def _apply_with_retries(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float,
+                        retries: int) -> tuple[int | None, str]:
+    """Step 5, tried again after a busy refusal up to ``retries`` times: (pause in us or
+    None, why it failed or "")."""
+    paused_us = None
+    failure = ""
+    for attempt in range(retries + 1):
+        try:
+            paused_us = apply_plans(pid, patient, plans, timeout) // 1000
+            break
+        except UnsafeToPatch as exc:
+            failure = str(exc)
+            if attempt == retries:
+                break
+            failure = ""
+        except CareError as exc:
+            failure = str(exc)
+            break
+    if has_exited(pid):
+        failure = f"process {pid} exited during patching; nothing was left in it"
+    return paused_us, failure
+
+
+def _plan_result(plan: ObjectPlan, patient: Patient, failure: str, paused_us: int | None,
+                 check: bool) -> ObjectResult:
+    """The result of a planned object: failed with ``failure``, else applied (or, in check
+    mode, would have been)."""
+    previous = plan.replaces.level if plan.replaces else None
+    if failure:
+        return ObjectResult(path=plan.mapped.path, build_id=plan.mapped.build_id or "", action=ObjectAction.FAILED,
+                            applied_level=previous, previous_level=previous, reason=failure, paused_us=None,
+                            functions=plan.image.replaced_functions)
+    if plan.replaces is None:
+        reason = f"level {plan.image.level} applied"
+    elif plan.replaces.complete:
+        reason = f"replaced level {previous} with level {plan.image.level}"
+    else:
+        reason = f"replaced an incomplete level-{previous} patch with level {plan.image.level}"
+    if check:
+        reason = "would have " + reason
+    if patient.forced:
+        reason += f"; FORCED (force_unsafe) although {patient.forced[0]}"
+    return ObjectResult(path=plan.mapped.path, build_id=plan.mapped.build_id or "", action=ObjectAction.APPLIED,
+                        applied_level=plan.image.level, previous_level=previous, reason=reason, paused_us=paused_us,
+                        functions=plan.image.replaced_functions)
 
 
 # ---------------------------------------------------------------------------- unpatch
@@ -996,68 +1048,95 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
     back but whose mapping could not be unmapped is reported failed, saying so."""
     refuse_special(pid, "unpatch")
     patient = read_patient(pid)
-    wanted = {b.lower() for b in build_ids} | set(build_ids) if build_ids else None
     paths = {m.build_id: m.path for m in patient.objects if m.build_id}
-    selected = [a for a in patient.applied.values() if wanted is None or a.build_id in wanted
-                or os.path.basename(paths.get(a.build_id, "")) in wanted or paths.get(a.build_id) in wanted]
+    selected = _selected_patches(patient, build_ids, paths)
     if not selected:
-        return ProcessResult(pid, patient.comm, (), "", None)
+        return ProcessResult(pid=pid, comm=patient.comm)
     paused_us = None
     failure = ""
     unmap_failed: dict[str, str] = {}      # build-id -> what could not be unmapped
     if not check:
-        everything = [mapping for applied in selected for mapping in applied.all_mappings]
         try:
-            warm_caches(patient, [guarded_patch_range(a) for a in everything])
-            stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
-            with faults.step("stop", pid):
-                stopped.stop()
-            with stopped:
-                check_seccomp(stopped, [call for applied in everything for call in patch_mapping_calls(
-                    applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls())
-                journal = Journal(stopped)
-                try:
-                    with faults.step("safety-check", pid):
-                        wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in everything], timeout,
-                                        "unpatch")
-                    for applied in selected:
-                        restore_functions(stopped, applied.all_mappings, journal)
-                except BaseException:
-                    journal.rollback()
-                    raise
-                # Nothing jumps to them any more. An unmap that fails leaves an unused
-                # mapping: reported, and removed by the next patch or unpatch.
-                registry = frame_registry(patient) if any(a.tables for a in everything) else None
-                for applied in everything:
-                    with faults.step("unmap", pid):
-                        try:
-                            release_frames(stopped, applied, registry)
-                            stopped.munmap(applied.mapping.start, applied.total_size)
-                        except CareError as exc:
-                            unmap_failed[applied.build_id] = (
-                                f"the original code runs again, but unmapping the level-{applied.level} patch at "
-                                f"{applied.mapping.start:#x} failed ({exc}); run unpatch again to remove it")
-                with faults.step("resume", pid):
-                    stopped.resume()
-            paused_us = stopped.paused_ns // 1000
+            paused_us = _remove_patches(pid, patient, selected, timeout, unmap_failed) // 1000
         except CareError as exc:
             failure = str(exc)
         if has_exited(pid):
             failure = f"process {pid} exited during unpatching; nothing was left in it"
-    results = []
-    for applied in selected:
-        path = paths.get(applied.build_id, f"[kpatch-{applied.build_id}]")
-        if failure:
-            results.append(ObjectResult(path, applied.build_id, "failed", applied.level, applied.level, failure,
-                                        None, applied.replaced_functions))
-        elif applied.build_id in unmap_failed:
-            results.append(ObjectResult(path, applied.build_id, "failed", None, applied.level,
-                                        unmap_failed[applied.build_id], paused_us, applied.replaced_functions))
-        else:
-            reason = f"level {applied.level} {'would be ' if check else ''}removed"
-            results.append(ObjectResult(path, applied.build_id, "removed", None, applied.level, reason,
-                                        paused_us, applied.replaced_functions))
-    return ProcessResult(pid, patient.comm, tuple(results), "", paused_us, None if check else patient.waited_ns // 1000)
+    results = [_removal_result(applied, paths.get(applied.build_id, f"[kpatch-{applied.build_id}]"), failure,
+                               unmap_failed, paused_us, check) for applied in selected]
+    return ProcessResult(pid=pid, comm=patient.comm, objects=tuple(results), paused_us=paused_us,
+                         waited_us=None if check else patient.waited_ns // 1000)
+
+
+def _selected_patches(patient: Patient, build_ids: list[str] | None, paths: dict[str, str]) -> list[AppliedPatch]:
+    """The applied patches named by ``build_ids`` (a build-id, an object's path or file
+    name), or all of them."""
+    wanted = {b.lower() for b in build_ids} | set(build_ids) if build_ids else None
+    return [a for a in patient.applied.values() if wanted is None or a.build_id in wanted
+            or os.path.basename(paths.get(a.build_id, "")) in wanted or paths.get(a.build_id) in wanted]
+
+
+def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], timeout: float,
+                    unmap_failed: dict[str, str]) -> int:
+    """Stop the patient, give the replaced functions their original bytes back (all or
+    nothing), then unmap the patches; the pause in ns. An unmap that fails is noted in
+    ``unmap_failed`` (by build-id), not raised."""
+    everything = [mapping for applied in selected for mapping in applied.all_mappings]
+    warm_caches(patient, [guarded_patch_range(a) for a in everything])
+    stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
+    with faults.step("stop", pid):
+        stopped.stop()
+    with stopped:
+        check_seccomp(stopped, [call for applied in everything for call in patch_mapping_calls(
+            applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls())
+        journal = Journal(stopped)
+        try:
+            with faults.step("safety-check", pid):
+                wait_until_safe(stopped, patient, [guarded_patch_range(a) for a in everything], timeout,
+                                "unpatch")
+            for applied in selected:
+                restore_functions(stopped, applied.all_mappings, journal)
+        except BaseException:
+            journal.rollback()
+            raise
+        _unmap_removed(stopped, patient, everything, unmap_failed)
+        with faults.step("resume", pid):
+            stopped.resume()
+    return stopped.paused_ns
+
+
+def _unmap_removed(stopped: StoppedProcess, patient: Patient, everything: list[AppliedPatch],
+                   unmap_failed: dict[str, str]) -> None:
+    """Nothing jumps to them any more. An unmap that fails leaves an unused mapping:
+    reported, and removed by the next patch or unpatch."""
+    registry = frame_registry(patient) if any(a.tables for a in everything) else None
+    for applied in everything:
+        with faults.step("unmap", stopped.pid):
+            try:
+                release_frames(stopped, applied, registry)
+                stopped.munmap(applied.mapping.start, applied.total_size)
+            except CareError as exc:
+                unmap_failed[applied.build_id] = (
+                    f"the original code runs again, but unmapping the level-{applied.level} patch at "
+                    f"{applied.mapping.start:#x} failed ({exc}); run unpatch again to remove it")
+
+
+def _removal_result(applied: AppliedPatch, path: str, failure: str, unmap_failed: dict[str, str],
+                    paused_us: int | None, check: bool) -> ObjectResult:
+    """The result for one selected patch: failed (the whole stop, or its unmap), else removed."""
+    if failure:
+        return ObjectResult(path=path, build_id=applied.build_id, action=ObjectAction.FAILED,
+                            applied_level=applied.level, previous_level=applied.level, reason=failure,
+                            paused_us=None, functions=applied.replaced_functions)
+    if applied.build_id in unmap_failed:
+        return ObjectResult(path=path, build_id=applied.build_id, action=ObjectAction.FAILED,
+                            applied_level=None, previous_level=applied.level,
+                            reason=unmap_failed[applied.build_id], paused_us=paused_us,
+                            functions=applied.replaced_functions)
+    reason = f"level {applied.level} {'would be ' if check else ''}removed"
+    return ObjectResult(path=path, build_id=applied.build_id, action=ObjectAction.REMOVED, applied_level=None,
+                        previous_level=applied.level, reason=reason, paused_us=paused_us,
+                        functions=applied.replaced_functions)
 
 
 # ---------------------------------------------------------------------------- info
