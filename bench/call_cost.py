@@ -19,7 +19,7 @@ import sys
 
 from benchlib import Patients, build_program, emit, log, read_lines_until, require_root, wait_started, workdir
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 15
 CYCLES = int(sys.argv[2]) if len(sys.argv) > 2 else 3
@@ -60,9 +60,9 @@ def main() -> None:
         after: list[float] = []
         for _ in range(CYCLES):
             before += rounds_with(patient, 1, ROUNDS)
-            expect(api.patch_processes(str(built.patchroot), [patient.pid]), "applied")
+            expect(operations.patch_processes(str(built.patchroot), [patient.pid]), "applied")
             after += rounds_with(patient, 2, ROUNDS)
-            expect(api.unpatch_processes([patient.pid]), "removed")
+            expect(operations.unpatch_processes([patient.pid]), "removed")
         log(f"callbench ns/call unpatched {sorted(before)}; patched {sorted(after)}")
         emit("call_ns_unpatched", min(before), "ns", None, digits=4)
         emit("call_ns_patched", min(after), "ns", min(before), digits=4)

@@ -3,9 +3,9 @@
 
 The patients are bench/programs/sleeper (single-threaded, calls answer() every 100 ms).
 One call of ``fleet.run_parallel`` (default jobs: one per CPU) with the per-process
-function ``api.patch_processes`` uses (``api._safely`` + ``engine.patch_process``), then
+function ``operations.patch_processes`` uses (``operations._safely`` + ``engine.patch_process``), then
 the same for unpatch; every process must report applied, then removed. Baseline, same
-run, same processes: the serial loop (jobs=1, the parent alone, as ``api`` does today).
+run, same processes: the serial loop (jobs=1, the parent alone, as ``operations`` does today).
 Three rounds of (patch, unpatch, serial patch, serial unpatch); medians.
 Peak memory: ru_maxrss of the parent plus that of every worker (from wait4), summed: an
 upper bound, shared copy-on-write pages count once per worker.
@@ -22,7 +22,7 @@ import time
 
 from benchlib import Patients, build_program, emit, log, median, require_root, wait_started, workdir
 
-from plugins.module_utils.careengine.apply import api, engine, fleet
+from plugins.module_utils.careengine.apply import engine, fleet, operations
 from plugins.module_utils.careengine.results import summarize_results
 from plugins.module_utils.careengine.storage import PatchSource
 
@@ -32,14 +32,14 @@ REPEATS = 3
 
 
 def patch_one(source: PatchSource):
-    """The per-process patch function of ``api.patch_processes``."""
-    return lambda pid: api._safely(pid, engine.patch_process, source, level=None, timeout=5.0, retries=0,
+    """The per-process patch function of ``operations.patch_processes``."""
+    return lambda pid: operations._safely(pid, engine.patch_process, source, level=None, timeout=5.0, retries=0,
                                    check=False)
 
 
 def unpatch_one(pid: int):
-    """The per-process unpatch function of ``api.unpatch_processes``."""
-    return api._safely(pid, engine.unpatch_process, None, timeout=5.0, check=False)
+    """The per-process unpatch function of ``operations.unpatch_processes``."""
+    return operations._safely(pid, engine.unpatch_process, None, timeout=5.0, check=False)
 
 
 def timed_run(function, pids: list[int], jobs: int | None, expected: str) -> tuple[float, fleet.FleetStats]:

@@ -17,7 +17,7 @@ import time
 
 from benchlib import Patients, build_program, emit, log, median, read_lines_until, require_root, wait_started, workdir
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 from plugins.module_utils.careengine.process import StoppedProcess
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
@@ -46,11 +46,11 @@ def main() -> None:
         patched, unpatched, bare = [], [], []
         for round_number in range(ROUNDS):
             bare.append(bare_stop_us(patient.pid))
-            patched.append(one(api.patch_processes(str(built.patchroot), [patient.pid]), "applied"))
+            patched.append(one(operations.patch_processes(str(built.patchroot), [patient.pid]), "applied"))
             if round_number == 0:     # the patch works: the program now answers 43
                 read_lines_until(patient, lambda line: line.startswith("threads4 answer=43"), 10)
             time.sleep(0.01)
-            unpatched.append(one(api.unpatch_processes([patient.pid]), "removed"))
+            unpatched.append(one(operations.unpatch_processes([patient.pid]), "removed"))
             if round_number == 0:
                 read_lines_until(patient, lambda line: line.startswith("threads4 answer=42"), 10)
             time.sleep(0.01)

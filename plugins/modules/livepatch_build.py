@@ -150,7 +150,6 @@ try:
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.integrity import sign_sums, write_sums
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild import compiler
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.api import build_patches
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.digest import (
         build_digest,
         built_patch_json,
@@ -159,6 +158,9 @@ try:
         read_manifest,
         tree_files,
         write_manifest,
+    )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.patchbuild.project_build import (
+        build_patches,
     )
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)

@@ -140,7 +140,7 @@ from ansible_collections.libcare.livepatch.plugins.module_utils.engine_import im
 
 ENGINE_IMPORT_ERROR = None
 try:
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.apply.api import (
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.apply.operations import (
         info_processes,
         select_pids,
     )

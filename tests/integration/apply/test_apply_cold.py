@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from apply_helpers import Built, ctl, single_program_project
 
-from plugins.module_utils.careengine.apply import api
-from plugins.module_utils.careengine.apply.objects import forget_objects
+from plugins.module_utils.careengine.apply import operations
+from plugins.module_utils.careengine.apply.object_files import forget_objects
 
 # A worker thread calls foo() in a loop. SIGUSR1 makes foo take its cold path, which
 # calls wait_here(): it blocks (sleeping) until SIGUSR2, so the worker's stack holds a
@@ -134,14 +134,14 @@ def test_thread_in_cold_part_blocks_patch_and_unpatch(cold_project, start):
 
     # Unpatch: the worker now returns into the new cold part, in the patch mapping.
     _park(patient)
-    result, = api.unpatch_processes([patient.pid], timeout=0.3)
+    result, = operations.unpatch_processes([patient.pid], timeout=0.3)
     removed, = result.objects
     assert removed.action == "failed", removed
     assert re.search(r"thread \d+ (returns|may return) into the level-\d+ patch code \(foo\)", removed.reason), \
         removed.reason
     os.kill(patient.pid, signal.SIGUSR2)
     patient.wait_for(lambda line: f"value={PATCHED} " in line)
-    result, = api.unpatch_processes([patient.pid], timeout=2.0)
+    result, = operations.unpatch_processes([patient.pid], timeout=2.0)
     assert result.objects[0].action == "removed", result.objects[0]
     patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
 
@@ -163,17 +163,17 @@ def test_thread_in_cold_part_of_a_stripped_binary_blocks_patch(cold_project, sta
     patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
 
     _park(patient)
-    result, = api.patch_processes(patch, [patient.pid], timeout=0.5)
+    result, = operations.patch_processes(patch, [patient.pid], timeout=0.5)
     refused, = result.objects
     assert refused.action == "failed", refused
     assert re.search(r"thread \d+ (returns|may return) into foo \(its split-off part at 0x[0-9a-f]+\)",
                      refused.reason), refused.reason
     os.kill(patient.pid, signal.SIGUSR2)
     patient.wait_for(lambda line: f"value={ORIGINAL} " in line)
-    result, = api.patch_processes(patch, [patient.pid], timeout=2.0)
+    result, = operations.patch_processes(patch, [patient.pid], timeout=2.0)
     assert result.objects[0].action == "applied", result.objects[0]
     patient.wait_for(lambda line: f"value={PATCHED} " in line)
-    result, = api.unpatch_processes([patient.pid], timeout=2.0)
+    result, = operations.unpatch_processes([patient.pid], timeout=2.0)
     assert result.objects[0].action == "removed", result.objects[0]
     forget_objects()
 

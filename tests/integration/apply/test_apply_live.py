@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from apply_helpers import build_id_of, ctl, install, map_count
 
-from plugins.module_utils.careengine.apply import api, engine
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply import engine, operations
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.process import StoppedProcess, mapped_objects, read_memory
 
 # A patch occupies two mappings: its code pages (r-x) and its data pages (rw-; every
@@ -93,7 +93,7 @@ def test_non_pie_executable(nonpie, start):
     patient = start(nonpie)
     before = function_bytes(patient.pid, nonpie.binary, "report")
     maps_before = map_count(patient.pid)
-    results = api.patch_processes(str(nonpie.patch_of(nonpie.binary)), [patient.pid])
+    results = operations.patch_processes(str(nonpie.patch_of(nonpie.binary)), [patient.pid])
     obj = only(only(results).objects)
     assert obj.action == "applied", obj.reason
     line = patient.wait_for(lambda line: line.startswith("nonpie PATCHED"))
@@ -102,7 +102,7 @@ def test_non_pie_executable(nonpie, start):
     calls = [int(re.search(r"calls=(\d+)", x).group(1)) for x in (line, first)]
     totals = [int(re.search(r"total=(\d+)", x).group(1)) for x in (line, first)]
     assert calls[1] == calls[0] + 1 and totals[1] == totals[0] + 1000
-    results = api.unpatch_processes([patient.pid])
+    results = operations.unpatch_processes([patient.pid])
     assert only(only(results).objects).action == "removed"
     patient.wait_for(lambda line: line.startswith("nonpie UNPATCHED"))
     assert function_bytes(patient.pid, nonpie.binary, "report") == before
@@ -112,12 +112,12 @@ def test_non_pie_executable(nonpie, start):
 def test_check_mode_changes_nothing(libdemo, start):
     patient = start(libdemo)
     maps_before = map_count(patient.pid)
-    result = only(api.patch_processes(str(libdemo.patches_dir), [patient.pid], check=True))
+    result = only(operations.patch_processes(str(libdemo.patches_dir), [patient.pid], check=True))
     assert [o.action for o in result.objects] == ["applied", "applied"]
     assert all(o.paused_us is None for o in result.objects)
     assert map_count(patient.pid) == maps_before
     patient.wait_for(lambda line: line.startswith("demo UNPATCHED"))
-    assert only(api.unpatch_processes([patient.pid], check=True)).objects == ()
+    assert only(operations.unpatch_processes([patient.pid], check=True)).objects == ()
 
 
 def test_levels_replace_skip_and_conflict(libdemo, level_store, start, tmp_path):
@@ -126,27 +126,27 @@ def test_levels_replace_skip_and_conflict(libdemo, level_store, start, tmp_path)
     patient = start(libdemo)
     maps_before = map_count(patient.pid)
 
-    obj = only(only(api.patch_processes(str(store), [patient.pid])).objects)
+    obj = only(only(operations.patch_processes(str(store), [patient.pid])).objects)
     assert (obj.action, obj.applied_level, obj.previous_level) == ("applied", 1, None)
     patient.wait_for(lambda line: line.startswith("libdemo PATCHED"))
-    info = only(api.info_processes([patient.pid], str(store)))
+    info = only(operations.info_processes([patient.pid], str(store)))
     lib_info = next(o for o in info.objects if o.build_id == lib_id)
     assert (lib_info.applied_level, lib_info.available_level) == (1, 1)
 
     install(store, levels[2], 2)
-    obj = only(only(api.patch_processes(str(store), [patient.pid])).objects)
+    obj = only(only(operations.patch_processes(str(store), [patient.pid])).objects)
     assert (obj.action, obj.applied_level, obj.previous_level) == ("applied", 2, 1), obj.reason
     patient.wait_for(lambda line: line.startswith("libdemo LEVEL2"))
     assert map_count(patient.pid) == maps_before + VMAS_PER_PATCH       # the level-1 mapping is gone
 
-    obj = only(only(api.patch_processes(str(store), [patient.pid])).objects)
+    obj = only(only(operations.patch_processes(str(store), [patient.pid])).objects)
     assert obj.action == "skipped" and "already applied" in obj.reason
-    obj = only(only(api.patch_processes(str(store), [patient.pid], level=1)).objects)
+    obj = only(only(operations.patch_processes(str(store), [patient.pid], level=1)).objects)
     assert obj.action == "skipped" and "newer" in obj.reason
 
     conflicting = tmp_path / "conflict"
     install(conflicting, levels[1], 2)
-    obj = only(only(api.patch_processes(str(conflicting), [patient.pid])).objects)
+    obj = only(only(operations.patch_processes(str(conflicting), [patient.pid])).objects)
     assert obj.action == "failed" and "different patch" in obj.reason
     patient.wait_for(lambda line: line.startswith("libdemo LEVEL2"))
 
@@ -165,12 +165,12 @@ def test_threads_survive_patch_unpatch_cycles(threads_project, start):
     base = int(re.search(r"value=(\d+)", patient.lines[0]).group(1))
     pauses = []
     for cycle in range(50):
-        result = only(api.patch_processes(patch, [patient.pid], timeout=5.0))
+        result = only(operations.patch_processes(patch, [patient.pid], timeout=5.0))
         obj = only(result.objects)
         assert obj.action == "applied", f"cycle {cycle}: {obj.reason}"
         pauses.append(obj.paused_us)
         patient.wait_for(lambda line: f"value={base + 1} " in line)
-        removed = only(only(api.unpatch_processes([patient.pid], timeout=5.0)).objects)
+        removed = only(only(operations.unpatch_processes([patient.pid], timeout=5.0)).objects)
         assert removed.action == "removed", f"cycle {cycle}: {removed.reason}"
         patient.wait_for(lambda line: f"value={base} " in line)
     line = patient.wait_for(lambda line: "bad=" in line)
@@ -198,14 +198,14 @@ def test_busy_function_is_refused(threads_project, start):
 def test_unpatch_refused_while_a_thread_runs_new_code(threads_project, start):
     patient = start(threads_project, "late")
     patch = str(threads_project.patch_of(threads_project.binary))
-    applied = only(only(api.patch_processes(patch, [patient.pid])).objects)
+    applied = only(only(operations.patch_processes(patch, [patient.pid])).objects)
     assert applied.action == "applied", applied.reason
     maps_patched = map_count(patient.pid)
     patched_spin = function_bytes(patient.pid, threads_project.binary, "spin")
     value = int(re.search(r"value=(\d+)", patient.lines[0]).group(1))
     patient.wait_for(lambda line: f"value={value + 1} " in line)
     time.sleep(0.2)                          # the late thread is now spinning in the new spin()
-    removed = only(only(api.unpatch_processes([patient.pid], timeout=0.3)).objects)
+    removed = only(only(operations.unpatch_processes([patient.pid], timeout=0.3)).objects)
     assert removed.action == "failed"
     assert re.search(r"thread \d+ executing the level-0 patch code \(compute, spin\)", removed.reason), removed.reason
     assert function_bytes(patient.pid, threads_project.binary, "spin") == patched_spin
@@ -218,19 +218,19 @@ def test_leftover_of_an_interrupted_run_is_replaced(nonpie, start):
     patch = str(nonpie.patch_of(nonpie.binary))
     maps_before = map_count(patient.pid)
     original = function_bytes(patient.pid, nonpie.binary, "report")
-    assert only(only(api.patch_processes(patch, [patient.pid])).objects).action == "applied"
+    assert only(only(operations.patch_processes(patch, [patient.pid])).objects).action == "applied"
     # Simulate a tool killed after mapping the patch but before writing the jumps.
     applied = engine.read_patient(patient.pid).applied[build_id_of(nonpie.binary)]
     with StoppedProcess(patient.pid) as stopped:
         stopped.write(applied.entries[0].daddr, applied.undo[0])
     patient.wait_for(lambda line: line.startswith("nonpie UNPATCHED"))
-    info = only(api.info_processes([patient.pid]))
+    info = only(operations.info_processes([patient.pid]))
     assert next(o for o in info.objects if o.path == str(nonpie.binary)).applied_level is None
-    obj = only(only(api.patch_processes(patch, [patient.pid])).objects)
+    obj = only(only(operations.patch_processes(patch, [patient.pid])).objects)
     assert obj.action == "applied" and "incomplete" in obj.reason, obj.reason
     patient.wait_for(lambda line: line.startswith("nonpie PATCHED"))
     assert map_count(patient.pid) == maps_before + VMAS_PER_PATCH
-    assert only(only(api.unpatch_processes([patient.pid])).objects).action == "removed"
+    assert only(only(operations.unpatch_processes([patient.pid])).objects).action == "removed"
     assert function_bytes(patient.pid, nonpie.binary, "report") == original
     assert map_count(patient.pid) == maps_before
 
@@ -241,8 +241,8 @@ def test_process_exiting_mid_run_is_a_failed_result(nonpie):
     outcomes = set()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        for results in (api.patch_processes(patch, [process.pid]), api.unpatch_processes([process.pid]),
-                        api.info_processes([process.pid])):
+        for results in (operations.patch_processes(patch, [process.pid]), operations.unpatch_processes([process.pid]),
+                        operations.info_processes([process.pid])):
             result = only(results)
             reason = getattr(result, "error", "") or getattr(result, "unpatchable", "")
             reason = reason or " ".join(o.reason for o in result.objects if getattr(o, "action", "") == "failed")
@@ -266,14 +266,14 @@ def test_process_of_another_user(nonpie, tmp_path):
     try:
         assert process.stdout.readline().startswith("nonpie UNPATCHED")
         assert os.stat(f"/proc/{process.pid}").st_uid != 0
-        result = only(api.patch_processes(str(nonpie.patch_of(nonpie.binary)), [process.pid]))
+        result = only(operations.patch_processes(str(nonpie.patch_of(nonpie.binary)), [process.pid]))
         assert only(result.objects).action == "applied", result
         for _ in range(50):
             if process.stdout.readline().startswith("nonpie PATCHED"):
                 break
         else:
             raise AssertionError("the other user's process was not patched")
-        assert only(only(api.unpatch_processes([process.pid])).objects).action == "removed"
+        assert only(only(operations.unpatch_processes([process.pid])).objects).action == "removed"
     finally:
         process.kill()
         process.wait()
@@ -287,7 +287,7 @@ def test_deleted_executable_and_library(libdemo, tmp_path):
     try:
         assert "UNPATCHED" in process.stdout.readline()
         shutil.rmtree(copy)                    # both files are gone: only the mappings remain
-        result = only(api.patch_processes(str(libdemo.patches_dir), [process.pid]))
+        result = only(operations.patch_processes(str(libdemo.patches_dir), [process.pid]))
         assert [o.action for o in result.objects] == ["applied", "applied"], result
         lines = [process.stdout.readline() for _ in range(6)]
         assert any(line.startswith("libdemo PATCHED") for line in lines), lines
@@ -333,12 +333,12 @@ def test_errors_are_one_line_and_leave_the_patient_alone(libdemo, nonpie, start,
 def test_all_processes_and_selection(nonpie, start):
     patient = start(nonpie)
     other = start(nonpie)
-    assert api.select_pids() is None
-    assert api.select_pids(exe=str(nonpie.binary)) == sorted([patient.pid, other.pid])
-    assert api.select_pids(pids=[patient.pid, other.pid], name="^nonpie$") == sorted([patient.pid, other.pid])
-    assert api.select_pids(pid=patient.pid, name="no-such-name") == []
+    assert operations.select_pids() is None
+    assert operations.select_pids(exe=str(nonpie.binary)) == sorted([patient.pid, other.pid])
+    assert operations.select_pids(pids=[patient.pid, other.pid], name="^nonpie$") == sorted([patient.pid, other.pid])
+    assert operations.select_pids(pid=patient.pid, name="no-such-name") == []
 
-    results = api.patch_processes(str(nonpie.patch_of(nonpie.binary)))
+    results = operations.patch_processes(str(nonpie.patch_of(nonpie.binary)))
     assert sorted(r.pid for r in results) == sorted([patient.pid, other.pid])
     assert all(r.ok for r in results)
     patient.wait_for(lambda line: line.startswith("nonpie PATCHED"))

@@ -10,7 +10,7 @@ import re
 import pytest
 from apply_helpers import Built, build_id_of, single_program_project
 
-from plugins.module_utils.careengine.apply import api, engine
+from plugins.module_utils.careengine.apply import engine, operations
 from plugins.module_utils.careengine.process import read_maps
 
 MAIN = r"""#include <stdio.h>
@@ -48,7 +48,7 @@ def counter_project(tmp_path_factory) -> Built:
 
 def test_new_variables_live_in_the_patch_and_stay_writable(counter_project, start):
     patient = start(counter_project)
-    obj = only_object(api.patch_processes(str(counter_project.patch_of(counter_project.binary)), [patient.pid]))
+    obj = only_object(operations.patch_processes(str(counter_project.patch_of(counter_project.binary)), [patient.pid]))
     assert obj.action == "applied", obj.reason
     first = patient.wait_for(lambda line: line.startswith("counter PATCHED"))
     later = patient.wait_for(lambda line: line.startswith("counter PATCHED"), after=patient.lines.index(first) + 5)
@@ -65,7 +65,7 @@ def test_new_variables_live_in_the_patch_and_stay_writable(counter_project, star
     assert (code.perms, data.perms) == ("r-xp", "rw-p")
     assert data.size == applied.data_size > 0
     assert not [m for m in maps if m.writable and m.executable]
-    assert only_object(api.unpatch_processes([patient.pid])).action == "removed"
+    assert only_object(operations.unpatch_processes([patient.pid])).action == "removed"
     patient.wait_for(lambda line: line.startswith("counter UNPATCHED"))
 
 

@@ -8,7 +8,7 @@ import re
 import pytest
 from apply_helpers import Built, map_count, single_program_project
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 
 SOURCE = r"""#include <signal.h>
 #include <stdio.h>
@@ -76,7 +76,7 @@ def test_function_interrupted_by_a_handler_on_an_alternate_stack_is_busy(sigalt,
     patient = start(sigalt, "interrupt")
     patient.wait_for(lambda line: line == "in handler", after=0)
     maps_before = map_count(patient.pid)
-    result = api.patch_processes(str(sigalt.patches_dir), [patient.pid], timeout=0.3)
+    result = operations.patch_processes(str(sigalt.patches_dir), [patient.pid], timeout=0.3)
     obj = result[0].objects[0]
     assert obj.action == "failed"
     assert re.search(r"thread \d+ .*outer", obj.reason), obj.reason
@@ -86,5 +86,5 @@ def test_function_interrupted_by_a_handler_on_an_alternate_stack_is_busy(sigalt,
 
 def test_same_program_without_the_interrupted_frame_is_patched(sigalt, start):
     patient = start(sigalt)
-    result = api.patch_processes(str(sigalt.patches_dir), [patient.pid])
+    result = operations.patch_processes(str(sigalt.patches_dir), [patient.pid])
     assert result[0].objects[0].action == "applied", result[0].objects[0].reason

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from apply_helpers import Built, build_id_of, built_with, make_diff
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 
 MAIN = r"""#include <stdio.h>
 #include <unistd.h>
@@ -86,7 +86,7 @@ def test_tls_variables_keep_their_storage(tls_project: Built, start):
     patient = start(tls_project)
     patient.wait_for(lambda line: line.startswith("lib 3"))
     seen = len(patient.lines)
-    result = api.patch_processes(str(tls_project.patches_dir), [patient.pid])[0]
+    result = operations.patch_processes(str(tls_project.patches_dir), [patient.pid])[0]
     assert [o.action for o in result.objects] == ["applied", "applied"], [o.reason for o in result.objects]
     first = patient.wait_for(lambda line: line.startswith("app PATCHED"), after=seen)
     index = patient.lines.index(first)
@@ -97,7 +97,7 @@ def test_tls_variables_keep_their_storage(tls_project: Built, start):
     # The patched code adds 100 to the very same thread-local variables.
     assert app[0] == before_app + 100 and app[1] == app[0] + 100
     assert lib[1] - lib[0] == 100
-    assert api.unpatch_processes([patient.pid])[0].ok
+    assert operations.unpatch_processes([patient.pid])[0].ok
     line = patient.wait_for(lambda line: line.startswith("app UNPATCHED"))
     assert int(line.split()[-1]) > app[1]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from plugins.module_utils.careengine.apply import engine
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.apply.safety import (
     GuardedRange,
     ThreadState,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.module_utils.careengine.apply import api, engine, fleet
+from plugins.module_utils.careengine.apply import engine, fleet, operations
 from plugins.module_utils.careengine.process import find_applied_patches, read_maps
 from plugins.module_utils.careengine.results import summarize_results
 from plugins.module_utils.careengine.storage import PatchSource
@@ -99,7 +99,7 @@ def fleet_of(nonpie, tmp_path):
 
 
 def patch_function(source: PatchSource, victims: tuple[int, ...] = ()):
-    """The per-process function of api.patch_processes; a process of ``victims`` is killed
+    """The per-process function of operations.patch_processes; a process of ``victims`` is killed
     when its turn comes (a process exiting during the run) and handled once it has exited."""
     def patch_one(pid: int):
         if pid in victims:
@@ -107,7 +107,7 @@ def patch_function(source: PatchSource, victims: tuple[int, ...] = ()):
             deadline = time.monotonic() + 10
             while _state(pid) not in ("Z", "gone") and time.monotonic() < deadline:
                 time.sleep(0.005)
-        return api._safely(pid, engine.patch_process, source, level=None, timeout=5.0, retries=0, check=False)
+        return operations._safely(pid, engine.patch_process, source, level=None, timeout=5.0, retries=0, check=False)
     return patch_one
 
 
@@ -120,8 +120,8 @@ def _state(pid: int) -> str:
 
 
 def unpatch_function(pid: int):
-    """The per-process function of api.unpatch_processes."""
-    return api._safely(pid, engine.unpatch_process, None, timeout=5.0, check=False)
+    """The per-process function of operations.unpatch_processes."""
+    return operations._safely(pid, engine.unpatch_process, None, timeout=5.0, check=False)
 
 
 def applied_patch_count(pid: int) -> int:

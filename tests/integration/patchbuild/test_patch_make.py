@@ -14,7 +14,7 @@ from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine import patchfile
 from plugins.module_utils.careengine.errors import BuildError
-from plugins.module_utils.careengine.patchbuild import api
+from plugins.module_utils.careengine.patchbuild import project_build
 
 pytest.importorskip("plugins.module_utils.careengine.asm.gensrc", reason="the asm diff has not landed yet")
 
@@ -224,7 +224,7 @@ def test_patch_that_does_not_apply_changes_nothing(libdemo):
 
 def test_build_patches_api_installs_levels(libdemo, tmp_path):
     store = tmp_path / "store"
-    first = api.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
+    first = project_build.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
     assert len(first.patches) == 2
     for built in first.patches:
         assert built.level == 1
@@ -233,13 +233,13 @@ def test_build_patches_api_installs_levels(libdemo, tmp_path):
         assert built.object.startswith(str(libdemo / "lpmake"))
         assert built.functions
         assert patchfile.load_patch(built.stored_path).level == 1
-    again = api.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
+    again = project_build.build_patches(str(libdemo), [str(libdemo / "fix.patch")], dest=str(store), make_args=[CC_ARG])
     assert [p.level for p in again.patches] == [1, 1]          # same patch, same level
     (tmp_path / "level2.patch").write_text(
         "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -10,3 +10,3 @@\n {\n"
         "-\tprintf(\"libdemo UNPATCHED %d\\n\", demo_value(counter));\n"
         "+\tprintf(\"libdemo UNPATCHED %d\\n\", demo_value(counter) + 7);\n }\n")
-    other = api.build_patches(str(libdemo), [str(tmp_path / "level2.patch")], dest=str(store),
+    other = project_build.build_patches(str(libdemo), [str(tmp_path / "level2.patch")], dest=str(store),
                               make_args=[CC_ARG])
     assert [p.level for p in other.patches] == [2]              # another patch for the library
     assert other.patches[0].functions == ("demo_report",)
@@ -252,10 +252,10 @@ def test_too_small_function_is_refused(libdemo, tmp_path):
         "--- a/libdemo.c\n+++ b/libdemo.c\n@@ -5,3 +5,3 @@\n {\n-\treturn counter + 1;\n"
         "+\treturn counter + 2;\n }\n")
     with pytest.raises(BuildError, match="demo_value is too small"):
-        api.build_patches(str(libdemo), [str(tmp_path / "small.patch")], make_args=[CC_ARG])
+        project_build.build_patches(str(libdemo), [str(tmp_path / "small.patch")], make_args=[CC_ARG])
     _assert_tree_restored(libdemo, "libdemo")
 
 
 def test_build_patches_refuses_missing_project(tmp_path):
     with pytest.raises(BuildError):
-        api.build_patches(str(tmp_path / "missing"), ["x.patch"])
+        project_build.build_patches(str(tmp_path / "missing"), ["x.patch"])

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from realproject_harness import ROOT, RealProject
 
-from plugins.module_utils.careengine.apply import api
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply import operations
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.patchfile import load_patch, summarize
 from plugins.module_utils.careengine.process import mapped_objects, read_memory
 
@@ -395,7 +395,7 @@ def test_fix_applied_live_to_master_and_workers_under_load(built, nginx):
         probes = probe_every_worker(nginx, PROBE_BUGGY)
         timeline.append({"step": "before", "probes": probes, "ok": load.ok})
         for cycle in range(CYCLES):
-            results = {r.pid: r for r in api.patch_processes(str(PATCHROOT), pids, timeout=30.0)}
+            results = {r.pid: r for r in operations.patch_processes(str(PATCHROOT), pids, timeout=30.0)}
             assert sorted(results) == sorted(pids)
             for pid, result in results.items():
                 assert not result.error, f"patch {pid}: {result.error}"
@@ -405,7 +405,7 @@ def test_fix_applied_live_to_master_and_workers_under_load(built, nginx):
             timeline.append({"step": f"patch {cycle}", "ok": load.ok,
                              "paused_us": {pid: r.paused_us for pid, r in results.items()}})
 
-            infos = {i.pid: i for i in api.info_processes(pids, str(PATCHROOT))}
+            infos = {i.pid: i for i in operations.info_processes(pids, str(PATCHROOT))}
             for pid in pids:
                 objects = [o for o in infos[pid].objects if o.build_id == built["build_id"]]
                 assert [(o.applied_level, o.available_level, o.functions) for o in objects] == [
@@ -415,7 +415,7 @@ def test_fix_applied_live_to_master_and_workers_under_load(built, nginx):
             probes = probe_every_worker(nginx, PROBE_FIXED)
             timeline.append({"step": f"patched {cycle}", "probes": probes, "ok": load.ok})
 
-            results = {r.pid: r for r in api.unpatch_processes(pids, timeout=30.0)}
+            results = {r.pid: r for r in operations.unpatch_processes(pids, timeout=30.0)}
             assert sorted(results) == sorted(pids)
             for pid, result in results.items():
                 assert not result.error, f"unpatch {pid}: {result.error}"

@@ -54,8 +54,8 @@ int main(void)
 """
 
 APPLY = """import sys
-from plugins.module_utils.careengine.apply import api
-api.patch_processes(sys.argv[1], [int(sys.argv[2])], timeout=30)
+from plugins.module_utils.careengine.apply import operations
+operations.patch_processes(sys.argv[1], [int(sys.argv[2])], timeout=30)
 """
 
 

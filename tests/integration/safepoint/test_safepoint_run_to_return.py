@@ -12,7 +12,7 @@ import statistics
 import pytest
 from apply_helpers import Built, map_count, single_program_project
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root")
 
@@ -77,7 +77,7 @@ def test_function_called_in_a_tight_loop_by_four_threads_is_patched_every_time(b
     for run in range(RUNS):
         patient = start(busyloop)
         maps_before = _anonymous_code(patient.pid)
-        applied = api.patch_processes(str(busyloop.patches_dir), [patient.pid])[0]
+        applied = operations.patch_processes(str(busyloop.patches_dir), [patient.pid])[0]
         assert applied.objects, applied.error
         assert applied.objects[0].action == "applied", f"run {run}: {applied.objects[0].reason}"
         patient.wait_for(lambda line: line.endswith("kind=100"))
@@ -97,11 +97,11 @@ def test_replacing_a_level_under_the_same_load_is_safe(busyloop, start):
     # (README Limitations). Either way the patient runs on, and nothing is left behind.
     patient = start(busyloop)
     patch_file = str(busyloop.patch_of(busyloop.binary))
-    first = api.patch_processes(patch_file, [patient.pid], level=1)[0].objects[0]
+    first = operations.patch_processes(patch_file, [patient.pid], level=1)[0].objects[0]
     assert first.action == "applied", first.reason
     patient.wait_for(lambda line: line.endswith("kind=100"))
     maps_patched = map_count(patient.pid)
-    second = api.patch_processes(patch_file, [patient.pid], level=2, timeout=10)[0].objects[0]
+    second = operations.patch_processes(patch_file, [patient.pid], level=2, timeout=10)[0].objects[0]
     if second.action == "failed":
         assert "the level-1 patch code" in second.reason, second.reason    # polled, not run out: may time out
     else:

@@ -9,7 +9,7 @@ import os
 import pytest
 from apply_helpers import Built, map_count, single_program_project
 
-from plugins.module_utils.careengine.apply import api
+from plugins.module_utils.careengine.apply import operations
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reading seccomp filters needs CAP_SYS_ADMIN")
 
@@ -118,7 +118,7 @@ def test_filter_that_forbids_the_engine_syscalls_is_refused(filtered, start, mod
     patient = start(filtered, mode)
     patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
     maps_before = map_count(patient.pid)
-    result = api.patch_processes(str(filtered.patches_dir), [patient.pid])
+    result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
     obj = result[0].objects[0]
     assert obj.action == "failed"
     assert reason in obj.reason, obj.reason
@@ -129,9 +129,9 @@ def test_filter_that_forbids_the_engine_syscalls_is_refused(filtered, start, mod
 def test_allow_list_that_permits_the_engine_syscalls_is_patched(filtered, start):
     patient = start(filtered, "allow")
     patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
-    result = api.patch_processes(str(filtered.patches_dir), [patient.pid])
+    result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
     assert result[0].objects[0].action == "applied", result[0].objects[0].reason
     patient.wait_for(lambda line: line.endswith("answer=2"))
-    removed = api.unpatch_processes([patient.pid])
+    removed = operations.unpatch_processes([patient.pid])
     assert removed[0].objects[0].action == "removed", removed[0].objects[0].reason
     patient.wait_for(lambda line: line.endswith("answer=1"))

@@ -14,7 +14,7 @@ import signal
 import pytest
 from apply_helpers import Built, map_count, single_program_project
 
-from plugins.module_utils.careengine.apply import api, coroutines, engine
+from plugins.module_utils.careengine.apply import coroutines, engine, operations
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="ptrace of other processes needs root")
 
@@ -228,7 +228,7 @@ def crypto_user(tmp_path_factory) -> Built:
 
 
 def patch(built: Built, pid: int, timeout: float = 5.0):
-    result = api.patch_processes(str(built.patches_dir), [pid], timeout=timeout)[0]
+    result = operations.patch_processes(str(built.patches_dir), [pid], timeout=timeout)[0]
     assert result.objects, result.error
     return result.objects[0]
 
@@ -249,13 +249,13 @@ def test_swapcontext_coroutine_parked_inside_the_function(ucontext_program, star
     os.kill(patient.pid, signal.SIGUSR2)                 # back into f: the new one
     patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
     # Unpatch looks at the same stacks, for the patch's code.
-    kept = api.unpatch_processes([patient.pid], timeout=0.3)[0].objects[0]
+    kept = operations.unpatch_processes([patient.pid], timeout=0.3)[0].objects[0]
     assert kept.action == "failed"
     assert re.search(r"a suspended context \(ucontext at 0x[0-9a-f]+\) resumes inside the level-0 patch code \(f\)",
                      kept.reason), kept.reason
     os.kill(patient.pid, signal.SIGUSR1)
     patient.wait_for(lambda line: line.endswith("leave=1"))
-    removed = api.unpatch_processes([patient.pid])[0].objects[0]
+    removed = operations.unpatch_processes([patient.pid])[0].objects[0]
     assert removed.action == "removed", removed.reason
     os.kill(patient.pid, signal.SIGUSR2)
     patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
@@ -272,7 +272,7 @@ def test_hand_made_stack_switch_is_refused_with_the_reason(handmade_program, sta
     assert map_count(patient.pid) == maps_before
     patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
     # --force-unsafe goes past what cannot be accounted for, and says so.
-    forced = api.patch_processes(str(handmade_program.patches_dir), [patient.pid], force_unsafe=True)[0].objects[0]
+    forced = operations.patch_processes(str(handmade_program.patches_dir), [patient.pid], force_unsafe=True)[0].objects[0]
     assert forced.action == "applied", forced.reason
     assert "FORCED (force_unsafe) although it can switch stacks" in forced.reason, forced.reason
     patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
@@ -307,10 +307,10 @@ def test_process_that_can_switch_stacks_but_has_none_in_f_is_patched(crypto_user
         seen.file_of(mapped)
     switching = coroutines.stack_switching(seen.objects, seen.files)
     assert "libcrypto.so.3 uses setcontext, makecontext" in switching.describe(), switching.describe()
-    applied = api.patch_processes(str(crypto_user.patches_dir), [patient.pid])[0]
+    applied = operations.patch_processes(str(crypto_user.patches_dir), [patient.pid])[0]
     assert applied.objects[0].action == "applied", applied.objects[0].reason
     patient.wait_for(lambda line: line.endswith("last=101 leave=0"))
-    removed = api.unpatch_processes([patient.pid])[0]
+    removed = operations.unpatch_processes([patient.pid])[0]
     assert removed.objects[0].action == "removed", removed.objects[0].reason
     patient.wait_for(lambda line: line.endswith("last=2 leave=0"))
     print(f"\nlibcrypto user: patch paused {applied.paused_us} us (waited {applied.waited_us}), "

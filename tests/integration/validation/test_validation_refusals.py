@@ -20,7 +20,7 @@ from apply_helpers import Built, build_id_of, ctl
 from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine import integrity
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.patchfile import PatchFile, load_patch, save_patch
 from plugins.module_utils.careengine.process import mapped_objects, read_memory
 

@@ -10,5 +10,5 @@ The steps, in the order they run (one module each):
 * :mod:`.relocate` — relocation arithmetic, one recipe per type;
 * :mod:`.safety`   — is any thread inside code we are about to replace or remove;
 * :mod:`.engine`   — patch / unpatch / info of one process, in that order of steps;
-* :mod:`.api`      — the public functions (many processes); :mod:`.ctl` — ``libcare-ctl``.
+* :mod:`.operations`      — the public functions (many processes); :mod:`.ctl` — ``libcare-ctl``.
 """

@@ -22,7 +22,7 @@ from capstone import CS_ARCH_X86, CS_MODE_64, Cs
 from capstone.x86 import X86_OP_MEM, X86_OP_REG, X86_REG_RBP, X86_REG_RIP, X86_REG_RSP
 
 from ..process import MappedObject
-from .objects import ObjectFile
+from .object_files import ObjectFile
 
 CONTEXT_FUNCTIONS = (b"swapcontext", b"setcontext", b"makecontext")
 COROUTINE_LIBRARIES = re.compile(r"^lib(co|boost_context|boost_coroutine|task|aco|dill|mill|pth|coro)[.-]")

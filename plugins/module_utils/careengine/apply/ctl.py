@@ -21,7 +21,7 @@ import sys
 from ..audit import AuditLog, Requester, applied_record, index_applied
 from ..results import ObjectAction, ObjectInfo, ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
-from . import api
+from . import operations
 
 COMMAND_ALIASES = {"patch-user": "patch", "unpatch-user": "unpatch", "info-user": "info"}
 EXIT_OK = 0
@@ -133,7 +133,7 @@ def _patch(args) -> int:
     if args.insecure_store:
         print(f"libcare-ctl: WARNING: --insecure-store: the owners and modes of '{args.source}' are NOT checked; "
               f"whoever can write there can run code as root in the patched processes", file=sys.stderr)
-    source = api.admit_source(args.source, pids=_pids(args), verify=not args.no_verify,
+    source = operations.admit_source(args.source, pids=_pids(args), verify=not args.no_verify,
                               allowed_signers=args.allowed_signers, insecure_store=args.insecure_store,
                               requested_by=args.requester, audit_log=args.audit_log, check=args.check)
     if args.no_verify and not args.json:
@@ -141,7 +141,7 @@ def _patch(args) -> int:
     if args.force_unsafe:
         print("libcare-ctl: WARNING: --force-unsafe: a coroutine stack that could not be found may resume in a "
               "replaced function's old code", file=sys.stderr)
-    results = api.patch_processes(source, _pids(args), level=args.level, timeout=args.timeout,
+    results = operations.patch_processes(source, _pids(args), level=args.level, timeout=args.timeout,
                                   retries=args.retries, check=args.check, requested_by=args.requester,
                                   audit_log=args.audit_log, insecure_store=args.insecure_store,
                                   force_unsafe=args.force_unsafe)
@@ -183,7 +183,7 @@ def _report_patch(result: ProcessResult, args) -> None:
 
 
 def _unpatch(args) -> int:
-    results = api.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check,
+    results = operations.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check,
                                     requested_by=args.requester, audit_log=args.audit_log)
     ok = all(result.ok for result in results)
     if args.json:
@@ -221,7 +221,7 @@ def _info(args) -> int:
     if source is None and args.store is None and not args.json:
         print(f"libcare-ctl: no patch store found (looked for {DEFAULT_STORE}; give one with -s STORE): "
               "showing applied patches only", file=sys.stderr)
-    infos = _infos_with_build_id(api.info_processes(_pids(args), source), args.build_id)
+    infos = _infos_with_build_id(operations.info_processes(_pids(args), source), args.build_id)
     failed = [i for i in infos if i.unpatchable and not i.objects]
     history = _applied_history(infos, args.audit_log)
     if args.json:

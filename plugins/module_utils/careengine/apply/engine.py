@@ -68,7 +68,7 @@ from .layout import (
     jump_instruction,
     reach_window,
 )
-from .objects import ObjectFile, SymbolDef, object_file, preloaded_libraries, search_order
+from .object_files import ObjectFile, SymbolDef, object_file, preloaded_libraries, search_order
 from .run_to_return import ReturnRunner
 from .safety import (
     BusyThread,

@@ -20,7 +20,7 @@ parallelism means processes. :func:`run_parallel` does it in four steps:
    worker takes the rest of the queue.
 
 The function is the same per-process function the serial path calls (for example
-``api._safely`` bound to ``engine.patch_process``): it takes a pid and returns a
+``operations._safely`` bound to ``engine.patch_process``): it takes a pid and returns a
 :class:`ProcessResult`; an exception it raises becomes a failed result too.
 """
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..results import ProcessResult
-from . import objects
+from . import object_files
 
 TASK = struct.Struct("<I")               # one process index on the task pipe
 FRAME = struct.Struct("<Q")              # length prefix of one message on a result pipe
@@ -176,7 +176,7 @@ def reopen_privately(streams: list) -> None:
 
 
 def _cached_streams() -> list:
-    return [parsed._stream for parsed in objects._cache.values()]
+    return [parsed._stream for parsed in object_files._cache.values()]
 
 
 def _spawn_worker(function: Callable[[int], ProcessResult], pids: Sequence[int], task_fd: int,

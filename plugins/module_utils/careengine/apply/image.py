@@ -28,7 +28,7 @@ from ..patchfile import (
     summarize,
 )
 from .layout import TRAP_BYTE, PatchLayout, jump_table_bytes, plan_layout, round_up
-from .objects import split_version
+from .object_files import split_version
 from .relocate import Relocation, RelocationError, RelocationInput, apply_relocations, relocation_name
 
 SHN_UNDEF = 0

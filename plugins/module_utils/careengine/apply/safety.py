@@ -28,7 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ..process import MappedObject, Mapping, read_ranges_lenient
-from .objects import FrameRule
+from .object_files import FrameRule
 
 MAX_FRAMES = 512
 # DWARF register numbers (x86-64 psABI) and the user_regs_struct fields holding them.

@@ -2,7 +2,7 @@
 
 :func:`detect` picks one from the tree (``lpmakefile``/``Makefile`` -> make,
 ``CMakeLists.txt`` -> CMake, ``meson.build`` -> Meson), or the user names the commands
-(:class:`CustomCommands`). Each turns a stage into argv lists; :mod:`.api` runs them.
+(:class:`CustomCommands`). Each turns a stage into argv lists; :mod:`.project_build` runs them.
 
 * **make**: ``make [-f lpmakefile] [-jN] ARGS`` and ``make install VAR=<root>``; make's
   command-line ``CC=``/``CXX=`` name the wrappers.

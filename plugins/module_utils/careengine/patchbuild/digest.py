@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from ..elf import ELF_MAGIC
 
 if TYPE_CHECKING:
-    from .api import BuiltPatch
+    from .project_build import BuiltPatch
 
 # Directories that only ever hold build state, never sources.
 SKIPPED_DIRS = frozenset((".git", ".hg", ".svn", "lpmake", "patchroot", ".lpmaketmp", "__pycache__"))

@@ -1,6 +1,6 @@
 """``libcare-patch-make``: build a project twice and write one patch per changed object.
 
-Run in the project's directory (see :mod:`build.api` for the steps)::
+Run in the project's directory (see :mod:`.project_build` for the steps)::
 
     libcare-patch-make [--clean] [--update] [--srcdir DIR] [--destdir VAR] [-j N]
                        [--make-arg ARG]... [--store DIR] [--sign KEY] PATCH...
@@ -21,9 +21,9 @@ import os
 import signal
 import sys
 
-from .api import LOG_TAIL_LINES, MakeFailed, build_patches
 from .buildsystems import KINDS, Wrappers
 from .progress import Reporter
+from .project_build import LOG_TAIL_LINES, MakeFailed, build_patches
 
 PROG = "libcare-patch-make"
 

@@ -42,8 +42,8 @@ from ptrace.binding.linux_struct import user_regs_struct
 from .. import faults
 from ..errors import PermissionDenied, ProcessError, ProcessGone
 from . import memory, sigframe
+from .loaded_objects import group_file_mappings, mapped_objects
 from .maps import Mapping, read_maps, read_proc_text
-from .objects import group_file_mappings, mapped_objects
 
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207

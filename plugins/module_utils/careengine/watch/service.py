@@ -26,7 +26,7 @@ import time
 
 from ptrace import PtraceError
 
-from ..apply import api, engine
+from ..apply import engine, operations
 from ..apply.ctl import build_parser
 from ..audit import AUDIT_LOG_ENV, AuditLog, Requester, result_records
 from ..errors import CareError
@@ -316,7 +316,7 @@ class Service:
         self.catches.pop(caught.tid, None)
         by = SERVICE_ROLES[HOW_EXEC]
         try:
-            source = api.admit_source(wanted_source(self.store), pids=[caught.pid], requested_by=service_requester(by),
+            source = operations.admit_source(wanted_source(self.store), pids=[caught.pid], requested_by=service_requester(by),
                                       audit_log=self.audit_log)
         except CareError as exc:
             source = None
@@ -425,7 +425,7 @@ class Service:
         by = SERVICE_ROLES[how]
         try:
             with service_stoppers():
-                results = api.patch_processes(wanted_source(self.store), pids, requested_by=service_requester(by),
+                results = operations.patch_processes(wanted_source(self.store), pids, requested_by=service_requester(by),
                                               audit_log=self.audit_log)
         except CareError as exc:
             log(f"not patching {len(pids)} process(es): {exc}")
@@ -537,7 +537,7 @@ class Service:
 
 def engine_pids() -> list[int]:
     """Every process but pid 1, ascending (the apply API's choice of processes)."""
-    from ..apply.api import all_pids
+    from ..apply.operations import all_pids
     return all_pids()
 
 

@@ -228,7 +228,7 @@ def _care_error(message):
 @pytest.fixture(scope="session")
 def demo_build(tmp_path_factory):
     """The demo program built by the engine with its fix: ``{src, store, build_id, patch, binary}``."""
-    build_api = engine_module("patchbuild.api")
+    build_api = engine_module("patchbuild.project_build")
     root = tmp_path_factory.mktemp("demo-build")
     src = str(root / "src")
     shutil.copytree(DEMO, src)
@@ -293,7 +293,7 @@ class ModuleCase:
                 process = DemoProcess(names["binary"])
                 names["pid"] = process.pid
                 if self.case.get("patched_before"):
-                    apply_api = engine_module("apply.api")
+                    apply_api = engine_module("apply.operations")
                     before = apply_api.patch_processes(names["store"], [process.pid])
                     assert before and before[0].ok, before
         else:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 
 # Functions and look-alikes: only foo.cold and foo.cold.2 are parts of foo.
 ASSEMBLER = """

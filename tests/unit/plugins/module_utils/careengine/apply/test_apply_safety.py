@@ -6,7 +6,7 @@ import struct
 
 import pytest
 
-from plugins.module_utils.careengine.apply.objects import FrameRule
+from plugins.module_utils.careengine.apply.object_files import FrameRule
 from plugins.module_utils.careengine.apply.safety import (
     GuardedRange,
     RangeIndex,

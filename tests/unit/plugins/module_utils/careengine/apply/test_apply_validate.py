@@ -16,7 +16,7 @@ from elftools.elf.elffile import ELFFile
 
 from plugins.module_utils.careengine.apply import image as image_module
 from plugins.module_utils.careengine.apply.image import read_patch_image
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.apply.validate import (
     InvalidPatch,
     TargetMismatch,
@@ -25,7 +25,7 @@ from plugins.module_utils.careengine.apply.validate import (
     check_target,
     replaced_vaddrs,
 )
-from plugins.module_utils.careengine.patchbuild.api import build_patches
+from plugins.module_utils.careengine.patchbuild.project_build import build_patches
 from plugins.module_utils.careengine.patchfile import PatchFile, decode_patch
 
 ROOT = Path(__file__).resolve().parents[6]

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from hypothesis.configuration import set_hypothesis_home_dir
 
-from plugins.module_utils.careengine.patchbuild.api import build_patches
+from plugins.module_utils.careengine.patchbuild.project_build import build_patches
 
 ROOT = Path(__file__).resolve().parents[6]
 FIXTURES = ROOT / "tests" / "fixtures" / "projects"

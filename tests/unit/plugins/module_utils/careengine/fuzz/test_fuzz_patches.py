@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 from plugins.module_utils.careengine import cli
 from plugins.module_utils.careengine.apply.image import link_patch, read_patch_image
-from plugins.module_utils.careengine.apply.objects import ObjectFile
+from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.apply.validate import check_image, check_target
 from plugins.module_utils.careengine.errors import CareError
 from plugins.module_utils.careengine.patchfile import decode_patch, summarize

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from plugins.module_utils.careengine.patchbuild import api, compiler
+from plugins.module_utils.careengine.patchbuild import compiler, project_build
 
 ROOT = Path(__file__).resolve().parents[6]
 LIBCARE_CC = str(ROOT / "bin" / "libcare-cc")
@@ -114,5 +114,5 @@ def test_compile_lines_of_any_shape(unit, argv, kept):
 
 def test_builds_see_is_libcare_cc(tmp_path):
     (tmp_path / "Makefile").write_text("all:\n\techo \"$$IS_LIBCARE_CC $$KPATCH_STAGE\" > seen.txt\n")
-    api.ProjectBuild(str(tmp_path), str(tmp_path)).make("original")
+    project_build.ProjectBuild(str(tmp_path), str(tmp_path)).make("original")
     assert (tmp_path / "seen.txt").read_text() == "y original\n"

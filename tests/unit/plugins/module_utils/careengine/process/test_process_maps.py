@@ -16,7 +16,7 @@ from plugins.module_utils.careengine.process import (
     parse_maps,
     signed64,
 )
-from plugins.module_utils.careengine.process.objects import _parse_headers, group_file_mappings
+from plugins.module_utils.careengine.process.loaded_objects import _parse_headers, group_file_mappings
 
 SAMPLE = """\
 55d0c0a00000-55d0c0a01000 r--p 00000000 fe:01 1311   /usr/bin/demo

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from plugins.module_utils.careengine.apply.objects import (
+from plugins.module_utils.careengine.apply.object_files import (
     STT_GNU_IFUNC,
     ObjectFile,
     gnu_hash,
