@@ -383,7 +383,8 @@ def check_inherited_filters(pid: int, tid: int, calls: list[PlannedSyscall]) -> 
         raise SyscallForbidden(
             f"cannot read the seccomp filter of process {pid} (thread {tid}: {theirs} filter(s)): the engine "
             f"runs under seccomp itself ({ours} filter(s)) and the kernel hides filters from such a tracer; "
-            "run the engine outside the container's seccomp profile to patch this process")
+            "run the engine without a seccomp filter of its own (outside a container's profile or a "
+            "systemd unit's SystemCallFilter) to patch this process")
     outcome = try_calls_in_child(calls)
     if outcome is not None:
         raise SyscallForbidden(f"the seccomp filter that process {pid} shares with the engine would {outcome}, "
