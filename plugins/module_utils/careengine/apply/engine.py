@@ -28,9 +28,11 @@ do not recognise a patch applied by this engine.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from .. import faults
@@ -170,6 +172,23 @@ class AppliedPatch:
     def replaced_functions(self) -> tuple[str, ...]:
         return tuple(name for name, entry in zip(self.names, self.entries, strict=True) if not entry.is_new)
 
+
+# How patch and unpatch stop a process: StoppedProcess, unless a caller that already holds
+# the process (the resident service, at a new process's exec) says otherwise.
+_stop_process: Callable[..., StoppedProcess] = StoppedProcess
+
+
+@contextlib.contextmanager
+def stopping_with(factory: Callable[..., StoppedProcess]) -> Iterator[None]:
+    """Within the block, patch and unpatch stop a process with ``factory(pid, timeout=...)``
+    (a :class:`StoppedProcess` or a subclass) instead of :class:`StoppedProcess`."""
+    global _stop_process
+    previous = _stop_process
+    _stop_process = factory
+    try:
+        yield
+    finally:
+        _stop_process = previous
 
 @dataclass
 class Patient:
@@ -875,7 +894,7 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
     next patch or unpatch finishes.
     """
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
-    stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
+    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
@@ -1083,7 +1102,7 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
     ``unmap_failed`` (by build-id), not raised."""
     everything = [mapping for applied in selected for mapping in applied.all_mappings]
     warm_caches(patient, [guarded_patch_range(a) for a in everything])
-    stopped = StoppedProcess(pid, timeout=max(timeout, 1.0))
+    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:

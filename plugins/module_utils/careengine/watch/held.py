@@ -9,7 +9,7 @@ us instead of detaching it: we detach it after the patch, from the same stop.
 
 :func:`patch_held` runs the engine's own :func:`engine.patch_process` (planning, level
 rules, safety check, rollback) with ``HeldProcess`` in place of ``StoppedProcess`` for
-that one call. (An engine entry point taking the stopper would make the swap unneeded.)
+that one call, through the engine's :func:`engine.stopping_with`.
 :func:`service_stoppers` makes every other stop the service causes a
 :class:`.priority.BoostedProcess` (real-time tracer while the patient is held).
 """
@@ -59,7 +59,6 @@ def service_stoppers(held: dict[int, int] | None = None) -> Iterator[list[HeldPr
     ``pid`` of ``held`` (pid -> held thread) with :class:`HeldProcess`; the held ones made
     are listed in the yielded list."""
     made: list[HeldProcess] = []
-    real = engine.StoppedProcess
     held = held or {}
 
     def stopper(target_pid: int, *, timeout: float = 5.0) -> StoppedProcess:
@@ -69,11 +68,8 @@ def service_stoppers(held: dict[int, int] | None = None) -> Iterator[list[HeldPr
         made.append(process)
         return process
 
-    engine.StoppedProcess = stopper
-    try:
+    with engine.stopping_with(stopper):
         yield made
-    finally:
-        engine.StoppedProcess = real
 
 
 def patch_held(pid: int, held_tid: int, source: PatchSource, *, timeout: float = 1.0) -> tuple[ProcessResult, int]:
