@@ -239,9 +239,9 @@ def install(store: Path, patch_path: Path, level: int) -> None:
 class Patient:
     """A running fixture program whose output lines are collected."""
 
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None) -> None:
-        self.process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env={**os.environ, **(env or {})})
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, stdin: int | None = None) -> None:
+        self.process = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                        text=True, bufsize=1, env={**os.environ, **(env or {})})
         self.pid = self.process.pid
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)

@@ -12,7 +12,6 @@ import os
 import re
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from elftools.elf.elffile import ELFFile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "apply"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "process"))
-from apply_helpers import CTL, build_id_of, make_diff, patch_make, single_program_project  # noqa: E402
+from apply_helpers import CTL, Patient, build_id_of, make_diff, patch_make, single_program_project  # noqa: E402
 from waiting import eventually  # noqa: E402, F401 - for the tests
 
 from plugins.module_utils.careengine import patchfile  # noqa: E402
@@ -78,35 +77,17 @@ def crash_build(tmp_path_factory) -> CrashBuild:
     return CrashBuild(built.binary, store, build_id, code, symbols)
 
 
-class CrashPatient:
+class CrashPatient(Patient):
     """A running crash_patient: its output lines, thread ids, and a pipe to its reader thread."""
 
     def __init__(self, binary: Path) -> None:
-        self.process = subprocess.Popen([str(binary)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=subprocess.STDOUT, text=True, bufsize=1)
-        self.pid = self.process.pid
-        self.lines: list[str] = []
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
+        super().__init__([str(binary)], stdin=subprocess.PIPE)
         self.tids = {role: int(self.wait_for(lambda line, r=role: line.startswith(r + " "), after=0).split()[1])
                      for role in ("avx", "busy", "reader", "sleeper")}
         self.wait_for(lambda line: line.startswith("round="), after=0)
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
-
     def wait_for(self, predicate: Callable[[str], bool], timeout: float = 10.0, after: int | None = None) -> str:
-        start = len(self.lines) if after is None else after
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in self.lines[start:]:
-                if predicate(line):
-                    return line
-            if self.process.poll() is not None:
-                raise AssertionError(f"patient exited with {self.process.returncode}: {self.lines[-5:]}")
-            time.sleep(0.002)
-        raise AssertionError(f"no matching output within {timeout}s; last lines: {self.lines[-5:]}")
+        return super().wait_for(predicate, timeout, after)
 
     def rounds(self, count: int, timeout: float = 10.0) -> list[re.Match]:
         """The next ``count`` status lines, parsed."""
@@ -128,14 +109,6 @@ class CrashPatient:
         self.process.stdin.write(text + "\n")
         self.process.stdin.flush()
         self.wait_for(lambda line: line == f"read {text}", after=start)
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.alive():
-            self.process.kill()
-        self.process.wait(timeout=10)
 
 
 @pytest.fixture
