@@ -4,7 +4,7 @@ not cost the patient its life: we refuse instead)."""
 
 from __future__ import annotations
 
-from ..process import StoppedProcess, find_syscall_instruction
+from ..process import StoppedProcess
 from ..process.seccomp import PlannedSyscall, check_syscalls_allowed
 
 SYS_MMAP, SYS_MPROTECT, SYS_MUNMAP, SYS_RT_SIGRETURN, SYS_GETPID = 9, 10, 11, 15, 39
@@ -40,5 +40,4 @@ def support_calls() -> list[PlannedSyscall]:
 def check_seccomp(stopped: StoppedProcess, calls: list[PlannedSyscall]) -> None:
     """SyscallForbidden (before any remote syscall) if a seccomp filter of the stopped
     patient would kill it or deny one of ``calls``."""
-    site = find_syscall_instruction(stopped.pid)
-    check_syscalls_allowed(stopped.pid, stopped.tids, calls, site + 2)
+    check_syscalls_allowed(stopped.pid, stopped.tids, calls, stopped.syscall_address + 2)

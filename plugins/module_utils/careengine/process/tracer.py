@@ -711,6 +711,12 @@ class StoppedProcess:
             self._sites = find_return_sites(self.pid)
         return self._sites
 
+    @property
+    def syscall_address(self) -> int:
+        """Where remote system calls are made: the ``syscall`` of the ``syscall; ret`` pair
+        borrowed threads run (what a seccomp filter sees, plus 2, as the instruction pointer)."""
+        return self._return_sites().syscall_ret
+
     def remote_syscall(self, nr: int, *args: int, tid: int | None = None) -> int:
         """Make thread ``tid`` execute system call ``nr`` with ``args``; its raw ``rax``.
 
@@ -978,22 +984,6 @@ class StoppedProcess:
         except PtraceError as exc:
             self._raise_thread_error(tid, exc, "read the FPU state of")
         return ctypes.string_at(buffer, vector.iov_len)
-
-    def _interrupt_and_wait(self, tid: int) -> None:
-        """Stop a running thread; bounded, since a thread already in a stop reports none."""
-        try:
-            ptrace_func.ptrace(PTRACE_INTERRUPT, tid)
-        except PtraceError:
-            self._forget_thread(tid)
-            return
-        try:
-            status = self._wait_thread(tid, time.monotonic() + self.timeout)
-        except (TimeoutError, ProcessGone):
-            return
-        if status is not None and status >= 0:
-            kind, signo = self._record_remote_stop(tid, status)
-            if kind == "signal":
-                self._hold_signal(tid, signo)
 
     # --- run one thread to an address (issue 9) ---
     _O_TRACESYSGOOD = 0x1    # syscall stops report SIGTRAP | 0x80
