@@ -246,16 +246,22 @@ def describe(value: int) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------- the live patient
-def seccomp_mode(pid: int, tid: int) -> int:
-    """``Seccomp:`` of the thread's status (0 when the kernel does not say)."""
+def _status_number(path: str, field: str) -> int | None:
+    """The number after ``field:`` in a /proc status file (None when it has none)."""
     try:
-        with open(f"/proc/{pid}/task/{tid}/status") as stream:
+        with open(path) as stream:
             for line in stream:
-                if line.startswith("Seccomp:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1])
     except (OSError, ValueError, IndexError):
         pass
-    return SECCOMP_MODE_DISABLED
+    return None
+
+
+def seccomp_mode(pid: int, tid: int) -> int:
+    """``Seccomp:`` of the thread's status (0 when the kernel does not say)."""
+    mode = _status_number(f"/proc/{pid}/task/{tid}/status", "Seccomp")
+    return SECCOMP_MODE_DISABLED if mode is None else mode
 
 
 def read_filters(tid: int) -> list[list[Instruction]]:
@@ -320,14 +326,7 @@ def check_syscalls_allowed(pid: int, tids: list[int], calls: list[PlannedSyscall
 def filter_count(pid: int, tid: int | None = None) -> int | None:
     """``Seccomp_filters:`` of a thread's status (None when the kernel does not say)."""
     where = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
-    try:
-        with open(where) as stream:
-            for line in stream:
-                if line.startswith("Seccomp_filters:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    return _status_number(where, "Seccomp_filters")
 
 
 def _same_pid_namespace(pid: int) -> bool:
