@@ -140,6 +140,19 @@ apply_series_before_fix() {
     done < "$PRISTINE.tmp/debian/patches/series"
 }
 
+# prepare_up_to_fix: exit 0 if already prepared; else fetch the source and apply Debian's
+# series up to the fix in $PRISTINE.tmp (the caller writes $FIX_PATCH.tmp, then finish_prepare).
+prepare_up_to_fix() {
+    if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
+        log "already prepared: $PRISTINE ($(cat "$PREPARED_STAMP"))"
+        exit 0
+    fi
+    require_source_package
+    fetch_source
+    log "unpacked $(basename "$dsc") without its patches"
+    apply_series_before_fix
+}
+
 # finish_prepare: check that $FIX_PATCH.tmp applies to the pre-fix tree, then put the
 # fix and the tree in place (the stamp says what was prepared).
 finish_prepare() {

@@ -18,15 +18,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 lock_cache
 
-if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
-    log "already prepared: $PRISTINE ($(cat "$PREPARED_STAMP"))"
-    exit 0
-fi
-
-require_source_package
-fetch_source
-log "unpacked $(basename "$dsc") without its patches"
-apply_series_before_fix
+prepare_up_to_fix
 # The fix without its test-suite hunks (tests/ is not part of the build).
 awk '/^diff --git /{ keep = ($3 ~ /^a\/src\//) } keep' \
     "$PRISTINE.tmp/debian/patches/$FIX_NAME" > "$FIX_PATCH.tmp"

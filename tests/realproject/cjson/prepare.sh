@@ -13,15 +13,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 lock_cache
 
-if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
-    log "already prepared: $PRISTINE ($(cat "$PREPARED_STAMP"))"
-    exit 0
-fi
-
-require_source_package
-fetch_source
-log "unpacked $(basename "$dsc") without its patches"
-apply_series_before_fix
+prepare_up_to_fix
 cp "$PRISTINE.tmp/debian/patches/$FIX_NAME" "$FIX_PATCH.tmp"
 grep -q '^+++ [^/]*/cJSON_Utils.c' "$FIX_PATCH.tmp" || die "$FIX_NAME does not change cJSON_Utils.c"
 finish_prepare

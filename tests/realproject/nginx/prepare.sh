@@ -35,15 +35,7 @@ install_build_deps() {
 
 install_build_deps
 
-if [ -f "$PREPARED_STAMP" ] && [ -s "$FIX_PATCH" ]; then
-    log "already prepared: $PRISTINE ($(cat "$PREPARED_STAMP"))"
-    exit 0
-fi
-
-require_source_package
-fetch_source
-log "unpacked $(basename "$dsc") without its patches"
-apply_series_before_fix
+prepare_up_to_fix
 
 # The fix as a plain diff of the C files it touches, from the pre-fix file and that
 # file with Debian's patch applied (drops the mail header and trailer).
