@@ -19,7 +19,7 @@ or CAP_SYS_PTRACE, or another tracer holds it), ``ProcessError`` (anything else;
 """
 
 from .loaded_objects import PATCH_HEADER_SIZE, PATCH_MAGIC, MappedObject, find_applied_patches, mapped_objects
-from .maps import Mapping, free_holes, page_down, page_up, parse_maps, read_maps
+from .maps import Mapping, free_holes, page_down, page_up, parse_maps, proc_status, read_maps
 from .memory import forget_process, read_memory, read_ranges, read_ranges_lenient, write_memory
 from .tracer import (
     CALL_RETURN_STUB,
@@ -51,6 +51,7 @@ __all__ = [
     "page_down",
     "page_up",
     "parse_maps",
+    "proc_status",
     "read_maps",
     "read_memory",
     "read_ranges",

@@ -106,6 +106,17 @@ def parse_maps(text: str) -> list[Mapping]:
     return mappings
 
 
+def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
+    """The fields of ``/proc/PID/status`` (of thread ``tid`` if given): name -> value, with
+    surrounding white space removed; empty when it cannot be read (the process is gone)."""
+    path = f"/proc/{pid}/status" if tid is None else f"/proc/{pid}/task/{tid}/status"
+    try:
+        with open(path, encoding="ascii", errors="replace") as stream:
+            return {name: value.strip() for name, _, value in (line.partition(":") for line in stream)}
+    except OSError:
+        return {}
+
+
 def read_proc_text(pid: int, name: str) -> str:
     """The text of ``/proc/PID/<name>``, with errors turned into engine errors."""
     try:

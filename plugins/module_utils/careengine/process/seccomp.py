@@ -27,6 +27,7 @@ from ptrace import PtraceError
 from ptrace.binding import func as ptrace_func
 
 from ..errors import CareError, PermissionDenied, ProcessError, SyscallForbidden
+from .maps import proc_status
 
 PTRACE_SECCOMP_GET_FILTER = 0x420C
 AUDIT_ARCH_X86_64 = 0xC000003E
@@ -246,21 +247,15 @@ def describe(value: int) -> tuple[str, str]:
 
 
 # ------------------------------------------------------------------------- the live patient
-def _status_number(path: str, field: str) -> int | None:
-    """The number after ``field:`` in a /proc status file (None when it has none)."""
-    try:
-        with open(path) as stream:
-            for line in stream:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1])
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+def _status_number(pid: int, tid: int | None, field: str) -> int | None:
+    """The number in ``field`` of the status of ``pid`` (thread ``tid``); None when it has none."""
+    value = proc_status(pid, tid).get(field, "")
+    return int(value) if value.isdigit() else None
 
 
 def seccomp_mode(pid: int, tid: int) -> int:
     """``Seccomp:`` of the thread's status (0 when the kernel does not say)."""
-    mode = _status_number(f"/proc/{pid}/task/{tid}/status", "Seccomp")
+    mode = _status_number(pid, tid, "Seccomp")
     return SECCOMP_MODE_DISABLED if mode is None else mode
 
 
@@ -325,8 +320,7 @@ def check_syscalls_allowed(pid: int, tids: list[int], calls: list[PlannedSyscall
 
 def filter_count(pid: int, tid: int | None = None) -> int | None:
     """``Seccomp_filters:`` of a thread's status (None when the kernel does not say)."""
-    where = f"/proc/{pid}/task/{tid}/status" if tid is not None else f"/proc/{pid}/status"
-    return _status_number(where, "Seccomp_filters")
+    return _status_number(pid, tid, "Seccomp_filters")
 
 
 def _same_pid_namespace(pid: int) -> bool:

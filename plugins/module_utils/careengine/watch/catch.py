@@ -33,7 +33,7 @@ from ptrace import PtraceError
 from ptrace.binding import func as ptrace_func
 
 from ..errors import CareError
-from ..process import Registers, read_maps
+from ..process import Registers, proc_status, read_maps
 
 PTRACE_SEIZE = 0x4206
 PTRACE_INTERRUPT = 0x4207
@@ -88,14 +88,8 @@ class Catch:
 
 def thread_group(tid: int) -> int:
     """The process id of thread ``tid`` (itself if it cannot be read)."""
-    try:
-        with open(f"/proc/{tid}/status", encoding="ascii", errors="replace") as stream:
-            for line in stream:
-                if line.startswith("Tgid:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return tid
+    tgid = proc_status(tid).get("Tgid", "")
+    return int(tgid) if tgid.isdigit() else tid
 
 
 def seize(tid: int, via_exec: bool) -> None:

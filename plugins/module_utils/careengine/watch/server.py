@@ -17,6 +17,7 @@ import struct
 from dataclasses import dataclass
 
 from ..errors import CareError
+from ..process.maps import proc_status
 from . import protocol
 
 _UCRED = struct.Struct("3i")
@@ -37,15 +38,7 @@ class Peer:
 
     def groups(self) -> set[int]:
         """Its primary and supplementary groups (from ``/proc/PID/status``)."""
-        found = {self.gid}
-        try:
-            with open(f"/proc/{self.pid}/status", encoding="ascii", errors="replace") as stream:
-                for line in stream:
-                    if line.startswith("Groups:"):
-                        found.update(int(g) for g in line.split()[1:])
-        except OSError:
-            pass
-        return found
+        return {self.gid, *(int(g) for g in proc_status(self.pid).get("Groups", "").split())}
 
     def describe(self) -> str:
         return f"uid {self.uid} (pid {self.pid})"

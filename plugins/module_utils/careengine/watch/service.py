@@ -30,7 +30,7 @@ from ..apply import engine, operations
 from ..apply.ctl import build_parser
 from ..audit import AUDIT_LOG_ENV, AuditLog, Requester, result_records
 from ..errors import CareError
-from ..process import mapped_objects, read_maps
+from ..process import mapped_objects, proc_status, read_maps
 from ..results import ObjectAction, ProcessResult
 from ..storage import PatchSource
 from . import catch as catching
@@ -211,18 +211,8 @@ class Service:
                 os.write(self._wake_write, b"e")
 
     def _is_ours(self, tid: int) -> bool:
-        tgid = ppid = None
-        try:
-            with open(f"/proc/{tid}/status", encoding="ascii", errors="replace") as stream:
-                for line in stream:
-                    if line.startswith("Tgid:"):
-                        tgid = int(line.split()[1])
-                    elif line.startswith("PPid:"):
-                        ppid = int(line.split()[1])
-                        break
-        except OSError:
-            return False
-        return self.pid in (tgid, ppid)
+        status = proc_status(tid)
+        return str(self.pid) in (status.get("Tgid"), status.get("PPid"))
 
     def _take_events(self) -> None:
         while True:
