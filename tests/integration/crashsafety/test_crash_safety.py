@@ -71,6 +71,11 @@ def set_level(patient: CrashPatient, store, level: int) -> None:
     else:
         result = engine.unpatch_process(patient.pid)
         assert all(o.action == "removed" for o in result.objects), result
+    # A round computed (or read by our reader thread) before the change can still come in:
+    # wait for the first round of the new behaviour; check_healthy then sees it hold.
+    value, label = BEHAVIOUR[level]
+    patient.wait_for(lambda line: (match := ROUND.match(line)) is not None
+                     and int(match[2]) == value and match[3] == label)
 
 
 def proc_status(pid: int, tid: int) -> dict[str, str]:
