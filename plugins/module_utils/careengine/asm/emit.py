@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import AsmParseError, UnpatchableChange
-from . import eh_frame, gotpcrel
+from . import comdat, eh_frame, gotpcrel
 from .normalize import LOCAL_LABEL_PREFIX, rename_symbols
 from .parse import BARE_SECTIONS, SECTIONLESS_KINDS, AsmFile, Block, Kind, Line, section_is_code, section_is_tls
 
@@ -319,21 +319,35 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
             output.copy(block.lines, before_size={block.name: end_label(block.name)})
             strtab_index += 1
             function = PatchedFunction(changed[block.name], kpatch_name(block.name), block.name)
-            output.raw(function_patch(function, specs, names, strtab_index, defined))
+            output.raw(_patch_lines(function, specs, names, strtab_index, defined, also_in=block))
         else:
             output.copy(block.lines)
     loose = loose_attributes(patched)
     for block in new_functions:
         strtab_index += 1
         output.raw(_kept_attributes(block, names, loose))
-        output.raw(function_patch(PatchedFunction(block, names[block.name], None), specs, names, strtab_index,
-                                  defined))
+        output.raw(_patch_lines(PatchedFunction(block, names[block.name], None), specs, names, strtab_index,
+                                defined))
     for block in new_variables:
         output.raw(_kept_attributes(block, names, loose))
         output.raw(variable_patch(block, specs, names))
     for block in patched_tail:
         output.copy(block.lines, rename=rename_outside)
     return "\n".join(output.lines) + "\n"
+
+
+def _patch_lines(function: PatchedFunction, specs: dict[str, str], names: dict[str, str], strtab_index: int,
+                 defined: frozenset[str], also_in: Block | None = None) -> list[str]:
+    """:func:`function_patch`; for a function in a COMDAT group (its patched block or
+    ``also_in``, the original one), in a COMDAT group of its own (:mod:`.comdat`)."""
+    lines = function_patch(function, specs, names, strtab_index, defined)
+    blocks = (function.block,) if also_in is None else (function.block, also_in)
+    if not any(comdat.comdat_group(block.section, specs) for block in blocks):
+        return lines
+    symbol = function.original or function.block.name
+    shared = comdat.shared_symbol_lines(function.output_name) if function.output_name != function.block.name else []
+    return [*comdat.grouped(lines, comdat.group_name(symbol), KPATCH_SECTIONS.values()), *shared,
+            *comdat.digest_lines(symbol, function.block)]
 
 
 # Attributes a new symbol keeps when gcc wrote them away from its block.

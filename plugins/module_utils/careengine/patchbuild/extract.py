@@ -17,6 +17,10 @@ Offsets become section-relative. The gensrc output re-emits all original code an
 verbatim and in order, so "placeholder section + offset" designates the same bytes in
 the original object. Relocations are rewritten by the rules in :data:`RELOCATION_RULES`
 (one row per type); symbols by :meth:`_Extractor.output_symbol`.
+
+Inline functions and template instances (:mod:`..asm.comdat`): the patched link kept one
+unit's new copy; :func:`check_comdat_copies` refuses the patch when the units' copies
+differ, and a weak original must be as long as the record says (the copy kept).
 """
 
 from __future__ import annotations
@@ -30,7 +34,9 @@ from elftools.elf.enums import ENUM_RELOC_TYPE_x64
 from elftools.elf.structs import ELFStructs
 
 from .. import patchfile
-from ..errors import BuildError
+from ..asm import comdat
+from ..asm.cxx import demangle
+from ..errors import BuildError, UnpatchableChange
 
 # pyelftools' table lacks R_X86_64_GOTPCRELX (41, x86-64 psABI); add it.
 R = {name: number for name, number in ENUM_RELOC_TYPE_x64.items() if isinstance(number, int)}
@@ -143,11 +149,24 @@ def extract_image(patched_path: str, original_path: str) -> ExtractedPatch:
     """The patch's ELF image from the patched binary and its original twin."""
     with open(patched_path, "rb") as patched_stream, open(original_path, "rb") as original_stream:
         try:
-            return _Extractor(ELFFile(patched_stream), ELFFile(original_stream), patched_path).run()
-        except BuildError:
+            patched = ELFFile(patched_stream)
+            check_comdat_copies(patched, patched_path)
+            return _Extractor(patched, ELFFile(original_stream), patched_path).run()
+        except (BuildError, UnpatchableChange):
             raise
         except Exception as exc:  # pyelftools raises many kinds on malformed input
             raise BuildError(f"{patched_path}: cannot extract the patch: {exc}") from None
+
+
+def check_comdat_copies(patched: ELFFile, label: str) -> None:
+    """Refuse inline functions and template instances whose new copies differ between
+    units: the link kept one of them for all (:mod:`..asm.comdat`)."""
+    section = patched.get_section_by_name(comdat.DIGEST_SECTION)
+    differing = comdat.differing_copies(section.data()) if section is not None else []
+    if differing:
+        raise UnpatchableChange(
+            f"{label}: {', '.join(demangle(differing))}: inline function or template instance changed differently "
+            "in different units (compiled with different flags or macros?); a patch can carry only one copy")
 
 
 def extract_patch(patched_path: str, original_path: str, build_id: str | None = None,
@@ -432,8 +451,21 @@ class _Extractor:
             if entry.dlen < MIN_FUNCTION_SIZE:
                 raise BuildError(f"function {old_symbol.name} is too small to patch "
                                  f"({entry.dlen} bytes, a jump needs {MIN_FUNCTION_SIZE})")
+            self._check_kept_copy(old_symbol, entry.dlen)
             functions.append(old_symbol.name)
         return tuple(functions), tuple(new_functions)
+
+    def _check_kept_copy(self, old_symbol: _Symbol, length: int) -> None:
+        """A weak function (an inline function or template instance, one copy per unit)
+        must be replaced as long as the copy the original link kept: the record comes
+        from the unit whose new copy the patched link kept, maybe not the same unit."""
+        if old_symbol.bind != "STB_WEAK":
+            return
+        kept = self._original_symbol(old_symbol.name)
+        if kept is not None and kept["st_size"] != length:
+            raise BuildError(f"{self.label}: {demangle([old_symbol.name])[0]}: the original keeps a copy of "
+                             f"{kept['st_size']} bytes, the patch replaces one of {length} (the units' copies "
+                             "differ: compiled with different flags?)")
 
     def _in_kpatch_section(self, symbol: _Symbol) -> bool:
         return isinstance(symbol.shndx, int) and is_kpatch_section(self.sections[symbol.shndx].name)
