@@ -12,31 +12,18 @@
 # Prints one JSON line on stdout:
 #   {"bench": "build_overhead", "value": <patch-make s>, "unit": "s", "baseline": <make s>, "ratio": <r>}
 # Exit status: 0 ok, 77 sources unavailable (from prepare.sh), 1 failure.
-# shellcheck disable=SC2154  # dsc, applied, build_id, kpatch, patch_s: set by harness.sh functions
+# shellcheck disable=SC2154  # build_id, kpatch: set by harness.sh functions
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/common.sh"
-lock_cache
-
-status=0
-"$here/prepare.sh" || status=$?
-[ "$status" = 0 ] || exit "$status"
+prepare_or_exit "$here"
 
 # 1. the baseline: a plain build, same make arguments and jobs.
-rm -rf "$PLAIN"
-cp -a "$PRISTINE" "$PLAIN"
-log "plain make -j$JOBS ${MAKE_ARGS[*]} in $PLAIN"
-t0=$(now)
-if ! make -C "$PLAIN" -j"$JOBS" "${MAKE_ARGS[@]}" > "$CACHE/plain-make.log" 2>&1; then
-    tail -n 40 "$CACHE/plain-make.log" >&2
-    die "plain make failed (log: $CACHE/plain-make.log)"
-fi
-plain_s=$(elapsed "$t0" "$(now)")
-log "plain make: ${plain_s}s"
+fresh_copy "$PLAIN"
+timed_plain_build plain-make.log make -j"$JOBS" "${MAKE_ARGS[@]}"
 
 # 2. libcare-patch-make with the fix.
-rm -rf "$WORK"
-cp -a "$PRISTINE" "$WORK"
+fresh_copy "$WORK"
 make_args=(-m "CC=$ROOT/bin/libcare-cc")
 for arg in "${MAKE_ARGS[@]}"; do make_args+=(-m "$arg"); done
 run_patch_make -j "$JOBS" --destdir PREFIX "${make_args[@]}"
@@ -56,5 +43,4 @@ EOF
 ) || die "$kpatch is not a patch for build-id $build_id"
 log "patch for redis-server: $kpatch"
 
-python3 -c 'import json, sys; p, b = float(sys.argv[1]), float(sys.argv[2]); print(json.dumps({"bench": "build_overhead", "value": p, "unit": "s", "baseline": b, "ratio": round(p / b, 2)}))' \
-    "$patch_s" "$plain_s"
+print_overhead build_overhead

@@ -191,3 +191,50 @@ find_patch() {
     kpatch=$WORK/patchroot/$build_id.kpatch
     [ -s "$kpatch" ] || die "no patch for $1 (build-id $build_id) in $WORK/patchroot: $(ls "$WORK/patchroot" 2>&1)"
 }
+
+# prepare_or_exit DIR: the cache lock, then DIR/prepare.sh; its exit status 77 (sources
+# unavailable) or any failure ends the calling build_patch.sh with that status.
+prepare_or_exit() {
+    lock_cache
+    local status=0
+    "$1/prepare.sh" || status=$?
+    [ "$status" = 0 ] || exit "$status"
+}
+
+# fresh_copy DIR: DIR becomes a copy of the pre-fix tree.
+fresh_copy() {
+    rm -rf "$1"
+    cp -a "$PRISTINE" "$1"
+}
+
+# timed_plain_build LOG COMMAND...: COMMAND run in $PLAIN (already copied and configured),
+# its output in $CACHE/LOG, timed into plain_s: the baseline of the overhead figure.
+timed_plain_build() {
+    local log_file=$CACHE/$1 t0
+    shift
+    log "plain build in $PLAIN: $*"
+    t0=$(now)
+    if ! (cd "$PLAIN" && "$@") > "$log_file" 2>&1; then
+        tail -n 40 "$log_file" >&2
+        die "plain build failed (log: $log_file)"
+    fi
+    plain_s=$(elapsed "$t0" "$(now)")
+    log "plain build: ${plain_s}s"
+}
+
+# find_library_patch FILE: like find_patch, for a library installed without the
+# executable bit (FILE relative to $WORK).
+find_library_patch() {
+    [ -f "$WORK/$1" ] || die "no $WORK/$1: the original-stage install did not install it"
+    build_id=$(readelf -n "$WORK/$1" | sed -n 's/^ *Build ID: *\([0-9a-f]*\).*/\1/p' | head -n1)
+    kpatch=$WORK/patchroot/$build_id.kpatch
+    { [ -n "$build_id" ] && [ -s "$kpatch" ]; } || die "no patch for $1 (build-id $build_id) in $WORK/patchroot"
+    log "patch for $1: $kpatch"
+}
+
+# print_overhead NAME: the benchmark's JSON line (libcare-patch-make seconds against the
+# plain build's) on stdout.
+print_overhead() {
+    python3 -c 'import json, sys; n, p, b = sys.argv[1], float(sys.argv[2]), float(sys.argv[3]); print(json.dumps({"bench": n, "value": p, "unit": "s", "baseline": b, "ratio": round(p / b, 2)}))' \
+        "$1" "$patch_s" "$plain_s"
+}

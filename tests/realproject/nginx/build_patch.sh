@@ -22,11 +22,7 @@
 set -euo pipefail
 here=$(dirname "${BASH_SOURCE[0]}")
 source "$here/common.sh"
-lock_cache
-
-status=0
-"$here/prepare.sh" || status=$?
-[ "$status" = 0 ] || exit "$status"
+prepare_or_exit "$here"
 
 configure() {   # configure DIR LOG
     (cd "$1" && env -u KPATCH_STAGE ./configure "${CONFIGURE_ARGS[@]}") > "$2" 2>&1 || {
@@ -34,25 +30,16 @@ configure() {   # configure DIR LOG
 }
 
 # 1. the baseline: configure, then a plain build with the same jobs.
-rm -rf "$PLAIN"
-cp -a "$PRISTINE" "$PLAIN"
+fresh_copy "$PLAIN"
 log "configure in $PLAIN"
 t0=$(now)
 configure "$PLAIN" "$CACHE/plain-configure.log"
 configure_s=$(elapsed "$t0" "$(now)")
 log "configure: ${configure_s}s"
-log "plain make -j$JOBS in $PLAIN"
-t0=$(now)
-if ! env -u KPATCH_STAGE make -C "$PLAIN" -j"$JOBS" > "$CACHE/plain-make.log" 2>&1; then
-    tail -n 40 "$CACHE/plain-make.log" >&2
-    die "plain make failed (log: $CACHE/plain-make.log)"
-fi
-plain_s=$(elapsed "$t0" "$(now)")
-log "plain make: ${plain_s}s"
+timed_plain_build plain-make.log env -u KPATCH_STAGE make -j"$JOBS"
 
 # 2. libcare-patch-make with the fix.
-rm -rf "$WORK"
-cp -a "$PRISTINE" "$WORK"
+fresh_copy "$WORK"
 configure "$WORK" "$CACHE/work-configure.log"
 run_patch_make -j "$JOBS" -m "CC=$ROOT/bin/libcare-cc"
 
