@@ -455,6 +455,11 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
         return False
     try:
         # No filename= here: the except clause below names the source once for both steps.
+        if cxx and original_text:
+            from ..asm import cxx_data
+            from ..asm.parse import parse
+
+            cxx_data.check_static_init(parse(original_text), parse(patched_text))
         result = gensrc.generate(original_text, patched_text, ignore_changes=_settings.ignored_functions(source))
         if cxx:
             from ..asm import cxx as cxx_rules
