@@ -25,8 +25,8 @@ benches=(
     "call_cost 60 $py $here/call_cost.py"
     "watch 120 $py $here/watch.py"
     "build_overhead 320 $here/build_overhead.sh"
-    "build_overhead_cjson 200 $here/build_overhead_cjson.sh"
-    "build_overhead_tinyxml 200 $here/build_overhead_tinyxml.sh"
+    "build_overhead_cjson 200 $here/build_overhead_realproject.sh cjson"
+    "build_overhead_tinyxml 200 $here/build_overhead_realproject.sh tinyxml"
 )
 wanted=("$@")
 failed=0
