@@ -1,0 +1,100 @@
+"""C++ inline functions and template instances (COMDAT groups) patched live, once and
+consistently: the fixture project cxxinline (tests/fixtures/projects/cxxinline) changes, in
+its header, an inline function (inlined by two units, one out-of-line copy reached through
+a pointer) and a template instance two units emit. The patch replaces each function once,
+at the copy the original link kept, and every caller shows the new answers; unpatch
+brings back the old ones. Units whose new copies differ (other flags) are refused, named."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT / "tests" / "integration" / "apply"))
+from apply_helpers import Patient, ctl  # noqa: E402
+
+PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
+DUMP = str(ROOT / "bin" / "libcare-dump")
+FIXTURE = ROOT / "tests" / "fixtures" / "projects" / "cxxinline"
+LINE_RE = re.compile(r"^cxxinline (\d+) left (-?\d+) (-?\d+) right (-?\d+) (-?\d+) pointer (-?\d+)$")
+REPLACED = ("scale(int)", "left_scale(int)", "int shift<int>(int)", "right_scale(int)")
+
+
+def _expected(counter: int, patched: bool) -> tuple[int, ...]:
+    """left: scale, shift; right: scale(n+1)-2, shift; scale through a pointer (calc.h)."""
+    factor, step = (3, 7) if patched else (2, 1)
+    return (factor * counter, counter + step, factor * (counter + 1) - 2, counter + step, factor * counter)
+
+
+def _answers(line: str) -> tuple[int, tuple[int, ...]] | None:
+    found = LINE_RE.match(line)
+    if found is None:
+        return None
+    counter, *answers = (int(value) for value in found.groups())
+    return counter, tuple(answers)
+
+
+def _build(project: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    project = tmp_path_factory.mktemp("cxxinline") / "cxxinline"
+    shutil.copytree(FIXTURE, project)
+    return project, _build(project)
+
+
+def _rounds_in(patient: Patient, start: int, count: int, patched: bool) -> None:
+    """``count`` whole lines after line ``start`` (the first one may have been cut by the
+    patch: left out) all give the answers of that state."""
+    patient.wait_for(lambda _line: sum(1 for line in patient.lines[start:] if _answers(line)) >= count + 1,
+                     timeout=20, after=start)
+    parsed = [answer for answer in map(_answers, patient.lines[start:]) if answer][1:count + 1]
+    assert all(answers == _expected(counter, patched) for counter, answers in parsed), (patched, parsed)
+
+
+def test_each_inline_function_and_template_instance_is_replaced_once(built):
+    project, result = built
+    assert result.returncode == 0, result.stderr
+    replaced = re.search(r"replaces (.*)$", result.stdout, re.MULTILINE).group(1)
+    assert sorted(replaced.split(", ")) == sorted(REPLACED)        # shift<int>: emitted by 2 units, once
+    patch = next((project / "patchroot").glob("*.kpatch"))
+    dumped = subprocess.run([DUMP, str(patch)], capture_output=True, text=True, check=True).stdout
+    assert sorted(re.findall(r"^replaces: (\S+)", dumped, re.MULTILINE)) == sorted(
+        ["_Z5scalei", "_Z10left_scalei", "_Z5shiftIiET_S0_", "_Z11right_scalei"])
+
+
+def test_every_call_site_gives_the_new_answers_live_and_the_old_after_unpatch(built):
+    project, result = built
+    assert result.returncode == 0, result.stderr
+    patient = Patient([str(project / "lpmake" / "usr" / "local" / "bin" / "cxxinline")])
+    try:
+        _rounds_in(patient, 0, 3, patched=False)
+        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
+        assert applied.returncode == 0, applied.stderr
+        _rounds_in(patient, len(patient.lines), 5, patched=True)
+        removed = ctl("unpatch", "-p", str(patient.pid))
+        assert removed.returncode == 0, removed.stderr
+        _rounds_in(patient, len(patient.lines), 5, patched=False)
+        assert patient.alive()
+    finally:
+        patient.stop()
+
+
+def test_units_whose_new_copies_differ_are_refused_by_name(tmp_path):
+    project = tmp_path / "cxxinline"
+    shutil.copytree(FIXTURE, project)
+    with (project / "Makefile").open("a") as makefile:
+        makefile.write("right.o: CXXFLAGS = -O0 -g\n")       # right.cpp's copies are not left.cpp's
+    result = _build(project)
+    assert result.returncode == 1
+    assert re.search(r"scale\(int\), int shift<int>\(int\): inline function or template instance changed "
+                     r"differently in different units", result.stderr), result.stderr
+    assert not list((project / "patchroot").glob("*.kpatch"))
