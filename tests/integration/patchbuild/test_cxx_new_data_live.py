@@ -1,6 +1,6 @@
 """New C++ data in a live patch (fixture ``cxxdata``): a patched function that gains a
-zero-initialised function-local static, a guarded static set by its first call and new
-string literals is patched live; each patch brings its own zeroed copies, so the guard
+zero-initialised function-local static, a guarded static set by its first call, a 32-byte
+aligned buffer and new string literals is patched live; each patch brings its own zeroed copies, so the guard
 runs again after an unpatch and a new patch; the process exits cleanly afterwards. Data
 the patch cannot bring is refused by libcare-patch-make naming the object, the tree
 restored."""
@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests" / "integration" / "apply"))
 from apply_helpers import FIXTURES, Patient, ctl, make_diff  # noqa: E402
 
 PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
-PATCHED_RE = re.compile(r"^cxxdata PATCHED (\d+) calls=(\d+) since=(\d+) rounds=(\d+)$")
+PATCHED_RE = re.compile(r"^cxxdata PATCHED (\d+) calls=(\d+) since=(\d+) last=(\d*) rounds=(\d+)$")
 UNPATCHED_RE = re.compile(r"^cxxdata UNPATCHED (\d+) rounds=(\d+)$")
 GREETING = 'std::string text = "UNPATCHED " + std::to_string(round);'
 
@@ -39,20 +39,23 @@ def built(tmp_path_factory) -> Path:
     return project
 
 
-def _patched_lines(patient: Patient, start: int, count: int) -> list[tuple[int, int, int]]:
-    """(round, calls, since) of ``count`` patched lines printed after line ``start``."""
+def _patched_lines(patient: Patient, start: int, count: int) -> list[tuple[int, int, int, str]]:
+    """(round, calls, since, last) of ``count`` patched lines printed after line ``start``."""
     patient.wait_for(lambda _line: sum(1 for line in patient.lines[start:] if PATCHED_RE.match(line)) >= count,
                      timeout=20, after=start)
     found = [PATCHED_RE.match(line) for line in patient.lines[start:]]
-    return [(int(m.group(1)), int(m.group(2)), int(m.group(3))) for m in found if m][:count]
+    return [(int(m.group(1)), int(m.group(2)), int(m.group(3)), m.group(4)) for m in found if m][:count]
 
 
-def _assert_fresh_statics(lines: list[tuple[int, int, int]]) -> None:
-    """The first patched call set ``since`` to its round; ``calls`` counts from 1."""
+def _assert_fresh_statics(lines: list[tuple[int, int, int, str]]) -> None:
+    """The first patched call set ``since`` to its round; ``calls`` counts from 1; the
+    64-byte ``last`` starts empty (zeroed), then holds the round before."""
     first_round = lines[0][0]
-    assert [calls for _, calls, _ in lines] == list(range(1, len(lines) + 1)), lines
-    assert {since for _, _, since in lines} == {first_round}, lines
-    assert [number for number, _, _ in lines] == list(range(first_round, first_round + len(lines))), lines
+    rounds = list(range(first_round, first_round + len(lines)))
+    assert [number for number, _, _, _ in lines] == rounds, lines
+    assert [calls for _, calls, _, _ in lines] == list(range(1, len(lines) + 1)), lines
+    assert {since for _, _, since, _ in lines} == {first_round}, lines
+    assert [last for _, _, _, last in lines] == [""] + [str(number) for number in rounds[:-1]], lines
 
 
 def test_new_function_local_statics_and_literals_are_patched_live(built):

@@ -557,12 +557,16 @@ class _Extractor:
 
 
 def _section_bodies(sections: list[_Section], ehdr_size: int) -> tuple[bytes, list[int]]:
-    """The section contents after the ELF header, each aligned, and their file offsets."""
+    """The section contents after the ELF header, and their offsets in the image.
+
+    Each is aligned where it will be in memory: the image starts ``HEADER_SIZE`` bytes into
+    the patch file, which is mapped at a page boundary (a 32-byte aligned new variable).
+    """
     body = bytearray()
     offsets = []
     for section in sections:
         align = max(section.sh_addralign, 1) if section.data else 1
-        position = ehdr_size + len(body)
+        position = patchfile.HEADER_SIZE + ehdr_size + len(body)
         body += b"\0" * ((-position) % align)
         offsets.append(ehdr_size + len(body))
         body += section.data
