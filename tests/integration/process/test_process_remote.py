@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 
 import pytest
+from ptrace.binding import func as ptrace_func
 from waiting import eventually
 
 from plugins.module_utils.careengine.errors import ProcessError
@@ -37,6 +39,21 @@ def counter0(running) -> int:
     with open(f"/proc/{running.pid}/mem", "rb") as mem:
         mem.seek(running.address("counters"))
         return int.from_bytes(mem.read(8), "little")
+
+
+def kernel_registers(tid: int) -> bytes:
+    """The registers the kernel holds for stopped thread ``tid`` (not the tracer's copy)."""
+    regs = tracer.Registers()
+    ptrace_func.ptrace(ptrace_func.PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
+    return bytes(regs)
+
+
+def kernel_xstate(tid: int) -> bytes:
+    """The XSAVE area the kernel holds for stopped thread ``tid``."""
+    buffer = ctypes.create_string_buffer(64 * 1024)
+    vector = tracer._IoVec(ctypes.addressof(buffer), len(buffer))
+    ptrace_func.ptrace(tracer.PTRACE_GETREGSET, tid, tracer.NT_X86_XSTATE, ctypes.addressof(vector))
+    return buffer.raw[:vector.iov_len]
 
 
 def make_trap(patient) -> int:
@@ -140,15 +157,31 @@ def test_remote_call_returns_value_and_restores_registers(threads_program):
     with StoppedProcess(running.pid) as patient:
         trap = make_trap(patient)
         for tid in patient.tids:
-            regs = patient.get_regs(tid)
+            regs = kernel_registers(tid)
             assert patient.remote_call(running.address("resolver"), (3, 4), trap, tid=tid) == 3046
             assert patient.remote_call(running.address("align"), (), trap, tid=tid) == 0
-            assert patient.get_regs(tid) == regs
+            assert kernel_registers(tid) == regs
+            assert bytes(patient.get_regs(tid)) == regs
         patient.munmap(trap, PAGE)
     running.process.stdin.write(b"after call")
     running.process.stdin.flush()
     assert running.wait_for("read") == "read after call"
     assert str(reader) in os.listdir(f"/proc/{running.pid}/task")
+
+
+def test_remote_call_gives_back_the_fpu_state(threads_program):
+    """A function of the patient may change vector registers and MXCSR: the borrowed
+    thread gets its XSAVE area back exactly, as it gets its registers."""
+    running = threads_program(2)
+    with StoppedProcess(running.pid) as patient:
+        trap = make_trap(patient)
+        for tid in patient.tids:
+            before = kernel_xstate(tid)
+            assert patient.remote_call(running.address("clobber"), (), trap, tid=tid) == 5
+            assert kernel_xstate(tid) == before
+        patient.munmap(trap, PAGE)
+    before = counter0(running)
+    assert eventually(lambda: counter0(running) > before)
 
 
 def test_write_into_readonly_text(threads_program):

@@ -27,12 +27,13 @@ thread is waited for by id, with ``SIGCHLD`` blocked and ``sigtimedwait`` as the
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from ptrace import PtraceError
@@ -52,6 +53,7 @@ PTRACE_GETSIGMASK = 0x420A
 PTRACE_SETSIGMASK = 0x420B
 PTRACE_SYSCALL = 24
 PTRACE_GETREGSET = 0x4204
+PTRACE_SETREGSET = 0x4205
 PTRACE_GET_SYSCALL_INFO = 0x420E
 NT_X86_XSTATE = 0x202
 PTRACE_O_TRACESYSGOOD = 0x1
@@ -114,6 +116,35 @@ class _Borrowed:
 
     registers: Registers
     sigmask: int
+    xstate: bytes | None = None      # to put back after a call (a system call leaves it alone)
+
+
+class _StoppedValues:
+    """What the tracer read from or wrote to each stopped thread (registers, signal mask,
+    FPU state), kept until the thread runs again: a thread in a ptrace-stop cannot change
+    them itself, so one read per stop serves every later step (see :meth:`forget`)."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[int, str], object] = {}
+
+    def get(self, tid: int, kind: str, read: Callable[[], object]) -> object:
+        """The thread's value of ``kind``, read with ``read()`` the first time."""
+        key = (tid, kind)
+        if key not in self._values:
+            self._values[key] = read()
+        return self._values[key]
+
+    def set(self, tid: int, kind: str, value: object) -> None:
+        """The value the tracer has just given the thread."""
+        self._values[(tid, kind)] = value
+
+    def forget(self, tid: int | None = None) -> None:
+        """The thread (every thread: None) is about to run: its values may change."""
+        if tid is None:
+            self._values.clear()
+            return
+        for key in [key for key in self._values if key[0] == tid]:
+            del self._values[key]
 
 
 class Registers(user_regs_struct):
@@ -185,6 +216,9 @@ class StoppedProcess:
         # Threads given back at a syscall-exit stop inside a restartable system call: they
         # must pass a signal check on their way out for the kernel to restart it.
         self._restart_pending: set[int] = set()
+        self._known = _StoppedValues()     # registers, signal masks, FPU states of stopped threads
+        self._sigchld_held = False          # SIGCHLD blocked by stop() until resume
+        self._sigchld_was_blocked = False   # ... and it was blocked before
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -236,6 +270,7 @@ class StoppedProcess:
                 self._maps = read_maps(self.pid)   # the stacks, for the signal frames: read unpaused
             except (ProcessError, ProcessGone, PermissionDenied):
                 pass  # stopping says what is wrong
+        self._hold_sigchld()
         self._stop_started = time.perf_counter_ns()
         try:
             self._catch_all_threads()
@@ -243,6 +278,19 @@ class StoppedProcess:
             self._release_all()
             raise
         self._stopped = True
+
+    def _hold_sigchld(self) -> None:
+        """Block SIGCHLD until the process is let go (every wait of the stop needs it blocked)."""
+        if not self._sigchld_held:
+            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+            self._sigchld_held = True
+            self._sigchld_was_blocked = signal.SIGCHLD in old_mask
+
+    def _release_sigchld(self) -> None:
+        if self._sigchld_held:
+            self._sigchld_held = False
+            if not self._sigchld_was_blocked:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
     def _list_tasks(self) -> list[int]:
         try:
@@ -320,12 +368,22 @@ class StoppedProcess:
         """Wait until every thread in ``waiting`` (and threads they clone) reports a stop."""
         deadline = time.monotonic() + self.timeout
         pending = list(waiting)
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        try:
+        with self._sigchld_blocked():
             while pending:
                 pending = self._collect_stops(pending, gone)
                 if pending:
                     self._await_more_stops(pending, gone, deadline)
+
+    @contextlib.contextmanager
+    def _sigchld_blocked(self) -> Iterator[None]:
+        """SIGCHLD blocked within the block, so that ``sigtimedwait`` sees it (it is already
+        for the whole of a stop: no mask change per wait)."""
+        if self._sigchld_held:
+            yield
+            return
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            yield
         finally:
             if signal.SIGCHLD not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
@@ -379,6 +437,7 @@ class StoppedProcess:
         return status
 
     def _forget_thread(self, tid: int) -> None:
+        self._known.forget(tid)
         self._seized.discard(tid)
         self._restart_pending.discard(tid)
         self._pending.pop(tid, None)
@@ -430,7 +489,9 @@ class StoppedProcess:
             self._sites = None
             self._maps = None
             self._restart_pending.clear()
+            self._known.forget()
             memory.forget_process(self.pid)
+            self._release_sigchld()
 
     def _end_stop_period(self) -> None:
         if self._stop_started is not None:
@@ -463,6 +524,7 @@ class StoppedProcess:
 
     def _detach(self, tid: int) -> None:
         signo = self._signal_to_inject(tid)
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace_detach(tid, signo)
             return
@@ -517,8 +579,7 @@ class StoppedProcess:
     def _serve_running(self, deadline: float, parked: set[int]) -> None:
         """Until ``deadline``, service the stops of running threads (signals, clones); a
         thread that enters a group-stop joins ``parked``."""
-        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-        try:
+        with self._sigchld_blocked():
             while True:
                 for tid in list(self._seized):
                     if tid in parked:
@@ -532,9 +593,6 @@ class StoppedProcess:
                 if remaining <= 0:
                     break
                 signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP))
-        finally:
-            if signal.SIGCHLD not in old_mask:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
 
     def _interrupt_all(self, running: list[int]) -> None:
         """PTRACE_INTERRUPT every thread of ``running`` (one already gone is no error)."""
@@ -562,6 +620,7 @@ class StoppedProcess:
         return False
 
     def _cont(self, tid: int, signo: int = 0) -> None:
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace_cont(tid, signo)
         except PtraceError as exc:
@@ -572,7 +631,11 @@ class StoppedProcess:
 
     # ---------------------------------------------------------------- registers
     def get_regs(self, tid: int) -> Registers:
-        """The general registers of stopped thread ``tid``."""
+        """The general registers of stopped thread ``tid`` (a copy of its own: read once while
+        the thread stays stopped)."""
+        return self._known.get(tid, "regs", lambda: self._read_regs(tid)).copy()
+
+    def _read_regs(self, tid: int) -> Registers:
         regs = Registers()
         try:
             ptrace_func.ptrace(ptrace_func.PTRACE_GETREGS, tid, 0, ctypes.addressof(regs))
@@ -582,10 +645,12 @@ class StoppedProcess:
 
     def set_regs(self, tid: int, regs: Registers) -> None:
         """Set the general registers of stopped thread ``tid``."""
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace(ptrace_func.PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
         except PtraceError as exc:
             self._raise_thread_error(tid, exc, "set the registers of")
+        self._known.set(tid, "regs", regs.copy())
 
     def _raise_thread_error(self, tid: int, exc: PtraceError, action: str) -> None:
         if _errno_of(exc) == errno.ESRCH:
@@ -675,10 +740,12 @@ class StoppedProcess:
 
     def _set_sigmask(self, tid: int, value: int) -> None:
         mask = ctypes.c_uint64(value)
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace(PTRACE_SETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
         except PtraceError as exc:
             self._raise_thread_error(tid, exc, "set the signal mask of")
+        self._known.set(tid, "sigmask", value)
 
     def _hold_signal(self, tid: int, signo: int) -> None:
         self._pending.setdefault(tid, []).append(signo)
@@ -689,8 +756,7 @@ class StoppedProcess:
             status = self._waitpid(tid)
         else:
             status = None
-            old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
-            try:
+            with self._sigchld_blocked():
                 while status is None:
                     status = self._waitpid(tid, os.WNOHANG)
                     if status is None:
@@ -698,9 +764,6 @@ class StoppedProcess:
                         if remaining <= 0:
                             raise TimeoutError
                         signal.sigtimedwait({signal.SIGCHLD}, min(remaining, _POLL_CAP))
-            finally:
-                if signal.SIGCHLD not in old_mask:
-                    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGCHLD})
         if status is None or status < 0:
             raise ProcessGone(f"thread {tid} of process {self.pid} exited during a remote operation")
         return status
@@ -738,10 +801,12 @@ class StoppedProcess:
                 setattr(regs, name, value & _U64)
 
         borrowed = self._borrow(tid, sites.restorer, borrowed_for_syscall)
+        at = 0
         try:
             result = self._run_remote_syscall(tid, nr)
+            at = _SYSCALL_EXIT
         finally:
-            self._give_back(tid, borrowed)
+            self._give_back(tid, borrowed, at)
         value = signed64(result)
         if -4095 < value < 0:
             code = -value
@@ -772,11 +837,14 @@ class StoppedProcess:
             for name, value in zip(_ARG_REGISTERS_CALL, args, strict=False):
                 setattr(regs, name, value & _U64)
 
-        borrowed = self._borrow(tid, return_stub, borrowed_for_call)
+        borrowed = self._borrow(tid, return_stub, borrowed_for_call, runs_code=True)
+        at = 0
         try:
-            return self._run_remote_call(tid, return_stub + len(sigframe.CALL_RETURN_STUB))
+            result = self._run_remote_call(tid, return_stub + len(sigframe.CALL_RETURN_STUB))
+            at = _SYSCALL_ENTRY      # of the stub's rt_sigreturn
         finally:
-            self._give_back(tid, borrowed)
+            self._give_back(tid, borrowed, at)
+        return result
 
     def mmap(self, address: int, length: int, prot: int, flags: int) -> int:
         """Remote ``mmap(address, length, prot, flags, -1, 0)``; the mapped address."""
@@ -791,9 +859,11 @@ class StoppedProcess:
         self.remote_syscall(10, address, length, prot)
 
     # ---------------------------------------------------------------- borrowing a thread
-    def _borrow(self, tid: int, pretcode: int, prepare: Callable[[Registers], None]) -> _Borrowed:
+    def _borrow(self, tid: int, pretcode: int, prepare: Callable[[Registers], None], *,
+                runs_code: bool = False) -> _Borrowed:
         """Write the thread's signal frame below its stack, then give it our registers
-        (stack pointer on the frame, ``pretcode`` its first word) and block its signals."""
+        (stack pointer on the frame, ``pretcode`` its first word) and block its signals.
+        ``runs_code``: it will run a function of the patient, whose FPU state is given back too."""
         saved = self.get_regs(tid)
         saved_mask = self._get_sigmask(tid)
         xstate = self._get_xstate(tid)
@@ -814,9 +884,9 @@ class StoppedProcess:
         faults.point("borrow", self.pid)
         # Blocked after the registers are ours: the frame restores the mask too.
         self._set_sigmask(tid, saved_mask | _BLOCK_DURING_REMOTE)
-        return _Borrowed(saved, saved_mask)
+        return _Borrowed(saved, saved_mask, xstate if runs_code else None)
 
-    def _give_back(self, tid: int, borrowed: _Borrowed) -> None:
+    def _give_back(self, tid: int, borrowed: _Borrowed, at: int = 0) -> None:
         """Restore a borrowed thread's signal mask, then its registers; safe at every instant.
 
         At a syscall-entry stop the kernel would still run the call in ``orig_rax``:
@@ -824,7 +894,8 @@ class StoppedProcess:
         skipped) and is taken to the exit stop. The restart of a system call the thread
         was in happens on the way out of a signal check; a syscall-exit stop is not one,
         so the thread is interrupted (which makes it pass one) before it is resumed, when it
-        needs a restart (:meth:`_signal_to_inject`).
+        needs a restart (:meth:`_signal_to_inject`). ``at``: the syscall stop the thread is
+        known to sit in (:data:`_SYSCALL_ENTRY`, :data:`_SYSCALL_EXIT`; 0: ask the kernel).
         """
         if tid not in self._seized:
             return
@@ -832,7 +903,7 @@ class StoppedProcess:
         faults.point("give-back", self.pid)
         saved = borrowed.registers
         values = _register_values(saved)
-        operation = self._syscall_stop_kind(tid)
+        operation = at or self._syscall_stop_kind(tid)
         if operation == _SYSCALL_ENTRY:
             skipping = saved.copy()
             for name, value in sigframe.resumed_registers(values).items():
@@ -846,6 +917,8 @@ class StoppedProcess:
                 return
             operation = _SYSCALL_EXIT
         self.set_regs(tid, saved)
+        if borrowed.xstate is not None:
+            self._set_xstate(tid, borrowed.xstate)
         if operation == _SYSCALL_EXIT and sigframe.in_restartable_syscall(values):
             self._restart_pending.add(tid)    # see _signal_to_inject
         else:
@@ -917,6 +990,7 @@ class StoppedProcess:
             self._hold_signal(tid, signo)
 
     def _resume_to_syscall(self, tid: int) -> None:
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace(PTRACE_SYSCALL, tid, 0, 0)
         except PtraceError as exc:
@@ -968,6 +1042,9 @@ class StoppedProcess:
         return info[0]
 
     def _get_sigmask(self, tid: int) -> int:
+        return self._known.get(tid, "sigmask", lambda: self._read_sigmask(tid))
+
+    def _read_sigmask(self, tid: int) -> int:
         mask = ctypes.c_uint64()
         try:
             ptrace_func.ptrace(PTRACE_GETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
@@ -977,6 +1054,9 @@ class StoppedProcess:
 
     def _get_xstate(self, tid: int) -> bytes:
         """The thread's XSAVE area (``PTRACE_GETREGSET NT_X86_XSTATE``, standard format)."""
+        return self._known.get(tid, "xstate", lambda: self._read_xstate(tid))
+
+    def _read_xstate(self, tid: int) -> bytes:
         buffer = _xstate_buffer()
         vector = _IoVec(ctypes.addressof(buffer), _XSTATE_BUFFER)
         try:
@@ -984,6 +1064,18 @@ class StoppedProcess:
         except PtraceError as exc:
             self._raise_thread_error(tid, exc, "read the FPU state of")
         return ctypes.string_at(buffer, vector.iov_len)
+
+    def _set_xstate(self, tid: int, xstate: bytes) -> None:
+        """Give the thread back its XSAVE area (after running a function of the patient,
+        which may change vector registers and control words the ABI lets it clobber)."""
+        buffer = ctypes.create_string_buffer(xstate, len(xstate))
+        vector = _IoVec(ctypes.addressof(buffer), len(xstate))
+        self._known.forget(tid)
+        try:
+            ptrace_func.ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vector))
+        except PtraceError as exc:
+            self._raise_thread_error(tid, exc, "restore the FPU state of")
+        self._known.set(tid, "xstate", xstate)
 
     # --- run one thread to an address (issue 9) ---
     _O_TRACESYSGOOD = 0x1    # syscall stops report SIGTRAP | 0x80
@@ -1025,6 +1117,7 @@ class StoppedProcess:
 
     def _resume_to_next_syscall_stop(self, tid: int, signo: int) -> bool:
         self._stop_signal[tid] = 0
+        self._known.forget(tid)
         try:
             ptrace_func.ptrace_syscall(tid, signo)
         except PtraceError as exc:

@@ -49,6 +49,15 @@ __attribute__((noinline)) int seven(void)
 	return 7;
 }
 
+/* Sets every bit of xmm0 and the MXCSR rounding mode to "toward zero", as a function of
+ * the patient may (the ABI lets it clobber vector registers), and returns 5. */
+__attribute__((noinline)) long clobber_vector(void)
+{
+	unsigned int mxcsr = 0x7f80;
+	__asm__ volatile("pcmpeqd %%xmm0, %%xmm0\n\tldmxcsr %0" : : "m"(mxcsr) : "xmm0");
+	return 5;
+}
+
 static void *worker(void *arg)
 {
 	long index = (long)arg;
@@ -86,8 +95,9 @@ int main(int argc, char **argv)
 	busy = argc > 2 && strcmp(argv[2], "busy") == 0;
 	signal(SIGUSR1, on_usr1);
 	signal(SIGRTMIN, on_rt);
-	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\nspin %p\nrt %p\n",
-	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count, (void *)spin_forever, (void *)&rt_count);
+	printf("counters %p\nresolver %p\nalign %p\nseven %p\nusr1 %p\nspin %p\nrt %p\nclobber %p\n",
+	       (void *)counters, (void *)resolver_like, (void *)entry_alignment, (void *)seven, (void *)&usr1_count, (void *)spin_forever, (void *)&rt_count,
+	       (void *)clobber_vector);
 	for (long index = 1; index < count; index++)
 		pthread_create(&thread, NULL, worker, (void *)index);
 	if (argc > 3 && strcmp(argv[3], "reader") == 0)
