@@ -71,9 +71,11 @@ from .layout import (
     reach_window,
 )
 from .object_files import ObjectFile, SymbolDef, object_file, preloaded_libraries, search_order
+from .patch_frames import patch_code_name, read_patch_code
 from .run_to_return import ReturnRunner
 from .safety import (
     BusyThread,
+    FrameRules,
     GuardedRange,
     ThreadState,
     find_busy_threads,
@@ -742,9 +744,14 @@ def guarded_ranges_for_apply(plan: ObjectPlan) -> list[GuardedRange]:
 
 def guarded_patch_range(applied: AppliedPatch) -> GuardedRange:
     """The whole mapping of an applied patch: new code, new functions, jump table."""
-    functions = ", ".join(applied.replaced_functions) or "new functions"
-    return GuardedRange(applied.mapping.start, applied.mapping.size,
-                        f"the level-{applied.level} patch code ({functions})")
+    return GuardedRange(applied.mapping.start, applied.mapping.size, patch_code_name(applied))
+
+
+def patient_rules(patient: Patient) -> FrameRules:
+    """The unwind rules of the patient's objects and of its applied patches' code
+    (their records read back from its memory: :mod:`.patch_frames`)."""
+    patches = [mapping for applied in patient.applied.values() for mapping in applied.all_mappings]
+    return make_rule_finder(patient.objects, patient.files, read_patch_code(patient.pid, patches))
 
 
 def _merge(ranges: list[GuardedRange]) -> list[GuardedRange]:
@@ -770,7 +777,7 @@ def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
             pass
     patient.trampolines = frozenset(trampolines)
     stack_switching(patient.objects, patient.files)   # decided before the stop (cached per build-id)
-    rule_at = make_rule_finder(patient.objects, patient.files)
+    rule_at = patient_rules(patient)
     warm_unwind_caches(patient.pid, patient.mappings, _merge([r for r in ranges if r.size > 0]), rule_at)
 
 
@@ -785,7 +792,7 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
     ranges = _merge([r for r in ranges if r.size > 0])
     if not ranges:
         return
-    rule_at = make_rule_finder(patient.objects, patient.files)
+    rule_at = patient_rules(patient)
     started = time.monotonic()
     deadline = started + timeout
     delay = _FIRST_RETRY_DELAY

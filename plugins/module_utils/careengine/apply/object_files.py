@@ -377,14 +377,16 @@ class ObjectFile:
         if vaddr in self._rules:
             return self._rules[vaddr]
         entry = self._fde_at(vaddr)
-        rule = _rule_at(entry, vaddr) if entry is not None else None
+        rule = fde_rule(entry, vaddr) if entry is not None else None
         if len(self._rules) > 4096:
             self._rules.clear()
         self._rules[vaddr] = rule
         return rule
 
 
-def _rule_at(entry: FDE, vaddr: int) -> FrameRule | None:
+def fde_rule(entry: FDE, vaddr: int) -> FrameRule | None:
+    """The unwind rule of ``entry`` at ``vaddr`` (an address in the FDE's own terms);
+    None before its first row."""
     table = entry.get_decoded().table
     row = None
     for candidate in table:

@@ -12,6 +12,11 @@ Two passes, with every thread stopped (DESIGN.md section 8):
    If the unwind cannot get past a frame (no CFI), every candidate deeper than what was
    walked is taken to be live: we never guess in the patient's disfavour.
 
+Patch code: the code of an applied patch is in an anonymous mapping no object file
+describes; its own unwind records (``.kpatch.eh_frame``, read back from the mapping by
+:mod:`.patch_frames`) take the walk through its frames to their callers. A patch
+without them stops the walk there, and the busy thread's description says so.
+
 Signal handlers: a thread whose stack holds the address of a sigreturn trampoline
 (``__restore_rt``) is running a handler, possibly on an alternate signal stack, with the
 interrupted frames elsewhere. Such a thread always takes the precise path; the walk
@@ -29,6 +34,7 @@ from dataclasses import dataclass
 
 from ..process import MappedObject, Mapping, read_ranges_lenient
 from .object_files import FrameRule
+from .patch_frames import PatchCode
 
 MAX_FRAMES = 512
 # DWARF register numbers (x86-64 psABI) and the user_regs_struct fields holding them.
@@ -70,9 +76,11 @@ class BusyThread:
     function: str
     address: int
     how: str                       # "executing" | "returns into" | "may return into"
+    note: str = ""                 # why the walk stopped short, when it did
 
     def describe(self) -> str:
-        return f"thread {self.tid} {self.how} {self.function} (at {self.address:#x})"
+        where = f"at {self.address:#x}; {self.note}" if self.note else f"at {self.address:#x}"
+        return f"thread {self.tid} {self.how} {self.function} ({where})"
 
 
 class RangeIndex:
@@ -194,6 +202,7 @@ class Walk:
     frames: list[Frame]
     complete: bool            # reached the outermost frame (no caller)
     signal_frames: int = 0    # signal frames crossed
+    stopped_by: str = ""      # an incomplete walk: why it could not get past its last frame
 
 
 class _StackWalker:
@@ -218,10 +227,10 @@ class _StackWalker:
             return struct.unpack_from("<Q", self.stack, offset)[0]
         return self.read_word(address) if self.read_word is not None else None
 
-    def stop(self, complete: bool) -> Walk:
+    def stop(self, complete: bool, why: str = "") -> Walk:
         """End the walk at the frame in hand (its CFA unknown)."""
         self.frames.append(Frame(self.pc, self.top, None))
-        return Walk(self.frames, complete, self.crossed)
+        return Walk(self.frames, complete, self.crossed, why)
 
     def cross_signal_frame(self) -> Walk | None:
         """Returning into __restore_rt: the interrupted context is in the ucontext at the
@@ -240,11 +249,14 @@ class _StackWalker:
 
     def step_out(self) -> Walk | None:
         """Unwind one ordinary frame with its CFI rule; a Walk when the walk ends here."""
-        rule, _known = self.rule_at(self.pc if self.top else self.pc - 1)
+        where = self.pc if self.top else self.pc - 1
+        rule, _known = self.rule_at(where)
         if rule is not None and rule.outermost:
             return self.stop(True)     # _start, a thread's clone: nothing called this
-        if rule is None or rule.cfa_register is None or rule.cfa_register not in self.registers:
-            return self.stop(False)
+        if rule is None:
+            return self.stop(False, no_rule_reason(self.rule_at, where))
+        if rule.cfa_register is None or rule.cfa_register not in self.registers:
+            return self.stop(False, f"the unwind rule at {self.pc:#x} cannot be followed")
         cfa = self.registers[rule.cfa_register] + rule.cfa_offset
         saved_at = dict(rule.saved)
         return_address = self.word_at(cfa + saved_at[DWARF_RA]) if DWARF_RA in saved_at else None
@@ -299,11 +311,13 @@ def unwind_is_busy(thread: ThreadState, stack: bytes, base: int, index: RangeInd
     assumed to be live return addresses; in a signal handler, the whole thread is.
     """
     walk = walk_stack(thread, stack, base, rule_at, read_word, trampolines)
+    note = f"the unwind stopped: {walk.stopped_by}" if walk.stopped_by else ""
     walked_to = base
     for frame in walk.frames:
         guarded = index.find(frame.pc if frame.top else frame.pc - 1)
         if guarded is not None:
-            return BusyThread(thread.tid, guarded.name, frame.pc, "executing" if frame.top else "returns into")
+            return BusyThread(thread.tid, guarded.name, frame.pc, "executing" if frame.top else "returns into",
+                              note if frame.cfa is None else "")
         if frame.cfa is not None and not walk.signal_frames:
             walked_to = frame.cfa
     if walk.complete:
@@ -311,31 +325,75 @@ def unwind_is_busy(thread: ThreadState, stack: bytes, base: int, index: RangeInd
     if in_handler or walk.signal_frames:
         last = walk.frames[-1].pc if walk.frames else thread.registers["rip"]
         names = ", ".join(sorted({r.name for r in index.ranges}))
-        return BusyThread(thread.tid, names, last, "is in a signal handler and may return into")
+        return BusyThread(thread.tid, names, last, "is in a signal handler and may return into", note)
     for word_address, guarded in candidates:
         if word_address >= walked_to:
-            return BusyThread(thread.tid, guarded.name, word_address, "may return into")
+            return BusyThread(thread.tid, guarded.name, word_address, "may return into", note)
     return None
 
 
-def make_rule_finder(objects: list[MappedObject], files: dict[int, object]) -> RuleFinder:
-    """``pc -> rule`` over the mapped objects (their files parsed and cached by build-id)."""
-    ordered = sorted(objects, key=lambda o: o.start)
-    starts = [o.start for o in ordered]
+class FrameRules:
+    """``pc -> (rule, known code)`` (a :data:`RuleFinder`) over the mapped objects (their
+    files parsed and cached by build-id) and the code of applied patches (their own
+    unwind records, :mod:`.patch_frames`)."""
 
-    def rule_at(pc: int) -> tuple[FrameRule | None, bool]:
-        position = bisect.bisect_right(starts, pc) - 1
+    def __init__(self, objects: list[MappedObject], files: dict[int, object],
+                 patches: list[PatchCode] | tuple[PatchCode, ...] = ()) -> None:
+        self.objects = sorted(objects, key=lambda o: o.start)
+        self._starts = [o.start for o in self.objects]
+        self.files = files
+        self.patches = sorted(patches, key=lambda p: p.start)
+        self._patch_starts = [p.start for p in self.patches]
+
+    def patch_at(self, pc: int) -> PatchCode | None:
+        """The applied patch whose code holds ``pc``."""
+        position = bisect.bisect_right(self._patch_starts, pc) - 1
+        if position >= 0 and self.patches[position].holds(pc):
+            return self.patches[position]
+        return None
+
+    def object_at(self, pc: int) -> MappedObject | None:
+        """The mapped object whose executable mappings hold ``pc``."""
+        position = bisect.bisect_right(self._starts, pc) - 1
         if position < 0:
-            return None, False
-        mapped = ordered[position]
-        if not any(m.contains(pc) and m.executable for m in mapped.mappings):
-            return None, False
-        parsed = files.get(mapped.start)
+            return None
+        mapped = self.objects[position]
+        return mapped if any(m.contains(pc) and m.executable for m in mapped.mappings) else None
+
+    def __call__(self, pc: int) -> tuple[FrameRule | None, bool]:
+        patch = self.patch_at(pc)
+        if patch is not None:
+            return patch.frame_rule(pc), True
+        mapped = self.object_at(pc)
+        parsed = self.files.get(mapped.start) if mapped is not None else None
         if parsed is None:
             return None, False
         return parsed.frame_rule(pc - mapped.load_bias), True
 
-    return rule_at
+    def missing(self, pc: int) -> str:
+        """Why there is no rule at ``pc``, for messages."""
+        patch = self.patch_at(pc)
+        if patch is not None and patch.frames is None:
+            return f"{patch.name} has no unwind records, so a thread there is polled, not run out"
+        if patch is not None:
+            return f"no unwind record of {patch.name} covers {pc:#x}"
+        mapped = self.object_at(pc)
+        if mapped is not None:
+            return f"no unwind record of {mapped.path} covers {pc:#x}"
+        return f"{pc:#x} is in no object known to have unwind records"
+
+
+def no_rule_reason(rule_at: RuleFinder, pc: int) -> str:
+    """Why ``rule_at`` has no rule at ``pc`` (named when it is a :class:`FrameRules`)."""
+    if isinstance(rule_at, FrameRules):
+        return rule_at.missing(pc)
+    return f"no unwind record covers {pc:#x}"
+
+
+def make_rule_finder(objects: list[MappedObject], files: dict[int, object],
+                     patches: list[PatchCode] | tuple[PatchCode, ...] = ()) -> FrameRules:
+    """``pc -> rule`` over the mapped objects and the code of the applied ``patches``."""
+    return FrameRules(objects, files, patches)
 
 
 def blocked_threads(pid: int) -> list[ThreadState]:
