@@ -840,6 +840,7 @@ def _run_one_out(stopped: StoppedProcess, patient: Patient, runner: ReturnRunner
         point = find_exit_point(patient.pid, states[found.tid], mappings, ranges, rule_at, patient.trampolines)
         if point is None:
             continue
+        stopped.vet_thread(found.tid)      # it will make the trampoline's system call
         outcome = runner.run_out(point, time.monotonic() + max(remaining / 2, 0.001))
         return outcome in ("arrived", "gone")
     return False
