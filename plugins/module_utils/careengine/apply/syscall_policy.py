@@ -38,6 +38,10 @@ def support_calls() -> list[PlannedSyscall]:
 
 
 def check_seccomp(stopped: StoppedProcess, calls: list[PlannedSyscall]) -> None:
-    """SyscallForbidden (before any remote syscall) if a seccomp filter of the stopped
-    patient would kill it or deny one of ``calls``."""
-    check_syscalls_allowed(stopped.pid, stopped.tids, calls, stopped.syscall_address + 2)
+    """SyscallForbidden if the seccomp filter of a thread of the stopped patient would kill it
+    or deny one of ``calls``, checked before the thread makes any of them: at once for the
+    thread remote work takes, later for any other thread before it is made to (filters are
+    per thread; the others are never subject to theirs). See
+    :meth:`StoppedProcess.vet_borrowed_threads`."""
+    address = stopped.syscall_address + 2
+    stopped.vet_borrowed_threads(lambda tid: check_syscalls_allowed(stopped.pid, [tid], calls, address))

@@ -219,6 +219,8 @@ class StoppedProcess:
         self._known = _StoppedValues()     # registers, signal masks, FPU states of stopped threads
         self._sigchld_held = False          # SIGCHLD blocked by stop() until resume
         self._sigchld_was_blocked = False   # ... and it was blocked before
+        self._vet: Callable[[int], None] | None = None   # see vet_borrowed_threads
+        self._vetted: set[int] = set()      # threads vetted since they last ran their own code
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -490,6 +492,8 @@ class StoppedProcess:
             self._maps = None
             self._restart_pending.clear()
             self._known.forget()
+            self._vet = None
+            self._vetted.clear()
             memory.forget_process(self.pid)
             self._release_sigchld()
 
@@ -621,6 +625,7 @@ class StoppedProcess:
 
     def _cont(self, tid: int, signo: int = 0) -> None:
         self._known.forget(tid)
+        self._vetted.discard(tid)       # it runs its own code: it may change what vetting saw
         try:
             ptrace_func.ptrace_cont(tid, signo)
         except PtraceError as exc:
@@ -859,11 +864,31 @@ class StoppedProcess:
         self.remote_syscall(10, address, length, prot)
 
     # ---------------------------------------------------------------- borrowing a thread
+    def vet_borrowed_threads(self, vet: Callable[[int], None]) -> None:
+        """Until the process is let go, ``vet(tid)`` is called before thread ``tid`` first runs
+        the tracer's code (remote syscalls and calls), and again after it has run its own
+        code; it raises to refuse, before the thread is touched. The thread remote work
+        takes now is vetted at once.
+
+        The engine checks the patient's seccomp filters this way: a filter is per thread and
+        only the threads made to run our system calls are subject to theirs."""
+        self._vet = vet
+        self._vetted.clear()
+        self.vet_thread(self._default_tid(None))
+
+    def vet_thread(self, tid: int) -> None:
+        """Vet ``tid`` (see :meth:`vet_borrowed_threads`) unless it was since it last ran its
+        own code; for a thread about to run code of the tracer's choosing some other way."""
+        if self._vet is not None and tid not in self._vetted:
+            self._vet(tid)
+            self._vetted.add(tid)
+
     def _borrow(self, tid: int, pretcode: int, prepare: Callable[[Registers], None], *,
                 runs_code: bool = False) -> _Borrowed:
         """Write the thread's signal frame below its stack, then give it our registers
         (stack pointer on the frame, ``pretcode`` its first word) and block its signals.
         ``runs_code``: it will run a function of the patient, whose FPU state is given back too."""
+        self.vet_thread(tid)
         saved = self.get_regs(tid)
         saved_mask = self._get_sigmask(tid)
         xstate = self._get_xstate(tid)
@@ -1118,6 +1143,7 @@ class StoppedProcess:
     def _resume_to_next_syscall_stop(self, tid: int, signo: int) -> bool:
         self._stop_signal[tid] = 0
         self._known.forget(tid)
+        self._vetted.discard(tid)       # it runs its own code (run_thread_to_syscall)
         try:
             ptrace_func.ptrace_syscall(tid, signo)
         except PtraceError as exc:
