@@ -7,6 +7,7 @@ brings back the old ones. Units whose new copies differ (other flags) are refuse
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -40,14 +41,21 @@ def _answers(line: str) -> tuple[int, tuple[int, ...]] | None:
     return counter, tuple(answers)
 
 
+def _copy(parent: Path) -> Path:
+    """A fresh copy of the fixture (not group-writable: libcare-ctl loads only what root alone controls)."""
+    project = parent / "cxxinline"
+    shutil.copytree(FIXTURE, project)
+    project.chmod(0o755)
+    return project
+
+
 def _build(project: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False)
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    project = tmp_path_factory.mktemp("cxxinline") / "cxxinline"
-    shutil.copytree(FIXTURE, project)
+    project = _copy(tmp_path_factory.mktemp("cxxinline"))
     return project, _build(project)
 
 
@@ -89,8 +97,7 @@ def test_every_call_site_gives_the_new_answers_live_and_the_old_after_unpatch(bu
 
 
 def test_units_whose_new_copies_differ_are_refused_by_name(tmp_path):
-    project = tmp_path / "cxxinline"
-    shutil.copytree(FIXTURE, project)
+    project = _copy(tmp_path)
     with (project / "Makefile").open("a") as makefile:
         makefile.write("right.o: CXXFLAGS = -O0 -g\n")       # right.cpp's copies are not left.cpp's
     result = _build(project)
@@ -98,3 +105,20 @@ def test_units_whose_new_copies_differ_are_refused_by_name(tmp_path):
     assert re.search(r"scale\(int\), int shift<int>\(int\): inline function or template instance changed "
                      r"differently in different units", result.stderr), result.stderr
     assert not list((project / "patchroot").glob("*.kpatch"))
+
+
+def test_a_kept_original_copy_of_another_length_is_refused(tmp_path):
+    """main.o (first in the link, -O0) keeps its own copy of shift<int> and its change is
+    ignored there: the patch's record comes from left.o, whose copy is not the one kept."""
+    project = _copy(tmp_path)
+    main = (project / "main.cpp").read_text()
+    rounds = "long rounds = argc > 1 ? atol(argv[1]) : -1;"
+    assert rounds in main
+    (project / "main.cpp").write_text(main.replace(rounds, "long rounds = argc > 1 ? shift(atoi(argv[1])) - 1 : -1;"))
+    with (project / "Makefile").open("a") as makefile:
+        makefile.write("main.o: CXXFLAGS = -O0 -g\n")
+    result = subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False,
+                            env={**os.environ, "KPCC_PATCH_ARGS": "--ignore-changes=main.cpp:_Z5shiftIiET_S0_"})
+    assert result.returncode == 1
+    assert re.search(r"int shift<int>\(int\): the original keeps a copy of \d+ bytes, the patch replaces one of "
+                     r"\d+", result.stderr), result.stderr
