@@ -1110,6 +1110,7 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
     ``unmap_failed`` (by build-id), not raised."""
     everything = [mapping for applied in selected for mapping in applied.all_mappings]
     warm_caches(patient, [guarded_patch_range(a) for a in everything])
+    registry = frame_registry(patient) if any(a.tables for a in everything) else None   # files: before the stop
     stopped = _stop_process(pid, timeout=max(timeout, 1.0))
     with faults.step("stop", pid):
         stopped.stop()
@@ -1126,17 +1127,17 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
         except BaseException:
             journal.rollback()
             raise
-        _unmap_removed(stopped, patient, everything, unmap_failed)
+        _unmap_removed(stopped, everything, registry, unmap_failed)
         with faults.step("resume", pid):
             stopped.resume()
     return stopped.paused_ns
 
 
-def _unmap_removed(stopped: StoppedProcess, patient: Patient, everything: list[AppliedPatch],
+def _unmap_removed(stopped: StoppedProcess, everything: list[AppliedPatch], registry: FrameRegistry | None,
                    unmap_failed: dict[str, str]) -> None:
-    """Nothing jumps to them any more. An unmap that fails leaves an unused mapping:
-    reported, and removed by the next patch or unpatch."""
-    registry = frame_registry(patient) if any(a.tables for a in everything) else None
+    """Nothing jumps to them any more: their unwind tables deregistered (through
+    ``registry``) and unmapped. An unmap that fails leaves an unused mapping: reported, and
+    removed by the next patch or unpatch."""
     for applied in everything:
         with faults.step("unmap", stopped.pid):
             try:
