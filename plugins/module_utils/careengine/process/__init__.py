@@ -18,6 +18,7 @@ or CAP_SYS_PTRACE, or another tracer holds it), ``ProcessError`` (anything else;
 ``RemoteSyscallFailed`` carries the errno of a failed remote syscall).
 """
 
+from . import realtime
 from .loaded_objects import PATCH_HEADER_SIZE, PATCH_MAGIC, MappedObject, find_applied_patches, mapped_objects
 from .maps import Mapping, free_holes, page_down, page_up, parse_maps, proc_status, read_maps
 from .memory import forget_process, read_memory, read_ranges, read_ranges_lenient, write_memory
@@ -56,6 +57,7 @@ __all__ = [
     "read_memory",
     "read_ranges",
     "read_ranges_lenient",
+    "realtime",
     "signed64",
     "write_memory",
 ]

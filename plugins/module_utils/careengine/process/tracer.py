@@ -42,7 +42,7 @@ from ptrace.binding.linux_struct import user_regs_struct
 
 from .. import faults
 from ..errors import PermissionDenied, ProcessError, ProcessGone
-from . import memory, sigframe
+from . import memory, realtime, sigframe
 from .loaded_objects import group_file_mappings, mapped_objects
 from .maps import Mapping, read_maps, read_proc_text
 
@@ -221,6 +221,7 @@ class StoppedProcess:
         self._sigchld_was_blocked = False   # ... and it was blocked before
         self._vet: Callable[[int], None] | None = None   # see vet_borrowed_threads
         self._vetted: set[int] = set()      # threads vetted since they last ran their own code
+        self._boost: realtime.Boost | None = None    # SCHED_FIFO while the process is held
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -272,6 +273,7 @@ class StoppedProcess:
                 self._maps = read_maps(self.pid)   # the stacks, for the signal frames: read unpaused
             except (ProcessError, ProcessGone, PermissionDenied):
                 pass  # stopping says what is wrong
+        self._boost = realtime.Boost()
         self._hold_sigchld()
         self._stop_started = time.perf_counter_ns()
         try:
@@ -496,6 +498,9 @@ class StoppedProcess:
             self._vetted.clear()
             memory.forget_process(self.pid)
             self._release_sigchld()
+            if self._boost is not None:
+                self._boost.end()
+                self._boost = None
 
     def _end_stop_period(self) -> None:
         if self._stop_started is not None:

@@ -48,11 +48,11 @@ def main(argv: list[str]) -> int:
         if answer is None:
             raise ServiceNotRunning(f"no service answers on {socket_path}")
         return client.print_answer(answer)
-    from . import priority
+    from ..process import realtime
     from .discovery import DEFAULT_SEARCH_PATHS
     from .service import Service
 
-    priority.enabled = not args.no_realtime
+    realtime.enabled = not args.no_realtime
 
     service = Service(args.store, socket_path, search_paths=(*DEFAULT_SEARCH_PATHS, *args.path),
                       socket_group=args.socket_group, operator_group=args.operator_group,

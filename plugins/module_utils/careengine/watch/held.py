@@ -10,8 +10,8 @@ us instead of detaching it: we detach it after the patch, from the same stop.
 :func:`patch_held` runs the engine's own :func:`engine.patch_process` (planning, level
 rules, safety check, rollback) with ``HeldProcess`` in place of ``StoppedProcess`` for
 that one call, through the engine's :func:`engine.stopping_with`.
-:func:`service_stoppers` makes every other stop the service causes a
-:class:`.priority.BoostedProcess` (real-time tracer while the patient is held).
+:func:`service_stoppers` gives the engine :class:`HeldProcess` for the held process (every
+stop runs the tracer real-time while the patient is held: :mod:`..process.realtime`).
 """
 
 from __future__ import annotations
@@ -23,10 +23,9 @@ from ..apply import engine
 from ..process import StoppedProcess
 from ..results import ProcessResult
 from ..storage import PatchSource
-from .priority import BoostedProcess
 
 
-class HeldProcess(BoostedProcess):
+class HeldProcess(StoppedProcess):
     """A ``StoppedProcess`` whose thread ``held_tid`` is already in a ptrace stop of ours."""
 
     def __init__(self, pid: int, held_tid: int, *, timeout: float = 5.0) -> None:
@@ -55,15 +54,14 @@ class HeldProcess(BoostedProcess):
 
 @contextlib.contextmanager
 def service_stoppers(held: dict[int, int] | None = None) -> Iterator[list[HeldProcess]]:
-    """Within the block the engine stops processes with :class:`BoostedProcess`, and process
-    ``pid`` of ``held`` (pid -> held thread) with :class:`HeldProcess`; the held ones made
-    are listed in the yielded list."""
+    """Within the block the engine stops process ``pid`` of ``held`` (pid -> held thread) with
+    :class:`HeldProcess`, others as usual; the held ones made are listed in the yielded list."""
     made: list[HeldProcess] = []
     held = held or {}
 
     def stopper(target_pid: int, *, timeout: float = 5.0) -> StoppedProcess:
         if target_pid not in held:
-            return BoostedProcess(target_pid, timeout=timeout)
+            return StoppedProcess(target_pid, timeout=timeout)
         process = HeldProcess(target_pid, held[target_pid], timeout=timeout)
         made.append(process)
         return process

@@ -2,19 +2,19 @@
 
 On a loaded host the patient's pause stretches when the tracer is descheduled between two
 of its steps. ``SCHED_FIFO`` (lowest real-time priority) for the time the patient is held
-keeps the tracer running; it is dropped as soon as the patient runs again. The kernel's
-real-time throttling bounds what a runaway tracer could take. Without the privilege
-(``CAP_SYS_NICE``, or a unit with ``RestrictRealtime=yes``) nothing changes.
+keeps the tracer running; it is dropped as soon as the patient runs again. The tracer
+blocks while it waits for the patient's threads, so they get the CPU they need; the
+kernel's real-time throttling bounds what a runaway tracer could take. Without the
+privilege (``CAP_SYS_NICE``, or a unit with ``RestrictRealtime=yes``) nothing changes.
+:class:`.tracer.StoppedProcess` holds a :class:`Boost` for each stop.
 """
 
 from __future__ import annotations
 
 import os
 
-from ..process import StoppedProcess
-
 REALTIME_PRIORITY = 1
-enabled = True
+enabled = True        # False: never raise the scheduling (``libcare-ctl watch --no-realtime``)
 
 
 class Boost:
@@ -26,6 +26,8 @@ class Boost:
             return
         try:
             previous = (os.sched_getscheduler(0), os.sched_getparam(0))
+            if previous[0] in (os.SCHED_FIFO, os.SCHED_RR):
+                return                      # real-time already: leave it as its owner set it
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
         except OSError:
             return
@@ -40,28 +42,3 @@ class Boost:
                 os.sched_setscheduler(0, policy, param)
             except OSError:
                 pass
-
-
-class BoostedProcess(StoppedProcess):
-    """A ``StoppedProcess`` whose tracer runs real-time while the process is stopped."""
-
-    _boost: Boost | None = None
-
-    def stop(self) -> None:
-        self._boost = Boost()
-        try:
-            super().stop()
-        except BaseException:
-            self._unboost()
-            raise
-
-    def resume(self) -> None:
-        try:
-            super().resume()
-        finally:
-            self._unboost()
-
-    def _unboost(self) -> None:
-        if self._boost is not None:
-            self._boost.end()
-            self._boost = None
