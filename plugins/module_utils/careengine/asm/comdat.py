@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from .match import family, is_auto_named
-from .normalize import block_signature
+from .normalize import block_signature, symbol_tokens
 from .parse import Block
 
 GROUP_SUFFIX = ".kpatch"
@@ -81,15 +81,32 @@ def _canonical(token: str) -> str:
     return family(token) if is_auto_named(token) else token
 
 
-def body_digest(block: Block) -> str:
-    """A digest of a patched body that is equal for equal code in any unit."""
-    text = "\n".join(block_signature(block, _canonical))
-    return hashlib.sha256(text.encode("utf-8", errors="surrogateescape")).hexdigest()
+def _literals(block: Block, variables: Mapping[str, Block]) -> list[Block]:
+    """The unit's compiler-named data (literals, tables) the body refers to, in order."""
+    found: dict[str, Block] = {}
+    for line in block.lines:
+        for token in symbol_tokens(line.args) if line.args else ():
+            if is_auto_named(token) and token in variables:
+                found.setdefault(token, variables[token])
+    return list(found.values())
 
 
-def digest_lines(symbol: str, block: Block) -> list[str]:
+def body_digest(block: Block, variables: Mapping[str, Block] | None = None) -> str:
+    """A digest of a patched body that is equal for equal code in any unit.
+
+    With ``variables`` (the unit's), the contents of the literals and tables the body
+    refers to count too: a macro may change a string and not the code.
+    """
+    statements = list(block_signature(block, _canonical))
+    for literal in _literals(block, variables or {}):
+        statements += ["@literal", *block_signature(literal, _canonical)]
+    return hashlib.sha256("\n".join(statements).encode("utf-8", errors="surrogateescape")).hexdigest()
+
+
+def digest_lines(symbol: str, block: Block, variables: Mapping[str, Block] | None = None) -> list[str]:
     """The :data:`DIGEST_SECTION` record of one unit's patched copy of ``symbol``."""
-    return [f"\t.pushsection\t{DIGEST_SPEC}", f'\t.string\t"{symbol} {body_digest(block)}"', "\t.popsection"]
+    digest = body_digest(block, variables)
+    return [f"\t.pushsection\t{DIGEST_SPEC}", f'\t.string\t"{symbol} {digest}"', "\t.popsection"]
 
 
 def read_digests(section_data: bytes) -> dict[str, set[str]]:

@@ -308,6 +308,7 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
     patched_head, patched_tail = _header_footer(patched)
     strtab_index = 0
     defined = gotpcrel.defined_symbols(original, patched)
+    literals = patched.variables()
 
     def rename_outside(token: str) -> str:
         return to_original.get(token, token)
@@ -319,7 +320,7 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
             output.copy(block.lines, before_size={block.name: end_label(block.name)})
             strtab_index += 1
             function = PatchedFunction(changed[block.name], kpatch_name(block.name), block.name)
-            output.raw(_patch_lines(function, specs, names, strtab_index, defined, also_in=block))
+            output.raw(_patch_lines(function, specs, names, strtab_index, defined, literals, also_in=block))
         else:
             output.copy(block.lines)
     loose = loose_attributes(patched)
@@ -327,7 +328,7 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
         strtab_index += 1
         output.raw(_kept_attributes(block, names, loose))
         output.raw(_patch_lines(PatchedFunction(block, names[block.name], None), specs, names, strtab_index,
-                                defined))
+                                defined, literals))
     for block in new_variables:
         output.raw(_kept_attributes(block, names, loose))
         output.raw(variable_patch(block, specs, names))
@@ -337,9 +338,10 @@ def render(original: AsmFile, patched: AsmFile, *, changed: dict[str, Block], ne
 
 
 def _patch_lines(function: PatchedFunction, specs: dict[str, str], names: dict[str, str], strtab_index: int,
-                 defined: frozenset[str], also_in: Block | None = None) -> list[str]:
+                 defined: frozenset[str], literals: dict[str, Block], also_in: Block | None = None) -> list[str]:
     """:func:`function_patch`; for a function in a COMDAT group (its patched block or
-    ``also_in``, the original one), in a COMDAT group of its own (:mod:`.comdat`)."""
+    ``also_in``, the original one), in a COMDAT group of its own with its digest recorded
+    (:mod:`.comdat`; ``literals``: the patched unit's variables, for the digest)."""
     lines = function_patch(function, specs, names, strtab_index, defined)
     blocks = (function.block,) if also_in is None else (function.block, also_in)
     if not any(comdat.comdat_group(block.section, specs) for block in blocks):
@@ -347,7 +349,7 @@ def _patch_lines(function: PatchedFunction, specs: dict[str, str], names: dict[s
     symbol = function.original or function.block.name
     shared = comdat.shared_symbol_lines(function.output_name) if function.output_name != function.block.name else []
     return [*comdat.grouped(lines, comdat.group_name(symbol), KPATCH_SECTIONS.values()), *shared,
-            *comdat.digest_lines(symbol, function.block)]
+            *comdat.digest_lines(symbol, function.block, literals)]
 
 
 # Attributes a new symbol keeps when gcc wrote them away from its block.

@@ -1,7 +1,8 @@
 """COMDAT groups of patch code on real g++ 12 output: a changed inline function or template
 instance goes, with its .kpatch records, in a group of its own keyed <symbol>.kpatch (so a
 link of several units keeps one), its new symbol weak and hidden; its digest is the same
-in units that number labels and literals differently and differs between -O0 and -O2."""
+in units that number labels and literals differently and differs between -O0 and -O2, or
+when only a literal it uses differs."""
 
 from __future__ import annotations
 
@@ -125,3 +126,12 @@ def test_digests_ignore_numbering_and_see_other_flags(tmp_path):
     records = b"".join(f"{symbol} {digest}\0".encode() for found in (one, unoptimised)
                        for symbol, digest in found.items())
     assert comdat.differing_copies(records) == sorted(SYMBOLS)
+
+
+def test_digests_see_a_literal_that_differs_where_the_code_does_not(tmp_path):
+    """A macro may change a string between units and leave the code as it is."""
+    one = _digests(_instrumented(tmp_path, "one", UNIT).text)
+    other_word = _patched(UNIT).replace('"BIG"', '"HUG"')
+    other = _digests(gensrc.generate(_asm(tmp_path, "word_old", UNIT), _asm(tmp_path, "word_new", other_word)).text)
+    assert other["_Z5twiceIiET_S0_"] == one["_Z5twiceIiET_S0_"]
+    assert other["_Z7verdicti"] != one["_Z7verdicti"]
