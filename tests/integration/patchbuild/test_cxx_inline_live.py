@@ -24,7 +24,13 @@ PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
 DUMP = str(ROOT / "bin" / "libcare-dump")
 FIXTURE = ROOT / "tests" / "fixtures" / "projects" / "cxxinline"
 LINE_RE = re.compile(r"^cxxinline (\d+) left (-?\d+) (-?\d+) right (-?\d+) (-?\d+) pointer (-?\d+)$")
-REPLACED = ("scale(int)", "left_scale(int)", "int shift<int>(int)", "right_scale(int)")
+# Flags of every unit -> the functions the patch replaces: at -O2 scale() is inlined into
+# left_scale and right_scale (patched too); at -O0 nothing is inlined, each unit calls the copies.
+BUILDS = {
+    "O2": (None, {"_Z5scalei": "scale(int)", "_Z10left_scalei": "left_scale(int)",
+                  "_Z5shiftIiET_S0_": "int shift<int>(int)", "_Z11right_scalei": "right_scale(int)"}),
+    "O0": ("-O0 -g", {"_Z5scalei": "scale(int)", "_Z5shiftIiET_S0_": "int shift<int>(int)"}),
+}
 
 
 def _expected(counter: int, patched: bool) -> tuple[int, ...]:
@@ -53,10 +59,14 @@ def _build(project: Path) -> subprocess.CompletedProcess:
     return subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+@pytest.fixture(scope="module", params=sorted(BUILDS))
+def built(request, tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess, dict[str, str]]:
+    flags, replaced = BUILDS[request.param]
     project = _copy(tmp_path_factory.mktemp("cxxinline"))
-    return project, _build(project)
+    if flags:
+        makefile = (project / "Makefile").read_text()
+        (project / "Makefile").write_text(makefile.replace("CXXFLAGS ?= -O2 -g -Wall", f"CXXFLAGS ?= {flags}"))
+    return project, _build(project), replaced
 
 
 def _rounds_in(patient: Patient, start: int, count: int, patched: bool) -> None:
@@ -69,18 +79,17 @@ def _rounds_in(patient: Patient, start: int, count: int, patched: bool) -> None:
 
 
 def test_each_inline_function_and_template_instance_is_replaced_once(built):
-    project, result = built
+    project, result, expected = built
     assert result.returncode == 0, result.stderr
     replaced = re.search(r"replaces (.*)$", result.stdout, re.MULTILINE).group(1)
-    assert sorted(replaced.split(", ")) == sorted(REPLACED)        # shift<int>: emitted by 2 units, once
+    assert sorted(replaced.split(", ")) == sorted(expected.values())    # shift<int>: emitted by 2 units, once
     patch = next((project / "patchroot").glob("*.kpatch"))
     dumped = subprocess.run([DUMP, str(patch)], capture_output=True, text=True, check=True).stdout
-    assert sorted(re.findall(r"^replaces: (\S+)", dumped, re.MULTILINE)) == sorted(
-        ["_Z5scalei", "_Z10left_scalei", "_Z5shiftIiET_S0_", "_Z11right_scalei"])
+    assert sorted(re.findall(r"^replaces: (\S+)", dumped, re.MULTILINE)) == sorted(expected)
 
 
 def test_every_call_site_gives_the_new_answers_live_and_the_old_after_unpatch(built):
-    project, result = built
+    project, result, _ = built
     assert result.returncode == 0, result.stderr
     patient = Patient([str(project / "lpmake" / "usr" / "local" / "bin" / "cxxinline")])
     try:
