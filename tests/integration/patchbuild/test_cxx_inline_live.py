@@ -3,7 +3,8 @@ consistently: the fixture project cxxinline (tests/fixtures/projects/cxxinline) 
 its header, an inline function (inlined by two units, one out-of-line copy reached through
 a pointer) and a template instance two units emit. The patch replaces each function once,
 at the copy the original link kept, and every caller shows the new answers; unpatch
-brings back the old ones. Units whose new copies differ (other flags) are refused, named."""
+brings back the old ones (built at -O2 and at -O0). Refused, named: units whose new copies
+differ (other flags), and a kept original copy other than the one the patch was made for."""
 
 from __future__ import annotations
 
