@@ -28,10 +28,11 @@ DIR/.kpatch_BASE.<stage>.aux`` and the same other flags, then
   ``DIR/.kpatch_BASE.s`` and assembles that.
 
 C++ units (``.cc``, ``.cpp``... or ``-x c++``) are compiled the same way, without
-``-aux-info``; in the patched stage the diff's result must pass :mod:`asm.cxx` (changed
-functions that call nothing and handle no exception, outside COMDAT groups, no new data):
-anything else is refused naming the functions demangled, never left out of the patch
-unnoticed.
+``-aux-info``; in the patched stage the diff's result must pass :mod:`asm.cxx` and
+:mod:`asm.cxx_data` (new data the new code initialises itself): anything else is refused
+naming the functions or objects demangled, never left out of the patch unnoticed. A unit
+with changed or new functions must keep the layout of every type its debug information
+describes in both versions (:mod:`.layout_check`; units built without ``-g`` have none).
 
 ``-c`` with several C sources and no ``-o`` is done one source at a time. A compile and
 link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
@@ -437,7 +438,8 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
     """Diff the unit's original and patched assembler; write the instrumented file.
 
     C units: prototypes must not change (``-aux-info``). C++ units: only the changes
-    :mod:`asm.cxx` accepts (leaf functions outside COMDAT groups, no new data).
+    :mod:`asm.cxx` and :mod:`asm.cxx_data` accept. Both: no struct, union or class may
+    change its layout (:mod:`.layout_check`, from the units' debug information).
     Returns True when the unit has changed or new functions.
     """
     from ..errors import BuildError, CareError
@@ -470,6 +472,10 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
         elif original_text:
             gensrc.check_signatures(gensrc.parse_aux_info(original_aux), gensrc.parse_aux_info(_read_text(patched_aux)),
                                     result.changed_functions)
+        if original_text and (result.changed_functions or result.new_functions):
+            from .layout_check import check_layouts
+
+            check_layouts(kept_asm_path(unit, "original"), patched_asm)
     except CareError as exc:
         raise type(exc)(f"{source}: {exc}") from None
     _write_text(target, result.text)
