@@ -201,6 +201,11 @@ def _mem_fd(pid: int) -> int:
     return fd
 
 
+def open_memory(pid: int) -> None:
+    """Open (and cache) ``/proc/PID/mem`` now, before a stop: writes during it need no open."""
+    _mem_fd(pid)
+
+
 def forget_process(pid: int) -> None:
     """Close the cached ``/proc/PID/mem`` descriptor of ``pid`` (if any)."""
     _task_for_pid.pop(pid, None)

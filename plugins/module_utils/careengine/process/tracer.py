@@ -116,7 +116,8 @@ class _Borrowed:
 
     registers: Registers
     sigmask: int
-    xstate: bytes | None = None      # to put back after a call (a system call leaves it alone)
+    xstate: bytes
+    ran_code: bool = False           # a function ran: xstate is put back (a system call leaves it alone)
 
 
 class _StoppedValues:
@@ -137,6 +138,10 @@ class _StoppedValues:
     def set(self, tid: int, kind: str, value: object) -> None:
         """The value the tracer has just given the thread."""
         self._values[(tid, kind)] = value
+
+    def drop(self, tid: int, kind: str) -> None:
+        """The tracer is changing the thread's value of ``kind`` (unknown until :meth:`set`)."""
+        self._values.pop((tid, kind), None)
 
     def forget(self, tid: int | None = None) -> None:
         """The thread (every thread: None) is about to run: its values may change."""
@@ -222,6 +227,9 @@ class StoppedProcess:
         self._vet: Callable[[int], None] | None = None   # see vet_borrowed_threads
         self._vetted: set[int] = set()      # threads vetted since they last ran their own code
         self._boost: realtime.Boost | None = None    # SCHED_FIFO while the process is held
+        self._rooms: dict[int, int] = {}    # stack pointer -> _stack_room (for the maps read)
+        # (pretcode, registers, mask, XSAVE area) -> the signal frame built for them, this stop
+        self._frames: dict[tuple[int, bytes, int, bytes], tuple[int, bytes]] = {}
 
     # ---------------------------------------------------------------- context manager
     def __enter__(self) -> StoppedProcess:
@@ -271,6 +279,7 @@ class StoppedProcess:
         if self._maps is None:
             try:
                 self._maps = read_maps(self.pid)   # the stacks, for the signal frames: read unpaused
+                memory.open_memory(self.pid)       # and the descriptor writes go through
             except (ProcessError, ProcessGone, PermissionDenied):
                 pass  # stopping says what is wrong
         self._boost = realtime.Boost()
@@ -491,7 +500,8 @@ class StoppedProcess:
             self._stopped = False
             self._end_stop_period()
             self._sites = None
-            self._maps = None
+            self._forget_maps()
+            self._frames.clear()
             self._restart_pending.clear()
             self._known.forget()
             self._vet = None
@@ -563,7 +573,7 @@ class StoppedProcess:
         """
         if not self._stopped:
             raise ProcessError(f"process {self.pid} is not stopped")
-        self._maps = None         # threads may come and go meanwhile
+        self._forget_maps()       # threads may come and go meanwhile
         parked = self._resume_all()
         self._stop_signal.clear()
         self._end_stop_period()
@@ -655,7 +665,7 @@ class StoppedProcess:
 
     def set_regs(self, tid: int, regs: Registers) -> None:
         """Set the general registers of stopped thread ``tid``."""
-        self._known.forget(tid)
+        self._known.drop(tid, "regs")
         try:
             ptrace_func.ptrace(ptrace_func.PTRACE_SETREGS, tid, 0, ctypes.addressof(regs))
         except PtraceError as exc:
@@ -733,6 +743,10 @@ class StoppedProcess:
                 return candidate
         return roomy[0]
 
+    def _forget_maps(self) -> None:
+        self._maps = None
+        self._rooms.clear()
+
     def _stack_room(self, stack_pointer: int) -> int:
         """Bytes below ``stack_pointer`` down to the start of its (writable) mapping.
 
@@ -741,16 +755,18 @@ class StoppedProcess:
         may come at any time); but it must not leave the mapping, which the kernel would
         grow and we cannot. A thread with a lot of room (a thread or main stack) is
         preferred over one on a small buffer (a coroutine, a sigaltstack)."""
-        if self._maps is None:
-            self._maps = read_maps(self.pid)
-        holder = next((m for m in self._maps if m.start < stack_pointer <= m.end), None)
-        if holder is None or not holder.writable:
-            return 0
-        return stack_pointer - holder.start
+        room = self._rooms.get(stack_pointer)
+        if room is None:
+            if self._maps is None:
+                self._maps = read_maps(self.pid)
+            holder = next((m for m in self._maps if m.start < stack_pointer <= m.end), None)
+            room = stack_pointer - holder.start if holder is not None and holder.writable else 0
+            self._rooms[stack_pointer] = room
+        return room
 
     def _set_sigmask(self, tid: int, value: int) -> None:
         mask = ctypes.c_uint64(value)
-        self._known.forget(tid)
+        self._known.drop(tid, "sigmask")
         try:
             ptrace_func.ptrace(PTRACE_SETSIGMASK, tid, ctypes.sizeof(mask), ctypes.addressof(mask))
         except PtraceError as exc:
@@ -897,10 +913,7 @@ class StoppedProcess:
         saved = self.get_regs(tid)
         saved_mask = self._get_sigmask(tid)
         xstate = self._get_xstate(tid)
-        try:
-            frame, frame_bytes = sigframe.build_frame(_register_values(saved), saved_mask, xstate, pretcode)
-        except sigframe.FrameError as exc:
-            raise ProcessError(f"cannot borrow thread {tid} of process {self.pid} safely: {exc}") from None
+        frame, frame_bytes = self._frame(saved, saved_mask, xstate, pretcode, tid)
         if self._stack_room(saved.rsp) < saved.rsp - frame:
             raise ProcessError(f"thread {tid} of process {self.pid} has no room for a signal frame below its stack "
                                f"pointer {saved.rsp:#x} in its mapping; try again")
@@ -914,7 +927,20 @@ class StoppedProcess:
         faults.point("borrow", self.pid)
         # Blocked after the registers are ours: the frame restores the mask too.
         self._set_sigmask(tid, saved_mask | _BLOCK_DURING_REMOTE)
-        return _Borrowed(saved, saved_mask, xstate if runs_code else None)
+        return _Borrowed(saved, saved_mask, xstate, runs_code)
+
+    def _frame(self, saved: Registers, mask: int, xstate: bytes, pretcode: int, tid: int) -> tuple[int, bytes]:
+        """(address, bytes) of the signal frame that gives the thread back ``saved``,
+        ``mask`` and ``xstate`` (built once per stop for the same values)."""
+        key = (pretcode, bytes(saved), mask, xstate)
+        built = self._frames.get(key)
+        if built is None:
+            try:
+                built = sigframe.build_frame(_register_values(saved), mask, xstate, pretcode)
+            except sigframe.FrameError as exc:
+                raise ProcessError(f"cannot borrow thread {tid} of process {self.pid} safely: {exc}") from None
+            self._frames[key] = built
+        return built
 
     def _give_back(self, tid: int, borrowed: _Borrowed, at: int = 0) -> None:
         """Restore a borrowed thread's signal mask, then its registers; safe at every instant.
@@ -947,8 +973,10 @@ class StoppedProcess:
                 return
             operation = _SYSCALL_EXIT
         self.set_regs(tid, saved)
-        if borrowed.xstate is not None:
+        if borrowed.ran_code:
             self._set_xstate(tid, borrowed.xstate)
+        else:
+            self._known.set(tid, "xstate", borrowed.xstate)     # system calls leave it as it was
         if operation == _SYSCALL_EXIT and sigframe.in_restartable_syscall(values):
             self._restart_pending.add(tid)    # see _signal_to_inject
         else:
@@ -1100,7 +1128,7 @@ class StoppedProcess:
         which may change vector registers and control words the ABI lets it clobber)."""
         buffer = ctypes.create_string_buffer(xstate, len(xstate))
         vector = _IoVec(ctypes.addressof(buffer), len(xstate))
-        self._known.forget(tid)
+        self._known.drop(tid, "xstate")
         try:
             ptrace_func.ptrace(PTRACE_SETREGSET, tid, NT_X86_XSTATE, ctypes.addressof(vector))
         except PtraceError as exc:
