@@ -1,6 +1,7 @@
 """New C++ data in a live patch (fixture ``cxxdata``): a patched function that gains a
 zero-initialised function-local static, a guarded static set by its first call, a 32-byte
-aligned buffer and new string literals is patched live; each patch brings its own zeroed copies, so the guard
+aligned buffer, new string literals and std::to_string (new to the unit, with its
+read-only COMDAT digit table) is patched live; each patch brings its own zeroed copies, so the guard
 runs again after an unpatch and a new patch; the process exits cleanly afterwards. Data
 the patch cannot bring is refused by libcare-patch-make naming the object, the tree
 restored."""
@@ -23,7 +24,8 @@ from apply_helpers import FIXTURES, Patient, ctl, make_diff  # noqa: E402
 PATCH_MAKE = str(ROOT / "bin" / "libcare-patch-make")
 PATCHED_RE = re.compile(r"^cxxdata PATCHED (\d+) calls=(\d+) since=(\d+) last=(\d*) rounds=(\d+)$")
 UNPATCHED_RE = re.compile(r"^cxxdata UNPATCHED (\d+) rounds=(\d+)$")
-GREETING = 'std::string text = "UNPATCHED " + std::to_string(round);'
+DIGITS = "_ZZNSt8__detail18__to_chars_10_implIjEEvPcjT_E8__digits"
+GREETING = 'std::string text = std::string("UNPATCHED ") + number;'
 
 
 def _project(tmp_path: Path) -> Path:
@@ -36,6 +38,9 @@ def built(tmp_path_factory) -> Path:
     result = subprocess.run([PATCH_MAKE, "fix.patch"], cwd=project, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "replaces greeting[abi:cxx11](int)" in result.stdout
+    # std::to_string is new to the unit: its digit table (read-only COMDAT data) is the patch's own
+    assert DIGITS not in (project / ".kpatch_greet.original.s").read_text()
+    assert re.search(rf"\.kpatch\.data[^\n]*\n(?:[^\n]*\n){{0,8}}{DIGITS}:", (project / ".kpatch_greet.s").read_text())
     return project
 
 

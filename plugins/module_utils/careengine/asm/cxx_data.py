@@ -157,7 +157,9 @@ def _comdat_reason(facts: _NewData, name: str, block: Block) -> str | None:
 
 
 def _function_local_reason(facts: _NewData, name: str, block: Block) -> str | None:
-    if name.startswith(FUNCTION_LOCAL_PREFIXES) and facts.registered_at_exit(name):
+    """Read-only data is never destroyed; a COMDAT static is :func:`_comdat_reason`'s."""
+    if name.startswith(FUNCTION_LOCAL_PREFIXES) and facts.is_writable(block) and not facts.is_comdat(block) \
+            and facts.registered_at_exit(name):
         return EXIT_DESTRUCTOR
     return None
 
