@@ -284,9 +284,10 @@ class StoppedProcess:
                 pass  # stopping says what is wrong
         self._boost = realtime.Boost()
         self._hold_sigchld()
-        self._stop_started = time.perf_counter_ns()
         try:
-            self._catch_all_threads()
+            listed = self._list_tasks()
+            self._stop_started = time.perf_counter_ns()    # the pause starts with the first seize
+            self._catch_all_threads(listed)
         except BaseException:
             self._release_all()
             raise
@@ -313,10 +314,14 @@ class StoppedProcess:
         except PermissionError:
             raise PermissionDenied(f"may not inspect process {self.pid}: run as root or with CAP_SYS_PTRACE") from None
 
-    def _catch_all_threads(self) -> None:
+    def _catch_all_threads(self, listed: list[int] | None = None) -> None:
+        """Seize and stop every thread, listing them again until no new one appears
+        (``listed``: the first listing, when already made)."""
         gone: set[int] = set()
         for _ in range(_MAX_CATCH_UP_ROUNDS):
-            fresh = [tid for tid in self._list_tasks() if tid not in self._seized and tid not in gone]
+            tasks = listed if listed is not None else self._list_tasks()
+            listed = None
+            fresh = [tid for tid in tasks if tid not in self._seized and tid not in gone]
             if not fresh:
                 if not self._seized:
                     raise ProcessGone(f"process {self.pid} exited")
