@@ -9,7 +9,10 @@ Which types: every named struct, union or class that the unit's debug informatio
 describes in both versions, at namespace or class scope. gcc describes only the types a
 unit uses, so that is "the types the unit's code or data use"; narrowing it further to
 the changed functions would miss objects that unchanged code hands to patched code.
-Types local to a function are left out (no object of them outlives a call).
+Types local to a function are left out (no object of them outlives a call). g++
+describes a class with virtual functions only in the units that emit its vtable (where
+its key function is defined, or every user when it has none): a unit that only uses such
+a class cannot tell its layout; the unit that defines it can, when it changes too.
 
 The layouts come from DWARF: both kept assembler files are assembled with ``as`` into
 temporary objects and read with pyelftools. Without debug information (a unit built
