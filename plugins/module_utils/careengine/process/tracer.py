@@ -226,6 +226,8 @@ class StoppedProcess:
         self._sigchld_was_blocked = False   # ... and it was blocked before
         self._vet: Callable[[int], None] | None = None   # see vet_borrowed_threads
         self._vetted: set[int] = set()      # threads vetted since they last ran their own code
+        # The thread remote work takes, for the threads and held signals it was chosen among.
+        self._worker: tuple[tuple[frozenset[int], frozenset[int]], int] | None = None
         self._boost: realtime.Boost | None = None    # SCHED_FIFO while the process is held
         self._rooms: dict[int, int] = {}    # stack pointer -> _stack_room (for the maps read)
         # (pretcode, registers, mask, XSAVE area) -> the signal frame built for them, this stop
@@ -454,8 +456,14 @@ class StoppedProcess:
             return -1
         return status
 
+    def _ran_own_code(self, tid: int) -> None:
+        """``tid`` is resumed into its own code: what was vetted or chosen for it may change."""
+        self._vetted.discard(tid)
+        self._worker = None
+
     def _forget_thread(self, tid: int) -> None:
         self._known.forget(tid)
+        self._worker = None
         self._seized.discard(tid)
         self._restart_pending.discard(tid)
         self._pending.pop(tid, None)
@@ -511,6 +519,7 @@ class StoppedProcess:
             self._known.forget()
             self._vet = None
             self._vetted.clear()
+            self._worker = None
             memory.forget_process(self.pid)
             self._release_sigchld()
             if self._boost is not None:
@@ -645,7 +654,7 @@ class StoppedProcess:
 
     def _cont(self, tid: int, signo: int = 0) -> None:
         self._known.forget(tid)
-        self._vetted.discard(tid)       # it runs its own code: it may change what vetting saw
+        self._ran_own_code(tid)
         try:
             ptrace_func.ptrace_cont(tid, signo)
         except PtraceError as exc:
@@ -736,6 +745,14 @@ class StoppedProcess:
             return tid
         if not self._seized:
             raise ProcessGone(f"process {self.pid} has no threads left")
+        among = (frozenset(self._seized), frozenset(tid for tid, held in self._pending.items() if held))
+        if self._worker is None or self._worker[0] != among:
+            self._worker = (among, self._choose_worker())
+        return self._worker[1]
+
+    def _choose_worker(self) -> int:
+        """The thread remote work takes (chosen again when a thread runs its own code or
+        the threads or their held signals change)."""
         # Prefer a thread not sitting in a signal's delivery-stop (running our code there
         # would make us re-send that signal instead of letting the kernel deliver it) and
         # not inside a system call (nothing to restart, see sigframe).
@@ -1181,7 +1198,7 @@ class StoppedProcess:
     def _resume_to_next_syscall_stop(self, tid: int, signo: int) -> bool:
         self._stop_signal[tid] = 0
         self._known.forget(tid)
-        self._vetted.discard(tid)       # it runs its own code (run_thread_to_syscall)
+        self._ran_own_code(tid)         # (run_thread_to_syscall)
         try:
             ptrace_func.ptrace_syscall(tid, signo)
         except PtraceError as exc:
