@@ -51,6 +51,12 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def percentile(values: list[float], fraction: float) -> float:
+    """The value below which ``fraction`` of ``values`` lie (nearest rank)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
 @dataclass(frozen=True)
 class BuiltProgram:
     """A bench program built by libcare-patch-make: the original binary and its patches."""
