@@ -13,10 +13,12 @@ As root, ``patch`` refuses a source that others than root could change unless
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 
 from ..audit import AuditLog, Requester, applied_record, index_applied
 from ..results import ObjectAction, ObjectInfo, ProcessInfo, ProcessResult, summarize_results
@@ -26,6 +28,8 @@ from . import operations
 COMMAND_ALIASES = {"patch-user": "patch", "unpatch-user": "unpatch", "info-user": "info"}
 EXIT_OK = 0
 EXIT_FAILED = 1
+# Called with "patch" or "unpatch" and the results of a change made (never in check mode).
+ChangeObserver = Callable[[str, list[ProcessResult]], None]
 
 
 def _pid_argument(text: str) -> int | None:
@@ -90,11 +94,20 @@ def _add_audit_log(parser: argparse.ArgumentParser, what: str = "append one JSON
                         help=f"{what} (default $LIBCARE_AUDIT_LOG, else /var/log/libcare/audit.jsonl as root)")
 
 
-def main(argv: list[str], requester: Requester | None = None) -> int:
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """:func:`build_parser`, built once: the resident service parses every request with it."""
+    return build_parser()
+
+
+def main(argv: list[str], requester: Requester | None = None, observer: ChangeObserver | None = None) -> int:
     """Run ``libcare-ctl`` with ``argv``; the exit status. ``requester``: who asked, for the
-    audit log (default: this command line; the resident service passes its client)."""
-    args = build_parser().parse_args(argv)
+    audit log (default: this command line; the resident service passes its client).
+    ``observer``: told the results of every patch and unpatch made (the service follows the
+    operator's changes with it)."""
+    args = _parser().parse_args(argv)
     args.requester = requester or Requester.from_command(["libcare-ctl", *argv])
+    args.observer = observer
     command = COMMAND_ALIASES.get(args.command, args.command)
     for signo in (signal.SIGTERM, signal.SIGHUP):
         # Turn termination into an exception: a stopped patient is rolled back and
@@ -118,6 +131,11 @@ class Terminated(BaseException):
 
 def _terminate(signo, frame) -> None:
     raise Terminated(f"terminated by signal {signo}")
+
+
+def _observe(args, command: str, results: list[ProcessResult]) -> None:
+    if args.observer is not None and not args.check:
+        args.observer(command, results)
 
 
 def _pids(args) -> list[int] | None:
@@ -145,6 +163,7 @@ def _patch(args) -> int:
                                   retries=args.retries, check=args.check, requested_by=args.requester,
                                   audit_log=args.audit_log, insecure_store=args.insecure_store,
                                   force_unsafe=args.force_unsafe)
+    _observe(args, "patch", results)
     ok = all(result.ok for result in results)
     if args.json:
         _print_json(results, {"integrity": {"verified": source.verified, "signer": source.signer}})
@@ -185,6 +204,7 @@ def _report_patch(result: ProcessResult, args) -> None:
 def _unpatch(args) -> int:
     results = operations.unpatch_processes(_pids(args), args.build_ids or None, timeout=args.timeout, check=args.check,
                                     requested_by=args.requester, audit_log=args.audit_log)
+    _observe(args, "unpatch", results)
     ok = all(result.ok for result in results)
     if args.json:
         _print_json(results)

@@ -12,16 +12,21 @@ import io
 import json
 import os
 import signal
+from typing import TYPE_CHECKING
 
 from ..errors import CareError
 from .server import Peer
 
+if TYPE_CHECKING:
+    from ..apply.ctl import ChangeObserver
+
 _HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
-def run_ctl(argv: list[str], cwd: str, peer: Peer) -> tuple[int, str, str]:
+def run_ctl(argv: list[str], cwd: str, peer: Peer, observer: ChangeObserver | None = None) -> tuple[int, str, str]:
     """``libcare-ctl argv`` run here for ``peer``, from directory ``cwd``: (exit status, stdout,
-    stderr). The audit trail names the peer as the requester."""
+    stderr). The audit trail names the peer as the requester; ``observer`` is told the results
+    of the patch or unpatch made (see :func:`..apply.ctl.main`)."""
     from ..apply import ctl
     from ..audit import Requester
 
@@ -34,7 +39,7 @@ def run_ctl(argv: list[str], cwd: str, peer: Peer) -> tuple[int, str, str]:
     try:
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
-                status = ctl.main(argv, requester=Requester.from_service(peer.uid, peer.pid))
+                status = ctl.main(argv, requester=Requester.from_service(peer.uid, peer.pid), observer=observer)
             except CareError as exc:
                 print(f"libcare-ctl: error: {exc}", file=stderr)
                 status = exc.exit_code

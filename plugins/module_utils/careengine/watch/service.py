@@ -27,12 +27,11 @@ import time
 from ptrace import PtraceError
 
 from ..apply import engine, operations
-from ..apply.ctl import build_parser
 from ..audit import AUDIT_LOG_ENV, AuditLog, Requester, result_records
 from ..errors import CareError
 from ..process import mapped_objects, proc_status, read_maps
 from ..results import ObjectAction, ProcessResult
-from ..storage import PatchSource
+from ..storage import PatchSource, PatchStore
 from . import catch as catching
 from .catch import Catch, Target
 from .discovery import DEFAULT_SEARCH_PATHS, find_targets
@@ -478,79 +477,54 @@ class Service:
         return run_ctl(argv, cwd, peer)
 
     def _change(self, command: str, argv: list[str], cwd: str, peer: Peer) -> tuple[int, str, str]:
-        """patch/unpatch for an authorised peer; the store's wanted state follows the operator."""
-        try:
-            args = build_parser().parse_args(argv)
-        except SystemExit:
-            return run_ctl(argv, cwd, peer)    # prints the usage error
-        pids = None if args.pid is None else [args.pid]
-        before = applied_levels(pids)
+        """patch/unpatch for an authorised peer; the store's wanted state follows the operator
+        (from the results of the changes made: nothing is read again)."""
+        def follow(made: str, results: list[ProcessResult]) -> None:
+            try:
+                marks_changed = (self._note_removed if made == "unpatch" else self._note_applied)(results, peer)
+            except (OSError, CareError) as exc:   # the change is made: report it, whatever we fail to note
+                log(f"cannot record the wanted state after {made} by {peer.describe()}: {exc}")
+                return
+            if marks_changed:
+                self.signature = store_signature(self.store)   # our own marks are not a publication
+                self.levels = wanted_levels(self.store)
+
         with service_stoppers():
-            result = run_ctl(argv, cwd, peer)
-        if getattr(args, "check", False):
-            return result
-        after = applied_levels(list(before) if pids is None and command.startswith("unpatch") else pids)
-        if command.startswith("unpatch"):
-            self._note_removed(before, after, peer)
-        if command.startswith("patch"):
-            self._note_applied(before, after, peer)
-        self.signature = store_signature(self.store)   # our own marks are not a publication
-        self.levels = wanted_levels(self.store)
-        return result
+            return run_ctl(argv, cwd, peer, observer=follow)
 
-
-    def _note_removed(self, before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
-                      peer: Peer) -> None:
+    def _note_removed(self, results: list[ProcessResult], peer: Peer) -> bool:
         """Levels an operator's unpatch removed: marked unpatched in the store (not re-applied
-        until published again) and dropped from the status."""
-        store_ids = set(wanted_levels_all(self.store))
-        for pid, levels in before.items():
-            for build_id, level in levels.items():
-                if build_id not in after.get(pid, {}):
-                    if build_id in store_ids:
-                        mark_unpatched(self.store, build_id, level)
-                    self.status.by_pid.get(pid, {}).pop(build_id, None)
-                    log(f"pid {pid}: level {level} of {build_id} removed on request of {peer.describe()}; "
-                        f"not re-applied until published again")
+        until published again) and dropped from the status. True if a mark was written."""
+        store = PatchStore(self.store)
+        marked = False
+        for result in results:
+            for obj in result.objects:
+                if obj.previous_level is None or obj.applied_level is not None:
+                    continue              # nothing was in force, or it still is
+                if store.find(obj.build_id) is not None:
+                    mark_unpatched(self.store, obj.build_id, obj.previous_level)
+                    marked = True
+                self.status.by_pid.get(result.pid, {}).pop(obj.build_id, None)
+                log(f"pid {result.pid}: level {obj.previous_level} of {obj.build_id} removed on request of "
+                    f"{peer.describe()}; not re-applied until published again")
+        return marked
 
-    def _note_applied(self, before: dict[int, dict[str, int]], after: dict[int, dict[str, int]],
-                      peer: Peer) -> None:
-        """Levels an operator's patch applied: the unpatched mark cleared, the status noted."""
-        for pid, levels in after.items():
-            for build_id, level in levels.items():
-                if before.get(pid, {}).get(build_id) != level:
-                    clear_unpatched(self.store, build_id)
-                    self.status.note(PatchRecord(pid, _uid(pid), engine.read_comm(pid), build_id, level,
-                                                 HOW_REQUEST, f"libcare-ctl ({peer.describe()})", now_text(),
-                                                 ObjectAction.APPLIED.value))
+    def _note_applied(self, results: list[ProcessResult], peer: Peer) -> bool:
+        """Levels an operator's patch applied: the unpatched mark cleared, the status noted.
+        True if a mark was removed."""
+        cleared = False
+        for result in results:
+            for obj in result.objects:
+                if obj.action != ObjectAction.APPLIED:
+                    continue
+                cleared = clear_unpatched(self.store, obj.build_id) or cleared
+                self.status.note(PatchRecord(result.pid, _uid(result.pid), result.comm, obj.build_id,
+                                             obj.applied_level, HOW_REQUEST, f"libcare-ctl ({peer.describe()})",
+                                             now_text(), ObjectAction.APPLIED.value))
+        return cleared
 
 
 def engine_pids() -> list[int]:
     """Every process but pid 1, ascending (the apply API's choice of processes)."""
     from ..apply.operations import all_pids
     return all_pids()
-
-
-def wanted_levels_all(root: str) -> dict[str, int]:
-    """build-id -> level for every patch in the store, wanted or not."""
-    from ..storage import PatchStore
-    store = PatchStore(root)
-    levels = {}
-    for build_id in store.build_ids():
-        with contextlib.suppress(CareError):
-            found = store.find(build_id)
-            if found is not None:
-                levels[build_id] = found.level
-    return levels
-
-
-def applied_levels(pids: list[int] | None) -> dict[int, dict[str, int]]:
-    """pid -> {build-id: level} of the complete patches applied in those processes (all if None)."""
-    levels: dict[int, dict[str, int]] = {}
-    for pid in engine_pids() if pids is None else pids:
-        with contextlib.suppress(CareError):
-            applied = engine.read_applied_patches(pid, read_maps(pid))
-            found = {b: a.level for b, a in applied.items() if a.complete}
-            if found:
-                levels[pid] = found
-    return levels
