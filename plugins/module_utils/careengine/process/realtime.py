@@ -26,9 +26,10 @@ class Boost:
             return
         try:
             previous = (os.sched_getscheduler(0), os.sched_getparam(0))
-            if previous[0] in (os.SCHED_FIFO, os.SCHED_RR):
+            if previous[0] & ~os.SCHED_RESET_ON_FORK in (os.SCHED_FIFO, os.SCHED_RR):
                 return                      # real-time already: leave it as its owner set it
-            os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(REALTIME_PRIORITY))
+            # Reset on fork: a child the tracer forks meanwhile (the seccomp probe) is not real-time.
+            os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK, os.sched_param(REALTIME_PRIORITY))
         except OSError:
             return
         self._previous = previous
