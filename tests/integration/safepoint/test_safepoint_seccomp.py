@@ -14,8 +14,10 @@ from plugins.module_utils.careengine.apply import operations
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="reading seccomp filters needs CAP_SYS_ADMIN")
 
 # argv[1]: "kill" (kill the process on mmap/mprotect with PROT_EXEC), "errno" (EPERM for
-# them), "allow" (an allow-list: this loop's syscalls and the engine's), "strict".
+# them), "allow" (an allow-list: this loop's syscalls and the engine's), "strict";
+# "thread-kill": a second thread installs the "kill" filter for itself only and sleeps.
 SOURCE = r"""#include <errno.h>
+#include <pthread.h>
 #include <linux/audit.h>
 #include <linux/filter.h>
 #include <linux/seccomp.h>
@@ -71,14 +73,33 @@ static void install(const char *mode)
 		perror("seccomp");
 }
 
+static void *filtered_sleeper(void *arg)
+{
+	struct timespec forever = { 1000, 0 };
+
+	install("kill");
+	*(volatile int *)arg = 1;
+	for (;;)
+		syscall(__NR_nanosleep, &forever, NULL);
+	return NULL;
+}
+
 int main(int argc, char **argv)
 {
 	char line[64];
 	struct timespec pause = { 0, 2000000 };
+	static volatile int installed;
+	pthread_t thread;
 
 	printf("starting\n");
 	fflush(stdout);
-	install(argc > 1 ? argv[1] : "none");
+	if (argc > 1 && strcmp(argv[1], "thread-kill") == 0) {
+		pthread_create(&thread, NULL, filtered_sleeper, (void *)&installed);
+		while (!installed)
+			syscall(__NR_nanosleep, &pause, NULL);
+	} else {
+		install(argc > 1 ? argv[1] : "none");
+	}
 	for (long round = 0;; round++) {
 		int length = snprintf(line, sizeof(line), "round=%ld answer=%d\n", round, answer());
 		write(1, line, length);
@@ -95,7 +116,7 @@ MAKEFILE = """CFLAGS ?= -O2 -g -Wall
 PREFIX ?= /usr/local
 all: filtered
 filtered: filtered.c
-\t$(CC) $(CFLAGS) -fPIE -pie -o $@ filtered.c
+\t$(CC) $(CFLAGS) -fPIE -pie -o $@ filtered.c -lpthread
 install: all
 \tinstall -D -m 755 filtered $(DESTDIR)$(PREFIX)/bin/filtered
 clean:
@@ -128,6 +149,19 @@ def test_filter_that_forbids_the_engine_syscalls_is_refused(filtered, start, mod
 
 def test_allow_list_that_permits_the_engine_syscalls_is_patched(filtered, start):
     patient = start(filtered, "allow")
+    patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
+    result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
+    assert result[0].objects[0].action == "applied", result[0].objects[0].reason
+    patient.wait_for(lambda line: line.endswith("answer=2"))
+    removed = operations.unpatch_processes([patient.pid])
+    assert removed[0].objects[0].action == "removed", removed[0].objects[0].reason
+    patient.wait_for(lambda line: line.endswith("answer=1"))
+
+
+def test_only_the_threads_that_make_the_calls_are_judged_by_their_filters(filtered, start):
+    """A filter is per thread: one installed by a thread that only sleeps does not stand in
+    the way (the engine makes its calls in another thread), and the patient lives on."""
+    patient = start(filtered, "thread-kill")
     patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
     result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
     assert result[0].objects[0].action == "applied", result[0].objects[0].reason
