@@ -37,3 +37,17 @@ def test_a_changed_class_layout_is_refused_naming_the_class(tmp_path, old, new, 
     assert "reverting the patches" in result.stderr
     assert {name: (project / name).read_bytes() for name in before} == before
     assert not list(project.glob("patchroot/*.kpatch"))
+
+
+@pytest.mark.parametrize("cxxflags, warned", [("-O2 -Wall", True), ("-O2 -g -Wall", False)])
+def test_units_without_debug_information_are_named_as_unchecked(tmp_path, cxxflags, warned):
+    """Without -g nothing describes the types: the build goes on (the fixture's own fix keeps
+    every layout) but says which changed units could not be checked."""
+    project = Path(shutil.copytree(FIXTURES / "cxxdata", tmp_path / "cxxdata"))
+    result = subprocess.run([PATCH_MAKE, "-m", f"CXXFLAGS={cxxflags}", "fix.patch"], cwd=project,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    warning = "warning: 1 changed unit built without debug information (-g): struct and class layouts not checked"
+    assert (warning in result.stderr) is warned, result.stderr
+    if warned:
+        assert "greet.cc" in result.stderr.split(warning, 1)[1].splitlines()[0]

@@ -475,7 +475,10 @@ def _write_instrumented(source: str, unit: str, patched_asm: str, patched_aux: s
         if original_text and (result.changed_functions or result.new_functions):
             from .layout_check import check_layouts
 
-            check_layouts(kept_asm_path(unit, "original"), patched_asm)
+            if not check_layouts(kept_asm_path(unit, "original"), patched_asm):
+                from .progress import UNCHECKED_LAYOUT, note_unit
+
+                note_unit(UNCHECKED_LAYOUT, source)
     except CareError as exc:
         raise type(exc)(f"{source}: {exc}") from None
     _write_text(target, result.text)

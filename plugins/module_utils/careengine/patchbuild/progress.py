@@ -19,10 +19,13 @@ PROGRESS_ENV = "LPMAKE_PROGRESS_FILE"
 LOG_INTERVAL = 15.0
 COMPILED = "compiled"
 DIFFED = "diffed"
+# A changed unit without debug information: its types' layouts could not be compared.
+UNCHECKED_LAYOUT = "unchecked-layout"
 
 
 def note_unit(event: str, detail: str = "") -> None:
-    """Record one unit event (``compiled``, ``diffed``) for the driver; no-op outside a driven build."""
+    """Record one unit event (``compiled``, ``diffed``, ``unchecked-layout``) for the driver; no-op
+    outside a driven build."""
     path = os.environ.get(PROGRESS_ENV)
     if not path:
         return
@@ -40,11 +43,13 @@ def note_unit(event: str, detail: str = "") -> None:
 
 @dataclass(frozen=True)
 class UnitCounts:
-    """Units compiled and diffed so far in a stage (changed: the diff found changes)."""
+    """Units compiled and diffed so far in a stage (changed: the diff found changes;
+    unchecked_layouts: changed units whose type layouts could not be compared, no ``-g``)."""
 
     compiled: int = 0
     diffed: int = 0
     changed: int = 0
+    unchecked_layouts: tuple[str, ...] = ()
 
 
 class UnitCounter:
@@ -57,6 +62,7 @@ class UnitCounter:
         self.compiled = 0
         self.diffed = 0
         self.changed = 0
+        self.unchecked_layouts: list[str] = []
 
     def read(self) -> UnitCounts:
         try:
@@ -75,7 +81,9 @@ class UnitCounter:
             elif event == DIFFED:
                 self.diffed += 1
                 self.changed += detail == "changed"
-        return UnitCounts(self.compiled, self.diffed, self.changed)
+            elif event == UNCHECKED_LAYOUT:
+                self.unchecked_layouts.append(detail)
+        return UnitCounts(self.compiled, self.diffed, self.changed, tuple(self.unchecked_layouts))
 
 
 def describe(counts: UnitCounts, elapsed: float, total: int | None = None) -> str:

@@ -186,6 +186,8 @@ class ProjectBuild:
         self.tick(what, counts, time.monotonic() - started, total)
         if hasattr(self.progress, "done"):
             self.progress.done(what, counts, time.monotonic() - started, total)
+        if counts.unchecked_layouts:
+            self.progress(_unchecked_layouts_warning(counts.unchecked_layouts))
         if status:
             first_error = next((line.strip() for line in output.splitlines() if "error" in line.lower()), "")
             detail = f": {first_error}" if first_error else ""
@@ -194,6 +196,13 @@ class ProjectBuild:
         if stage == "original" and log_name == "all" and counts.compiled and os.path.isdir(work):
             with open(counts_path, "w", encoding="utf-8") as stream:
                 stream.write(f"{counts.compiled}\n")
+
+
+def _unchecked_layouts_warning(units: Sequence[str]) -> str:
+    """The one line saying which changed units could not have their type layouts compared."""
+    shown = ", ".join(units[:5]) + (f" and {len(units) - 5} more" if len(units) > 5 else "")
+    return (f"warning: {len(units)} changed unit{'s' if len(units) != 1 else ''} built without debug information "
+            f"(-g): struct and class layouts not checked ({shown})")
 
 
 def _refuse_holding_the_project(directory: str, variable: str, protected: Sequence[str]) -> None:
