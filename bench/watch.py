@@ -10,7 +10,14 @@ the service watches.
   own record); every start's first line must be the fixed answer (43). Baseline: none.
 - ``watch_patch_wall_ms``: one ``libcare-ctl patch -p PID --json STORE`` through the
   service, start to exit, median of ``ROUNDS`` (each after an untimed unpatch). Baseline:
-  the same command without the service (``LIBCARE_NO_SERVICE=1``: Python and engine start-up).
+  the start of the launcher's interpreter alone (``python -I -S -c pass``), timed in the
+  same rounds: what no client in Python can go under.
+- ``watch_patch_service_ms``: the same request sent from this process (no process start:
+  the socket round trip, i.e. the service's work with the patient's pause); baseline: the
+  pause (``paused_us``) of those patches.
+- ``watch_patch_local_wall_ms``: the same command without the service
+  (``LIBCARE_NO_SERVICE=1``: Python and engine start-up, the patch already applied);
+  baseline: ``watch_patch_wall_ms``.
 - ``watch_pause_idle_p50_us`` / ``_p99_us`` and ``watch_pause_loaded_p50_us`` / ``_p99_us``:
   ``paused_us`` of those patches, idle and with two ``sh -c 'while :; do :; done'`` hogs;
   ``watch_pause_loaded_norealtime_*``: the same load, the service started with
@@ -31,6 +38,7 @@ from pathlib import Path
 
 from benchlib import (
     CTL,
+    ROOT,
     Patients,
     build_program,
     emit,
@@ -42,7 +50,11 @@ from benchlib import (
     workdir,
 )
 
+from plugins.module_utils.careengine.watch import client  # noqa: E402 - benchlib puts ROOT on sys.path
+
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
+# The interpreter bin/libcare-ctl starts (its .venv's, else python3).
+LAUNCHER_PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else "python3"
 STARTS = int(sys.argv[2]) if len(sys.argv) > 2 else 30
 
 
@@ -78,6 +90,43 @@ def ctl(env: dict, *args: str) -> tuple[float, subprocess.CompletedProcess]:
     started = time.perf_counter()
     result = subprocess.run([str(CTL), *args], capture_output=True, text=True, check=False, timeout=60, env=env)
     return (time.perf_counter() - started) * 1000, result
+
+
+def timed_run(argv: list[str], env: dict) -> float:
+    """Wall ms of one run of ``argv``, output captured as :func:`ctl` does."""
+    started = time.perf_counter()
+    subprocess.run(argv, capture_output=True, check=False, timeout=60, env=env)
+    return (time.perf_counter() - started) * 1000
+
+
+def request_cycle(env: dict, pid: int, store: Path) -> tuple[float, int]:
+    """One unpatch then one patch sent from this process: (round trip ms, paused us)."""
+    _, removed = ctl(env, "unpatch", "-p", str(pid))
+    if removed.returncode != 0:
+        raise SystemExit(f"bench: unpatch failed: {removed.stderr}")
+    started = time.perf_counter()
+    answer = client.request(["patch", "-p", str(pid), "--json", str(store)], env["LIBCARE_SOCKET"])
+    trip = (time.perf_counter() - started) * 1000
+    if answer is None or answer[0] != 0:
+        raise SystemExit(f"bench: patch through the socket failed: {answer}")
+    [process] = json.loads(answer[1])["processes"]
+    return trip, process["paused_us"]
+
+
+def wall_rounds(env: dict, pid: int, store: Path, rounds: int) -> dict[str, list[float]]:
+    """``rounds`` of: the interpreter's bare start, a patch by the command line (after an
+    unpatch), a patch sent from here (after an unpatch); interleaved, so that the machine's
+    load weighs on each alike."""
+    figures: dict[str, list[float]] = {"start": [], "wall": [], "pause": [], "trip": [], "trip_pause": []}
+    for _ in range(rounds):
+        figures["start"].append(timed_run([LAUNCHER_PYTHON, "-I", "-S", "-c", "pass"], env))
+        [wall], [pause] = patch_cycles(env, pid, store, 1)
+        figures["wall"].append(wall)
+        figures["pause"].append(pause)
+        trip, trip_pause = request_cycle(env, pid, store)
+        figures["trip"].append(trip)
+        figures["trip_pause"].append(trip_pause / 1000)
+    return figures
 
 
 def patch_cycles(env: dict, pid: int, store: Path, rounds: int) -> tuple[list[float], list[int]]:
@@ -119,11 +168,16 @@ def main() -> None:
         first = read_lines_until(patient, lambda line: True, 30)
         if first != "threads4 answer=43":
             raise SystemExit(f"bench: the long-running patient printed {first!r} first: {(where / 'service.log').read_text()[-2000:]}")
-        walls, idle = patch_cycles(env, patient.pid, store, ROUNDS)
+        walls = wall_rounds(env, patient.pid, store, ROUNDS)
+        idle = walls["pause"]
         local = [ctl({**env, "LIBCARE_NO_SERVICE": "1"}, "patch", "-p", str(patient.pid), "--json", str(store))[0]
                  for _ in range(5)]           # already applied: start-up plus the check
-        log(f"patch through the service ms {sorted(walls)}; without it {sorted(local)}")
-        emit("watch_patch_wall_ms", median(walls), "ms", median(local), digits=1)
+        log(f"load average {os.getloadavg()}; patch through the service ms {sorted(walls['wall'])}; "
+            f"interpreter start ms {sorted(walls['start'])}; socket round trip ms {sorted(walls['trip'])}; "
+            f"without the service {sorted(local)}")
+        emit("watch_patch_wall_ms", median(walls["wall"]), "ms", median(walls["start"]), digits=1)
+        emit("watch_patch_service_ms", median(walls["trip"]), "ms", median(walls["trip_pause"]), digits=2)
+        emit("watch_patch_local_wall_ms", median(local), "ms", median(walls["wall"]), digits=1)
         hogs = [patients.start(["sh", "-c", "while :; do :; done"]) for _ in range(2)]
         _, loaded = patch_cycles(env, patient.pid, store, ROUNDS)
         service.send_signal(signal.SIGTERM)

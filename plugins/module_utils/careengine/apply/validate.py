@@ -190,9 +190,9 @@ def check_target(image: PatchImage, target, path: str) -> None:
     from ..elf import build_id_from_notes
 
     file_build_id = None
-    for section in target.elf.iter_sections():
-        if section["sh_type"] == "SHT_NOTE" and section.name == ".note.gnu.build-id":
-            file_build_id = build_id_from_notes(section.data())
+    note = target.elf.get_section_by_name(".note.gnu.build-id")   # by pyelftools' name map, built once
+    if note is not None and note["sh_type"] == "SHT_NOTE":
+        file_build_id = build_id_from_notes(note.data())
     if file_build_id is not None and file_build_id != image.build_id:
         raise TargetMismatch(f"{_where(image)}: header build-id {image.build_id} is not the build-id "
                              f"{file_build_id} of {path}")
