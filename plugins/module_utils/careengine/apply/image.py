@@ -117,7 +117,9 @@ class PatchImage:
         return plan_layout(self.patch.header.total_size, len(self.imports), self.info_count, self.data_size)
 
 
-_images: dict[tuple[int, int, int], PatchImage] = {}
+# patch (its whole header and image bytes) -> its parse. Keyed on the patch itself, not on a
+# digest of it: a parse carries its patch, whose bytes are what gets written into processes.
+_images: dict[PatchFile, PatchImage] = {}
 
 
 def patch_identity(patch: PatchFile) -> int:
@@ -126,12 +128,11 @@ def patch_identity(patch: PatchFile) -> int:
 
 
 def read_patch_image(patch: PatchFile) -> PatchImage:
-    """Parse the patch's ELF image (cached by content)."""
-    identity = patch_identity(patch)
-    key = (identity, len(patch.elf_image), patch.level, patch.build_id)
-    cached = _images.get(key)
+    """Parse the patch's ELF image (cached: an equal patch, header and bytes, gets the same parse)."""
+    cached = _images.get(patch)
     if cached is not None:
         return cached
+    identity = patch_identity(patch)
     try:
         image = _parse(patch, identity)
     except PatchFormatError:
@@ -141,7 +142,7 @@ def read_patch_image(patch: PatchFile) -> PatchImage:
                                ) from None
     if len(_images) > 64:
         _images.clear()
-    _images[key] = image
+    _images[patch] = image
     return image
 
 

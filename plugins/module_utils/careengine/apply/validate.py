@@ -20,6 +20,8 @@ A failed check raises with one line naming the field and its value.
 
 from __future__ import annotations
 
+import weakref
+
 from ..errors import BuildIdMismatch, PatchFormatError
 from ..patchfile import INFO_ENTRY_SIZE, INFO_FIELD_OFFSETS, JUMP_SIZE, SECTION_STRTAB
 from .image import SHN_ABS, STT_SECTION, ImageRelocation, ImageSection, PatchImage
@@ -28,6 +30,9 @@ from .relocate import R_X86_64, RELOCATION_RECIPES_X64, relocation_name
 # The fields of a .kpatch.info entry a relocation may fill, by offset in the entry.
 _RELOCATED_INFO_FIELDS = {INFO_FIELD_OFFSETS[name]: name for name in ("daddr", "saddr", "symstr")}
 _MAX_INSTRUCTION = 15
+# Parsed target object (alive while the engine caches it) -> the patches that passed against it.
+_validated: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_VALIDATED_PER_TARGET = 64
 
 
 class InvalidPatch(PatchFormatError):
@@ -229,6 +234,17 @@ def _whole_instructions(code: bytes, address: int) -> int:
 
 
 def validate(image: PatchImage, target, path: str) -> None:
-    """Both passes: the patch against itself, then against the target object."""
+    """Both passes: the patch against itself, then against the target object; once per
+    patch (its header and bytes) and parsed target: both are facts of files, and the
+    resident service validates the same pair on every request otherwise."""
+    try:
+        passed = _validated.setdefault(target, set())
+    except TypeError:                         # a target that cannot be weakly referenced: no memo
+        passed = set()
+    if image.patch in passed:
+        return
     check_image(image)
     check_target(image, target, path)
+    if len(passed) >= _VALIDATED_PER_TARGET:
+        passed.clear()
+    passed.add(image.patch)
