@@ -132,5 +132,16 @@ def main(argv: list[str]) -> int:
     return status
 
 
+def leave(status: int) -> None:
+    """Exit with ``status`` as soon as the output is flushed: the interpreter's own teardown
+    (freeing every module and object) has nothing to do for us and took 2-3 ms."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):        # the reader went away: nothing more to say
+            pass
+    posix._exit(status)
+
+
 if __name__ == "__main__":      # launchers installed before client_main.py ran this file
-    sys.exit(main(sys.argv[1:]))
+    leave(main(sys.argv[1:]))

@@ -12,4 +12,4 @@ sys.path.insert(0, __file__.rpartition("/")[0] or ".")
 
 import client  # noqa: E402 - this directory first
 
-sys.exit(client.main(sys.argv[1:]))
+client.leave(client.main(sys.argv[1:]))
