@@ -1,7 +1,7 @@
 """``libcare-ctl watch``: the resident service that keeps every process patched.
 
-Kept free of imports on purpose: :mod:`.client` (socket + json only) is imported by the
-command line on every call and must not pull the engine in.
+Kept free of imports on purpose: :mod:`.client` (``_socket`` and ``posix`` only) is imported
+by the command line on every call and must not pull the engine in.
 
 Modules, each with one job:
 
@@ -18,5 +18,6 @@ Modules, each with one job:
 - :mod:`.server`     the Unix socket: peer credentials, authorisation, requests;
 - :mod:`.service`    the event loop tying them together;
 - :mod:`.client`     the command line's side of the socket;
+- :mod:`.client_main` what the launcher runs (``python -I -S``) while the socket exists;
 - :mod:`.command`    ``libcare-ctl watch`` argument parsing.
 """
