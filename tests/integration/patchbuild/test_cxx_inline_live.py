@@ -8,6 +8,7 @@ differ (other flags), and a kept original copy other than the one the patch was 
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import shutil
@@ -132,3 +133,58 @@ def test_a_kept_original_copy_of_another_length_is_refused(tmp_path):
     assert result.returncode == 1
     assert re.search(r"int shift<int>\(int\): the original keeps a copy of \d+ bytes, the patch replaces one of "
                      r"\d+", result.stderr), result.stderr
+
+
+# calc.h variant: a macro keeps shift's old body in the units that define OLD_SHIFT; the
+# patch changes only the other branch (each unit's .o emits shift<int> in a COMDAT group).
+OLD_SHIFT_HEADER = ("template <typename T> __attribute__((noinline)) T shift(T value)\n{\n"
+                    "#ifdef OLD_SHIFT\n\tvolatile T step = 1;\n#else\n\tvolatile T step = 1;\n#endif\n"
+                    "\treturn value + step;\n}\n")
+
+
+def _old_shift_variant(project: Path, old_shift_units: str) -> str:
+    """calc.h with the OLD_SHIFT branch (the returned text) and a fix.patch that changes
+    shift only outside it; ``old_shift_units`` (make targets) are compiled with -DOLD_SHIFT."""
+    header = (project / "calc.h").read_text()
+    start = header.index("template <typename T>")
+    end = header.index("}\n", start) + 2
+    original = header[:start] + OLD_SHIFT_HEADER + header[end:]
+    patched = original.replace("#else\n\tvolatile T step = 1;", "#else\n\tvolatile T step = 7;")
+    (project / "calc.h").write_text(original)
+    diff = difflib.unified_diff(original.splitlines(keepends=True), patched.splitlines(keepends=True),
+                                "a/calc.h", "b/calc.h")
+    (project / "fix.patch").write_text("".join(diff))
+    with (project / "Makefile").open("a") as makefile:
+        makefile.write(f"{old_shift_units}: CXXFLAGS += -DOLD_SHIFT\n")
+    return original
+
+
+@pytest.mark.parametrize("flags", [None, "-O0 -g"], ids=["O2", "O0"])
+def test_a_unit_whose_copy_a_macro_kept_unchanged_is_refused_by_name(tmp_path, flags):
+    """right.cpp keeps shift's old body (OLD_SHIFT), left.cpp gets the new one: the patch
+    would replace the copy the program kept with left.cpp's for both, so it is refused
+    at the patched link naming the function and both units; the sources are restored."""
+    project = _copy(tmp_path)
+    if flags:
+        makefile = (project / "Makefile").read_text()
+        (project / "Makefile").write_text(makefile.replace("CXXFLAGS ?= -O2 -g -Wall", f"CXXFLAGS ?= {flags}"))
+    header = _old_shift_variant(project, "right.o")
+    result = _build(project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert re.search(r"int shift<int>\(int\): changed in left\.cpp but not in right\.cpp \(compiled with other "
+                     r"flags or macros\?\)", result.stderr), result.stderr
+    assert not list((project / "patchroot").glob("*.kpatch"))
+    assert (project / "calc.h").read_text() == header
+
+
+def test_units_that_all_keep_the_old_copy_do_not_stop_the_patch(tmp_path):
+    """main.cpp now calls shift too; with OLD_SHIFT in no unit, left.o, right.o and main.o
+    all change it: accepted, shift<int> replaced once."""
+    project = _copy(tmp_path)
+    main = (project / "main.cpp").read_text()
+    rounds = "long rounds = argc > 1 ? atol(argv[1]) : -1;"
+    (project / "main.cpp").write_text(main.replace(rounds, "long rounds = argc > 1 ? shift(atoi(argv[1])) - 1 : -1;"))
+    _old_shift_variant(project, "nothing.o")
+    result = _build(project)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"replaces .*int shift<int>\(int\)", result.stdout), result.stdout

@@ -131,7 +131,16 @@ def run(argv: list[str], cxx: bool = False) -> int:
         return _compile(real, invocation, stage)
     if invocation.sources and _we_compile_before_linking(invocation):
         return _compile_and_link(real, invocation, stage)
+    if stage == "patched":
+        _check_comdat_units([path for _, path in invocation.inputs])
     return _exec(real, argv + _link_args(argv))
+
+
+def _check_comdat_units(inputs: list[str]) -> None:
+    """Before a patched-stage link: the units emitting a changed inline function agree (:mod:`.comdat_link`)."""
+    from .comdat_link import check_link
+
+    check_link(inputs, _settings.ignored_functions)
 
 
 class _QuietSettings:
@@ -508,6 +517,8 @@ def _compile_and_link(real: str, inv: Invocation, stage: str) -> int:
             if status:
                 return status
         link_argv = [objects.get(arg, arg) for arg in inv.argv]
+        if stage == "patched":
+            _check_comdat_units([objects.get(path, path) for _, path in inv.inputs])
         return _run([real] + link_argv + _link_args(link_argv))
     finally:
         for obj in objects.values():

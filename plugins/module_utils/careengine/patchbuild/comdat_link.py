@@ -1,0 +1,199 @@
+"""The patched stage's links: every unit emitting an inline function the patch changes changed it.
+
+g++ emits an inline function or a template instance in each unit that needs an
+out-of-line copy, in a COMDAT group; the link keeps one copy. A unit that changed such a
+function puts its new copy in a group ``<symbol>.kpatch`` (:mod:`..asm.comdat`) and the
+patch replaces the copy the program kept. A unit that emits the function unchanged (its
+assembler did not change, a macro or flag kept the old body there, or make did not
+recompile it and it has the function from another header) was built to keep the old
+code: replacing every copy with another unit's new one would change that unit too, so
+the link is refused (:func:`check_link`), naming the function and the units.
+
+Each link input (objects, and the members of ``ar`` archives given by path) is read
+with the standard library only: its section headers, COMDAT groups and symbol table.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+ELF_MAGIC = b"\x7fELF"
+AR_MAGIC = b"!<arch>\n"
+PATCH_GROUP_SUFFIX = ".kpatch"          # asm.comdat.GROUP_SUFFIX (not imported: keep the link path light)
+_EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
+_SHDR = struct.Struct("<IIQQQQIIQQ")
+_SYM = struct.Struct("<IBBHQQ")
+_AR_HEADER_SIZE = 60
+_ET_REL = 1
+_ELFCLASS64, _ELFDATA2LSB = 2, 1
+_SHT_SYMTAB, _SHT_GROUP, _SHT_SYMTAB_SHNDX = 2, 17, 18
+_GRP_COMDAT = 1
+_STT_FUNC, _STT_FILE = 2, 4
+_SHN_XINDEX = 0xFFFF
+
+
+@dataclass(frozen=True)
+class LinkedUnit:
+    """What one link input says about COMDAT functions.
+
+    ``emitted``: functions it defines in a COMDAT group (its original copies);
+    ``changed``: those it also has a new copy of, in a ``<symbol>.kpatch`` group.
+    """
+
+    name: str
+    emitted: frozenset[str]
+    changed: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Section:
+    sh_type: int
+    offset: int
+    size: int
+    link: int
+    info: int
+
+
+class _ElfReader:
+    """A relocatable ELF64 object at ``base`` in ``stream`` (an archive member or a whole file)."""
+
+    def __init__(self, stream: BinaryIO, base: int) -> None:
+        self.stream = stream
+        self.base = base
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.stream.seek(self.base + offset)
+        data = self.stream.read(size)
+        if len(data) != size:
+            raise ValueError("truncated")
+        return data
+
+    def sections(self) -> list[_Section] | None:
+        """The section headers; None unless this is a little-endian ELF64 relocatable object."""
+        ehdr = _EHDR.unpack(self.read(0, _EHDR.size))
+        ident, e_type, shoff, shentsize, shnum = ehdr[0], ehdr[1], ehdr[6], ehdr[11], ehdr[12]
+        if ident[:4] != ELF_MAGIC or ident[4] != _ELFCLASS64 or ident[5] != _ELFDATA2LSB or e_type != _ET_REL:
+            return None
+        if not shoff or shentsize != _SHDR.size:
+            return []
+        first = _SHDR.unpack(self.read(shoff, _SHDR.size))
+        count = shnum or first[5]     # more than 0xff00 sections: the count is section 0's sh_size
+        table = self.read(shoff, count * _SHDR.size)
+        return [_Section(fields[1], fields[4], fields[5], fields[6], fields[7])
+                for fields in _SHDR.iter_unpack(table)]
+
+    def symbols(self, sections: list[_Section], symtab: int) -> list[tuple[bytes, int, int]]:
+        """(name, type, section index) of every symbol of symbol table ``symtab``."""
+        table = sections[symtab]
+        strings = self.read(sections[table.link].offset, sections[table.link].size)
+        extended = next((self.read(s.offset, s.size) for s in sections
+                         if s.sh_type == _SHT_SYMTAB_SHNDX and s.link == symtab), b"")
+        found = []
+        for number, (name, info, _other, shndx, _value, _size) in enumerate(
+                _SYM.iter_unpack(self.read(table.offset, table.size))):
+            if shndx == _SHN_XINDEX and extended:
+                shndx = struct.unpack_from("<I", extended, number * 4)[0]
+            found.append((strings[name:strings.index(b"\0", name)], info & 0xF, shndx))
+        return found
+
+
+def _unit(reader: _ElfReader, label: str) -> LinkedUnit | None:
+    """The COMDAT functions of one object; None when it has no COMDAT group."""
+    sections = reader.sections()
+    groups = [section for section in sections or () if section.sh_type == _SHT_GROUP]
+    if not groups:
+        return None
+    symtab = groups[0].link
+    symbols = reader.symbols(sections, symtab)
+    group_of: dict[int, bytes] = {}
+    patch_groups = set()
+    for group in groups:
+        words = struct.unpack(f"<{group.size // 4}I", reader.read(group.offset, group.size))
+        signature = symbols[group.info][0]
+        if not words or not words[0] & _GRP_COMDAT:
+            continue
+        if signature.endswith(PATCH_GROUP_SUFFIX.encode()):
+            patch_groups.add(signature[:-len(PATCH_GROUP_SUFFIX)].decode(errors="surrogateescape"))
+            continue
+        group_of.update((index, signature) for index in words[1:])
+    emitted = frozenset(name.decode(errors="surrogateescape") for name, kind, shndx in symbols
+                        if kind == _STT_FUNC and shndx in group_of)
+    source = next((name.decode(errors="surrogateescape") for name, kind, _ in symbols if kind == _STT_FILE and name),
+                  label)
+    return LinkedUnit(source, emitted, frozenset(patch_groups & emitted))
+
+
+def _archive_members(stream: BinaryIO, size: int) -> Iterator[tuple[str, int]]:
+    """(name, offset) of each member of an ``ar`` archive (symbol and name tables left out)."""
+    offset = len(AR_MAGIC)
+    while offset + _AR_HEADER_SIZE <= size:
+        stream.seek(offset)
+        header = stream.read(_AR_HEADER_SIZE)
+        name = header[:16].decode(errors="replace").strip()
+        member_size = int(header[48:58].decode().strip() or 0)
+        if not name.startswith("/") or name[1:2].isdigit():
+            yield name.rstrip("/"), offset + _AR_HEADER_SIZE
+        offset += _AR_HEADER_SIZE + member_size + (member_size & 1)
+
+
+def read_units(path: str) -> list[LinkedUnit]:
+    """The units of link input ``path`` that emit COMDAT functions (an object, or an
+    archive's members); nothing for anything else."""
+    try:
+        with open(path, "rb") as stream:
+            magic = stream.read(len(AR_MAGIC))
+            if magic.startswith(ELF_MAGIC):
+                places = [(path, 0)]
+            elif magic == AR_MAGIC:
+                places = [(f"{path}({name})", where)
+                          for name, where in _archive_members(stream, os.fstat(stream.fileno()).st_size)]
+            else:
+                return []
+            units = [_unit(_ElfReader(stream, base), label) for label, base in places]
+    except OSError:
+        return []           # not ours to judge: the linker reports inputs it cannot open
+    except (ValueError, IndexError, UnicodeError, struct.error) as exc:
+        from ..errors import BuildError
+
+        raise BuildError(f"{path}: cannot read its COMDAT groups ({exc or type(exc).__name__})") from None
+    return [unit for unit in units if unit is not None]
+
+
+def disagreements(units: Iterable[LinkedUnit],
+                  ignored: Callable[[str], Iterable[str]] = lambda _unit: ()) -> dict[str, tuple[list[str], list[str]]]:
+    """Symbol -> (units that changed it, units that emit it unchanged), for every COMDAT
+    function that some unit changed and another did not; ``ignored(unit)`` are the
+    functions whose changes that unit was told to ignore (they do not disagree)."""
+    units = list(units)
+    changed_by: dict[str, list[str]] = {}
+    for unit in units:
+        for symbol in unit.changed:
+            changed_by.setdefault(symbol, []).append(unit.name)
+    found = {}
+    for symbol in sorted(changed_by):
+        unchanged = [unit.name for unit in units if symbol in unit.emitted and symbol not in unit.changed
+                     and symbol not in ignored(unit.name)]
+        if unchanged:
+            found[symbol] = (changed_by[symbol], unchanged)
+    return found
+
+
+def check_link(inputs: Iterable[str], ignored: Callable[[str], Iterable[str]] = lambda _unit: ()) -> None:
+    """Refuse a link whose units disagree on a changed COMDAT function (see the module docstring)."""
+    units = [unit for path in inputs for unit in read_units(path)]
+    if not any(unit.changed for unit in units):
+        return
+    found = disagreements(units, ignored)
+    if not found:
+        return
+    from ..asm.cxx import demangle
+    from ..errors import UnpatchableChange
+
+    readable = dict(zip(found, demangle(list(found)), strict=True))
+    raise UnpatchableChange("; ".join(
+        f"{readable[symbol]}: changed in {', '.join(changed)} but not in {', '.join(unchanged)}"
+        for symbol, (changed, unchanged) in found.items()) + " (compiled with other flags or macros?)")
