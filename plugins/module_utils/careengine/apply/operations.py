@@ -17,6 +17,7 @@ import hashlib
 import os
 import re
 import sys
+import weakref
 
 from ..audit import AuditLog, DigestLookup, Requester, index_applied, refusal_records, result_records
 from ..errors import AuditError, CareError, NotApplicable, StoreError
@@ -69,6 +70,25 @@ def open_source(source: str | PatchSource, *, verify: bool = True,
     return PatchSource(source, verify=verify, allowed_signers=allowed_signers)
 
 
+# A source admit_source just let in -> (insecure_store, check) of that admission, until the
+# patch_processes call that uses it: the command line admits first (its warnings, the
+# integrity facts it prints), then patches; that call does not check the same source again.
+_fresh_admissions: weakref.WeakKeyDictionary[PatchSource, tuple[bool, bool]] = weakref.WeakKeyDictionary()
+
+
+def _just_admitted(source: str | PatchSource, insecure_store: bool, check: bool) -> bool:
+    """True, once, if ``source`` was admitted by the last :func:`admit_source` for it at
+    least as strictly as now asked (owner and mode checked unless both skip it; the audit log
+    prepared unless both are check mode)."""
+    if not isinstance(source, PatchSource):
+        return False
+    admitted = _fresh_admissions.pop(source, None)
+    if admitted is None:
+        return False
+    was_insecure, was_check = admitted
+    return (insecure_store or not was_insecure) and (check or not was_check)
+
+
 def admit_source(source: str | PatchSource, *, pids: list[int] | None = None, verify: bool = True,
                  allowed_signers: str | None = None, insecure_store: bool = False,
                  requested_by: Requester | None = None, audit_log: str | None = None,
@@ -86,7 +106,9 @@ def admit_source(source: str | PatchSource, *, pids: list[int] | None = None, ve
     try:
         if not insecure_store:
             check_patch_source(source_path)
-        return open_source(source, verify=verify, allowed_signers=allowed_signers)
+        admitted = open_source(source, verify=verify, allowed_signers=allowed_signers)
+        _fresh_admissions[admitted] = (insecure_store, check)
+        return admitted
     except CareError as exc:
         if trail is not None:
             trail.append_all(refusal_records("patch", str(exc), requested_by or Requester.from_command(sys.argv),
@@ -115,9 +137,12 @@ def patch_processes(source: str | PatchSource, pids: list[int] | None = None, *,
     not be found (the result's reason says so; see :func:`.engine.patch_process`).
     """
     requester = requested_by or Requester.from_command(sys.argv)
-    patch_source = admit_source(source, pids=pids, verify=verify, allowed_signers=allowed_signers,
-                                insecure_store=insecure_store, requested_by=requester, audit_log=audit_log,
-                                check=check)
+    if _just_admitted(source, insecure_store, check):
+        patch_source = source
+    else:
+        patch_source = admit_source(source, pids=pids, verify=verify, allowed_signers=allowed_signers,
+                                    insecure_store=insecure_store, requested_by=requester, audit_log=audit_log,
+                                    check=check)
     trail = None if check else AuditLog(audit_log)
     source = patch_source.path
     explicit = pids is not None

@@ -1,9 +1,11 @@
 """What the engine keeps between requests (the resident service runs many): the parse of a
 patch and its validation against a target are reused only for that very patch, header and
-bytes; a twin that shares a CRC-32 with it, or a mutation of it, gets its own."""
+bytes; a twin that shares a CRC-32 with it, or a mutation of it, gets its own. A source's
+admission (owner and mode) is reused only by the one patch call that follows it."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import zlib
 from dataclasses import replace
@@ -11,11 +13,15 @@ from pathlib import Path
 
 import pytest
 
+from plugins.module_utils.careengine import integrity
+from plugins.module_utils.careengine.apply import operations
 from plugins.module_utils.careengine.apply.image import read_patch_image
 from plugins.module_utils.careengine.apply.object_files import ObjectFile
 from plugins.module_utils.careengine.apply.validate import TargetMismatch, validate
+from plugins.module_utils.careengine.errors import InsecureStore
 from plugins.module_utils.careengine.patchbuild.project_build import build_patches
 from plugins.module_utils.careengine.patchfile import PatchFile, decode_patch
+from plugins.module_utils.careengine.storage import PatchStore
 
 ROOT = Path(__file__).resolve().parents[6]
 
@@ -82,3 +88,31 @@ def test_a_patch_validated_once_does_not_vouch_for_a_changed_one(built):
             validate(read_patch_image(other_build), target, str(target_path))
         with pytest.raises(TargetMismatch):                              # and not remembered as failed either
             validate(read_patch_image(other_build), target, str(target_path))
+
+
+@pytest.fixture
+def root_store(built, tmp_path) -> Path:
+    """A store with the built patch, root's and closed to others, its SHA256SUMS written."""
+    patch, _ = built
+    root = tmp_path / "store"
+    root.mkdir(mode=0o755)
+    PatchStore(str(root)).install(patch, 1)
+    integrity.write_sums(str(root))
+    return root
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the store's owner must be root")
+def test_patch_processes_checks_a_source_again_unless_admit_source_just_let_it_in(root_store, tmp_path):
+    audit = str(tmp_path / "audit.jsonl")
+    admitted = operations.admit_source(str(root_store), audit_log=audit)
+    root_store.chmod(0o775)                                  # its group may write now
+    assert operations.patch_processes(admitted, [], audit_log=audit) == []   # the admission it follows
+    with pytest.raises(InsecureStore, match="writable by group"):          # used once only
+        operations.patch_processes(admitted, [], audit_log=audit)
+    with pytest.raises(InsecureStore, match="writable by group"):          # opened, never admitted
+        operations.patch_processes(operations.open_source(str(root_store)), [], audit_log=audit)
+    root_store.chmod(0o755)
+    insecure = operations.admit_source(str(root_store), audit_log=audit, insecure_store=True)
+    root_store.chmod(0o775)
+    with pytest.raises(InsecureStore, match="writable by group"):          # admitted less strictly than asked
+        operations.patch_processes(insecure, [], audit_log=audit)
