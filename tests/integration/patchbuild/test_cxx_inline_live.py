@@ -4,7 +4,9 @@ its header, an inline function (inlined by two units, one out-of-line copy reach
 a pointer) and a template instance two units emit. The patch replaces each function once,
 at the copy the original link kept, and every caller shows the new answers; unpatch
 brings back the old ones (built at -O2 and at -O0). Refused, named: units whose new copies
-differ (other flags), and a kept original copy other than the one the patch was made for."""
+differ (other flags), a kept original copy other than the one the patch was made for, and a
+unit that emits the changed function unchanged (a macro kept its old body; or make did not
+recompile it: it has the function from another header)."""
 
 from __future__ import annotations
 
@@ -188,3 +190,22 @@ def test_units_that_all_keep_the_old_copy_do_not_stop_the_patch(tmp_path):
     result = _build(project)
     assert result.returncode == 0, result.stderr
     assert re.search(r"replaces .*int shift<int>\(int\)", result.stdout), result.stdout
+
+
+def test_a_unit_make_did_not_recompile_that_has_the_copy_from_another_header_is_refused(tmp_path):
+    """other.cpp has shift<int> from other.h (the same template), not from calc.h: make does
+    not recompile it for the patch, so its copy stays the original one; refused by name."""
+    project = _copy(tmp_path)
+    header = (project / "calc.h").read_text()
+    start = header.index("template <typename T>")
+    template = header[start:header.index("}\n", start) + 2]
+    (project / "other.h").write_text(f"#ifndef CXXINLINE_OTHER_H\n#define CXXINLINE_OTHER_H\n{template}#endif\n")
+    (project / "other.cpp").write_text('#include "other.h"\n\nint other_shift(int n)\n{\n\treturn shift(n);\n}\n')
+    makefile = (project / "Makefile").read_text().replace("OBJECTS = main.o", "OBJECTS = other.o main.o")
+    (project / "Makefile").write_text(makefile + "other.o: other.cpp other.h\n\t$(CXX) $(CXXFLAGS) -c -o $@ $<\n")
+    result = _build(project)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "make: 3 units compiled, 3 diffed" in result.stderr, result.stderr     # other.o: not recompiled
+    assert re.search(r"int shift<int>\(int\): changed in left\.cpp, right\.cpp but not in other\.cpp",
+                     result.stderr), result.stderr
+    assert (project / "calc.h").read_text() == header

@@ -38,7 +38,9 @@ describes in both versions (:mod:`.layout_check`; units built without ``-g`` hav
 link in one command (``cc -o prog a.c b.c``) compiles each C source as above to a
 temporary object beside the output and links those. Links get ``-Wl,-q`` (keep
 relocations, needed for extraction), ``-Wl,--build-id`` and ``-Wl,--no-gc-sections``
-(a project's ``--gc-sections`` would drop the unreferenced ``.kpatch`` sections). Everything else
+(a project's ``--gc-sections`` would drop the unreferenced ``.kpatch`` sections); in the patched
+stage a link is refused when one unit changed an inline function or template instance that
+another emits unchanged (:mod:`.comdat_link`). Everything else
 (``-E``, ``-M``/``-MM``, ``-v``, ``--version``, ``-print-*``, ``-dump*``, sources in other languages,
 ``-x`` in a compile and link, ``-flto``, reading from stdin) passes through unchanged.
 The wrapper adds no diagnostics of its own to a successful compile.
