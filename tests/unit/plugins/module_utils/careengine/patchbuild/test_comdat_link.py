@@ -91,3 +91,15 @@ def test_inputs_that_are_not_objects_are_left_to_the_linker_and_corrupt_ones_nam
     cut.write_bytes(left.read_bytes()[:200])
     with pytest.raises(BuildError, match=r"cut\.o: cannot read its COMDAT groups"):
         comdat_link.read_units(str(cut))
+
+
+def test_objects_with_more_sections_than_the_header_counts_are_read(tmp_path):
+    """Past 0xff00 sections ELF keeps the count in section 0 and section indices of
+    symbols in SHT_SYMTAB_SHNDX: a COMDAT function placed after 70000 sections is found."""
+    lines = [f'\t.section\t.text.f{number},"ax",@progbits\nf{number}:\n\tret' for number in range(70000)]
+    lines.append('\t.section\t.text.late,"axG",@progbits,late,comdat\n\t.weak\tlate\n\t.type\tlate, @function\n'
+                 "late:\n\tret\n")
+    (tmp_path / "many.s").write_text("\t.file\t\"many.cc\"\n" + "\n".join(lines))
+    subprocess.run(["as", "-o", str(tmp_path / "many.o"), str(tmp_path / "many.s")], check=True)
+    assert comdat_link.read_units(str(tmp_path / "many.o")) == [
+        comdat_link.LinkedUnit("many.cc", frozenset({"late"}), frozenset())]
