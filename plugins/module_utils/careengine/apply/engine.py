@@ -206,6 +206,7 @@ class Patient:
     waited_ns: int = 0                          # time the safety check waited for busy threads
     force_unsafe: bool = False                  # patch although a stack may be unaccounted for
     forced: list[str] = field(default_factory=list)   # the doubts force_unsafe went past
+    rules: FrameRules | None = None             # unwind rules, made by warm_caches before the stop
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
         parsed = self.files.get(mapped.start)
@@ -777,7 +778,7 @@ def warm_caches(patient: Patient, ranges: list[GuardedRange]) -> None:
             pass
     patient.trampolines = frozenset(trampolines)
     stack_switching(patient.objects, patient.files)   # decided before the stop (cached per build-id)
-    rule_at = patient_rules(patient)
+    rule_at = patient.rules = patient_rules(patient)    # the applied patches' records read unpaused
     warm_unwind_caches(patient.pid, patient.mappings, _merge([r for r in ranges if r.size > 0]), rule_at)
 
 
@@ -792,7 +793,7 @@ def wait_until_safe(stopped: StoppedProcess, patient: Patient, ranges: list[Guar
     ranges = _merge([r for r in ranges if r.size > 0])
     if not ranges:
         return
-    rule_at = patient_rules(patient)
+    rule_at = patient.rules if patient.rules is not None else patient_rules(patient)
     started = time.monotonic()
     deadline = started + timeout
     delay = _FIRST_RETRY_DELAY
