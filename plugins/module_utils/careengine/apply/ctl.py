@@ -20,7 +20,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ..audit import AuditLog, Requester, applied_record, index_applied
+from ..audit import AuditLog, Requester, applied_record
+from ..audit_index import applied_index
 from ..results import ObjectAction, ObjectInfo, ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
 from . import operations
@@ -320,7 +321,7 @@ def _applied_history(infos: list[ProcessInfo], audit_log: str | None) -> dict[tu
     wanted = [(i.pid, o.build_id, o.applied_level) for i in infos for o in i.objects if o.applied_level is not None]
     if not wanted:
         return {}
-    index = index_applied(AuditLog(audit_log, to_syslog=False).records())
+    index = applied_index(AuditLog(audit_log, to_syslog=False))
     history = {}
     for pid, build_id, level in wanted:
         record = applied_record(index, pid, build_id, level)

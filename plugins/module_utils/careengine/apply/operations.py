@@ -19,7 +19,8 @@ import re
 import sys
 import weakref
 
-from ..audit import AuditLog, DigestLookup, Requester, index_applied, refusal_records, result_records
+from ..audit import AuditLog, DigestLookup, Requester, refusal_records, result_records
+from ..audit_index import applied_index
 from ..errors import AuditError, CareError, NotApplicable, StoreError
 from ..process import mapped_objects, read_maps
 from ..results import ObjectResult, ProcessInfo, ProcessResult
@@ -224,7 +225,7 @@ def unpatch_processes(pids: list[int] | None = None, build_ids: list[str] | None
     results = fleet.run_parallel(
         lambda pid: _safely(pid, engine.unpatch_process, build_ids, timeout=timeout, check=check), pids)
     if trail is not None:
-        _record(trail, result_records("unpatch", results, requester, known=index_applied(trail.records())))
+        _record(trail, result_records("unpatch", results, requester, known=applied_index(trail)))
     return results
 
 
