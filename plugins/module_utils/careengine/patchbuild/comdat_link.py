@@ -163,6 +163,32 @@ def read_units(path: str) -> list[LinkedUnit]:
     return [unit for unit in units if unit is not None]
 
 
+def library_inputs(flags: list[str]) -> list[str]:
+    """The archives that the ``-lNAME`` options of a link's ``flags`` name, found as ld finds them
+    in the ``-L`` directories given (a shared ``libNAME.so`` first unless ``-static``); the
+    system directories are left out: nothing there was built with the patch."""
+    directories: list[str] = []
+    names: list[str] = []
+    pending = ""
+    for flag in flags:
+        if pending:
+            (directories if pending == "-L" else names).append(flag)
+            pending = ""
+        elif flag in ("-L", "-l"):
+            pending = flag
+        elif flag.startswith(("-L", "-l")):
+            (directories if flag.startswith("-L") else names).append(flag[2:])
+    suffixes = (".a",) if "-static" in flags else (".so", ".a")
+    found = []
+    for name in names:
+        candidates = [name[1:]] if name.startswith(":") else [f"lib{name}{suffix}" for suffix in suffixes]
+        path = next((os.path.join(directory, candidate) for directory in directories for candidate in candidates
+                     if os.path.isfile(os.path.join(directory, candidate))), None)
+        if path is not None and not path.endswith(".so"):
+            found.append(path)
+    return found
+
+
 def disagreements(units: Iterable[LinkedUnit],
                   ignored: Callable[[str], Iterable[str]] = lambda _unit: ()) -> dict[str, tuple[list[str], list[str]]]:
     """Symbol -> (units that changed it, units that emit it unchanged), for every COMDAT

@@ -134,15 +134,15 @@ def run(argv: list[str], cxx: bool = False) -> int:
     if invocation.sources and _we_compile_before_linking(invocation):
         return _compile_and_link(real, invocation, stage)
     if stage == "patched":
-        _check_comdat_units([path for _, path in invocation.inputs])
+        _check_comdat_units([path for _, path in invocation.inputs], invocation.flags)
     return _exec(real, argv + _link_args(argv))
 
 
-def _check_comdat_units(inputs: list[str]) -> None:
+def _check_comdat_units(inputs: list[str], flags: list[str]) -> None:
     """Before a patched-stage link: the units emitting a changed inline function agree (:mod:`.comdat_link`)."""
-    from .comdat_link import check_link
+    from .comdat_link import check_link, library_inputs
 
-    check_link(inputs, _settings.ignored_functions)
+    check_link(inputs + library_inputs(flags), _settings.ignored_functions)
 
 
 class _QuietSettings:
@@ -520,7 +520,7 @@ def _compile_and_link(real: str, inv: Invocation, stage: str) -> int:
                 return status
         link_argv = [objects.get(arg, arg) for arg in inv.argv]
         if stage == "patched":
-            _check_comdat_units([objects.get(path, path) for _, path in inv.inputs])
+            _check_comdat_units([objects.get(path, path) for _, path in inv.inputs], inv.flags)
         return _run([real] + link_argv + _link_args(link_argv))
     finally:
         for obj in objects.values():

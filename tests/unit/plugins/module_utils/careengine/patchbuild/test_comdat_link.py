@@ -103,3 +103,20 @@ def test_objects_with_more_sections_than_the_header_counts_are_read(tmp_path):
     subprocess.run(["as", "-o", str(tmp_path / "many.o"), str(tmp_path / "many.s")], check=True)
     assert comdat_link.read_units(str(tmp_path / "many.o")) == [
         comdat_link.LinkedUnit("many.cc", frozenset({"late"}), frozenset())]
+
+
+def test_archives_named_by_l_options_are_found_in_the_l_directories(tmp_path):
+    left = _object(tmp_path, "left", "int left(int n) { return twice(n); }\n")
+    right = _object(tmp_path, "right", "int right(int n) { return twice(n); }\n", "-DOLD_TWICE")
+    libraries = tmp_path / "lib"
+    libraries.mkdir()
+    subprocess.run(["ar", "rcs", str(libraries / "libparts.a"), right], check=True)
+    archive = str(libraries / "libparts.a")
+    assert comdat_link.library_inputs(["-O2", "-L", str(tmp_path / "none"), f"-L{libraries}", "-lparts", "-lm"]) \
+        == [archive]
+    assert comdat_link.library_inputs(["-L", str(libraries), "-l", ":libparts.a"]) == [archive]
+    with pytest.raises(UnpatchableChange, match=r"changed in left\.cc but not in right\.cc"):
+        comdat_link.check_link([left, *comdat_link.library_inputs([f"-L{libraries}", "-lparts"])])
+    (libraries / "libparts.so").write_bytes(b"")                 # ld takes the shared one: not ours to read
+    assert comdat_link.library_inputs([f"-L{libraries}", "-lparts"]) == []
+    assert comdat_link.library_inputs(["-static", f"-L{libraries}", "-lparts"]) == [archive]
