@@ -23,6 +23,7 @@ from typing import BinaryIO
 
 ELF_MAGIC = b"\x7fELF"
 AR_MAGIC = b"!<arch>\n"
+THIN_MAGIC = b"!<thin>\n"
 PATCH_GROUP_SUFFIX = ".kpatch"          # asm.comdat.GROUP_SUFFIX (not imported: keep the link path light)
 _EHDR = struct.Struct("<16sHHIQQQIHHHHHH")
 _SHDR = struct.Struct("<IIQQQQIIQQ")
@@ -74,6 +75,9 @@ class _ElfReader:
 
     def sections(self) -> list[_Section] | None:
         """The section headers; None unless this is a little-endian ELF64 relocatable object."""
+        self.stream.seek(self.base)
+        if self.stream.read(len(ELF_MAGIC)) != ELF_MAGIC:
+            return None
         ehdr = _EHDR.unpack(self.read(0, _EHDR.size))
         ident, e_type, shoff, shentsize, shnum = ehdr[0], ehdr[1], ehdr[6], ehdr[11], ehdr[12]
         if ident[:4] != ELF_MAGIC or ident[4] != _ELFCLASS64 or ident[5] != _ELFDATA2LSB or e_type != _ET_REL:
@@ -127,33 +131,53 @@ def _unit(reader: _ElfReader, label: str) -> LinkedUnit | None:
     return LinkedUnit(source, emitted, frozenset(patch_groups & emitted))
 
 
-def _archive_members(stream: BinaryIO, size: int) -> Iterator[tuple[str, int]]:
-    """(name, offset) of each member of an ``ar`` archive (symbol and name tables left out)."""
+def _archive_members(stream: BinaryIO, size: int, thin: bool) -> Iterator[tuple[str, int]]:
+    """(name, offset of its data) of each member of an ``ar`` archive (symbol and name tables
+    left out); in a thin archive the data is the file the name gives (offset -1)."""
     offset = len(AR_MAGIC)
+    long_names = b""
     while offset + _AR_HEADER_SIZE <= size:
         stream.seek(offset)
         header = stream.read(_AR_HEADER_SIZE)
-        name = header[:16].decode(errors="replace").strip()
+        raw = header[:16].decode(errors="surrogateescape").rstrip()
         member_size = int(header[48:58].decode().strip() or 0)
-        if not name.startswith("/") or name[1:2].isdigit():
-            yield name.rstrip("/"), offset + _AR_HEADER_SIZE
-        offset += _AR_HEADER_SIZE + member_size + (member_size & 1)
+        table = raw in ("/", "//", "/SYM64/")
+        data = offset + _AR_HEADER_SIZE if table or not thin else -1
+        if raw == "//":
+            long_names = stream.read(member_size)
+        elif raw.startswith("/") and raw[1:].isdigit():
+            start = int(raw[1:])
+            yield long_names[start:long_names.index(b"/\n", start)].decode(errors="surrogateescape"), data
+        elif not table:
+            yield raw.rstrip("/"), data
+        offset += _AR_HEADER_SIZE + (member_size + (member_size & 1) if data >= 0 else 0)
+
+
+def _places(path: str, stream: BinaryIO) -> list[tuple[str, str, int]]:
+    """(label, file, offset) of each object link input ``path`` holds: itself, or its archive members."""
+    magic = stream.read(len(AR_MAGIC))
+    if magic.startswith(ELF_MAGIC):
+        return [(path, path, 0)]
+    if magic not in (AR_MAGIC, THIN_MAGIC):
+        return []
+    size = os.fstat(stream.fileno()).st_size
+    return [(f"{path}({name})", path if where >= 0 else os.path.join(os.path.dirname(path), name), max(where, 0))
+            for name, where in _archive_members(stream, size, magic == THIN_MAGIC)]
 
 
 def read_units(path: str) -> list[LinkedUnit]:
     """The units of link input ``path`` that emit COMDAT functions (an object, or an
-    archive's members); nothing for anything else."""
+    archive's members, thin or not); nothing for anything else."""
+    units = []
     try:
         with open(path, "rb") as stream:
-            magic = stream.read(len(AR_MAGIC))
-            if magic.startswith(ELF_MAGIC):
-                places = [(path, 0)]
-            elif magic == AR_MAGIC:
-                places = [(f"{path}({name})", where)
-                          for name, where in _archive_members(stream, os.fstat(stream.fileno()).st_size)]
-            else:
-                return []
-            units = [_unit(_ElfReader(stream, base), label) for label, base in places]
+            places = _places(path, stream)
+            for label, file, base in places:
+                if file == path:
+                    units.append(_unit(_ElfReader(stream, base), label))
+                    continue
+                with open(file, "rb") as member:
+                    units.append(_unit(_ElfReader(member, base), label))
     except OSError:
         return []           # not ours to judge: the linker reports inputs it cannot open
     except (ValueError, IndexError, UnicodeError, struct.error) as exc:

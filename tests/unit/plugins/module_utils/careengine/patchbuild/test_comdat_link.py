@@ -60,14 +60,18 @@ def test_a_changed_and_an_unchanged_copy_are_read_and_refused_by_name(tmp_path):
     comdat_link.check_link([right])                     # nothing changed: nothing to agree on
 
 
-def test_archive_members_count_as_units(tmp_path):
+def test_archive_members_count_as_units_in_archives_and_thin_archives(tmp_path):
     left = _object(tmp_path, "left", "int left(int n) { return twice(n); }\n")
     right = _object(tmp_path, "right", "int right(int n) { return twice(n); }\n", "-DOLD_TWICE")
-    archive = tmp_path / "libparts.a"
-    subprocess.run(["ar", "rcs", str(archive), right], check=True)
-    assert [unit.name for unit in comdat_link.read_units(str(archive))] == ["right.cc"]
-    with pytest.raises(UnpatchableChange, match=r"changed in left\.cc but not in right\.cc"):
-        comdat_link.check_link([left, str(archive)])
+    long_name = tmp_path / "a_member_name_longer_than_sixteen.o"       # in the archive's name table
+    shutil.copyfile(right, long_name)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x\n")
+    for archive, thin in ((tmp_path / "libparts.a", []), (tmp_path / "libthin.a", ["--thin"])):
+        subprocess.run(["ar", "rcs", *thin, str(archive), str(notes), str(long_name), right], check=True)
+        assert [unit.name for unit in comdat_link.read_units(str(archive))] == ["right.cc", "right.cc"]
+        with pytest.raises(UnpatchableChange, match=r"changed in left\.cc but not in right\.cc, right\.cc"):
+            comdat_link.check_link([left, str(archive)])
 
 
 def test_every_unit_changed_or_a_new_use_of_an_unchanged_function_is_accepted(tmp_path):
