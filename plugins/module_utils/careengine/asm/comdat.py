@@ -16,7 +16,9 @@ Outside the group, each unit also records a digest of its patched body in the
 non-allocated section :data:`DIGEST_SECTION` (:func:`digest_lines`); the extraction reads
 every unit's record from the patched link and refuses a function whose copies differ
 (:func:`differing_copies`: units compiled with different flags or macros), since the
-patch could carry only one of them.
+patch could carry only one of them. A unit that emits the function without changing it
+records nothing here: the patched stage's link refuses it (:mod:`..patchbuild.comdat_link`
+reads which units have the ``<symbol>`` group but not ``<symbol>.kpatch``).
 """
 
 from __future__ import annotations

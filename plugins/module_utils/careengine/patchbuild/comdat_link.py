@@ -9,8 +9,11 @@ recompile it and it has the function from another header) was built to keep the 
 code: replacing every copy with another unit's new one would change that unit too, so
 the link is refused (:func:`check_link`), naming the function and the units.
 
-Each link input (objects, and the members of ``ar`` archives given by path) is read
-with the standard library only: its section headers, COMDAT groups and symbol table.
+Read are the link's objects and the members of its archives (given by path, thin or not,
+or by ``-lNAME`` in a ``-L`` directory: :func:`library_inputs`), with the standard library
+only: section headers, COMDAT groups and the symbol table; a unit is named by its source
+file (its ``STT_FILE`` symbol). Shared libraries and the system's archives are not read:
+nothing in them was built with the patch.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ _SYM = struct.Struct("<IBBHQQ")
 _AR_HEADER_SIZE = 60
 _ET_REL = 1
 _ELFCLASS64, _ELFDATA2LSB = 2, 1
-_SHT_SYMTAB, _SHT_GROUP, _SHT_SYMTAB_SHNDX = 2, 17, 18
+_SHT_GROUP, _SHT_SYMTAB_SHNDX = 17, 18
 _GRP_COMDAT = 1
 _STT_FUNC, _STT_FILE = 2, 4
 _SHN_XINDEX = 0xFFFF

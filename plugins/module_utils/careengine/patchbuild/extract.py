@@ -20,7 +20,9 @@ the original object. Relocations are rewritten by the rules in :data:`RELOCATION
 
 Inline functions and template instances (:mod:`..asm.comdat`): the patched link kept one
 unit's new copy; :func:`check_comdat_copies` refuses the patch when the units' copies
-differ, and a weak original must be as long as the record says (the copy kept).
+differ, and a weak original must be as long as the record says (the copy kept). Units
+that emit such a function unchanged were refused before, at the patched link
+(:mod:`.comdat_link`): the linked binary no longer shows the copies it dropped.
 """
 
 from __future__ import annotations
