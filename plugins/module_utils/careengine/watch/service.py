@@ -481,13 +481,11 @@ class Service:
         (from the results of the changes made: nothing is read again)."""
         def follow(made: str, results: list[ProcessResult]) -> None:
             try:
-                marks_changed = (self._note_removed if made == "unpatch" else self._note_applied)(results, peer)
-            except (OSError, CareError) as exc:   # the change is made: report it, whatever we fail to note
+                if (self._note_removed if made == "unpatch" else self._note_applied)(results, peer):
+                    self.signature = store_signature(self.store)   # our own marks are not a publication
+                    self.levels = wanted_levels(self.store)
+            except Exception as exc:      # the change is made: its answer stands, whatever we fail to note
                 log(f"cannot record the wanted state after {made} by {peer.describe()}: {exc}")
-                return
-            if marks_changed:
-                self.signature = store_signature(self.store)   # our own marks are not a publication
-                self.levels = wanted_levels(self.store)
 
         with service_stoppers():
             return run_ctl(argv, cwd, peer, observer=follow)
