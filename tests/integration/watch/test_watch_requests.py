@@ -38,10 +38,13 @@ def test_a_patch_changed_or_opened_to_others_between_two_requests_is_refused(ser
         removed = service.ctl("unpatch", "-p", str(running.pid))
         assert removed.returncode == 0, removed
         assert _patched_level(service, running.pid) is None
+        assert (patch.parent.parent / "unpatched").read_text().strip() == "1"   # held unpatched
         applied = service.ctl("patch", "-p", str(running.pid), str(store))
         return applied.returncode, applied.stdout + applied.stderr
 
     assert unpatch_then_patch()[0] == 0 and _patched_level(service, running.pid) == 1
+    mark = store / read_build_id(str(project.greeter)) / "unpatched"
+    assert not mark.exists()                                        # the operator's patch cleared the unpatch mark
 
     tampered = bytearray(original)
     tampered[-1] ^= 0xFF                                            # same size, same mtime: only the bytes differ
