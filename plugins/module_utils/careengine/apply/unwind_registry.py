@@ -30,6 +30,7 @@ or C++ names) is refused there.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import struct
 from dataclasses import dataclass
@@ -145,8 +146,37 @@ def tables_in_mapping(mapping_start: int, contents: bytes, kpatch_offset: int, d
     """The tables of an applied patch, from its mapped bytes (the ELF image's section
     table; writable sections are on the data pages at ``data_start``, placed as
     :mod:`.image` places them); None when it has none or they cannot be read."""
+    offsets = _table_offsets(memoryview(contents)[kpatch_offset:])
+    if offsets is None:
+        return None
+    eh_frame_offset, eh_object_offset = offsets
+    return MappedTables(mapping_start + kpatch_offset + eh_frame_offset, data_start + eh_object_offset, code)
+
+
+# The offsets read from an image, by the SHA-256 of exactly the bytes parsed (pyelftools
+# took 1.2-1.4 ms per applied patch, read again by every unpatch and info); bounded, the
+# oldest entry dropped first.
+_OFFSETS_CACHE: dict[bytes, tuple[int, int] | None] = {}
+OFFSETS_CACHE_SIZE = 256
+
+
+def _table_offsets(image: memoryview) -> tuple[int, int] | None:
+    """(``.kpatch.eh_frame``'s offset in ``image``, ``.kpatch.eh_object``'s on the data
+    pages), or None; remembered by the digest of ``image``."""
+    digest = hashlib.sha256(image).digest()
+    if digest in _OFFSETS_CACHE:
+        return _OFFSETS_CACHE[digest]
+    offsets = _read_table_offsets(image)
+    if len(_OFFSETS_CACHE) >= OFFSETS_CACHE_SIZE:
+        del _OFFSETS_CACHE[next(iter(_OFFSETS_CACHE))]
+    _OFFSETS_CACHE[digest] = offsets
+    return offsets
+
+
+def _read_table_offsets(image: memoryview) -> tuple[int, int] | None:
+    """:func:`_table_offsets` read from the ELF image's section table (pyelftools)."""
     try:
-        elf = ELFFile(io.BytesIO(contents[kpatch_offset:]))
+        elf = ELFFile(io.BytesIO(image))
         sections = [ImageSection(index, section.name, section["sh_type"] == "SHT_NOBITS", section["sh_addr"],
                                  section["sh_offset"], section["sh_size"],
                                  bool(section["sh_flags"] & SH_FLAGS.SHF_WRITE) and section.name.startswith(".kpatch"),
@@ -156,11 +186,10 @@ def tables_in_mapping(mapping_start: int, contents: bytes, kpatch_offset: int, d
         return None
     eh_frame = next((s for s in sections if s.name == SECTION_EH_FRAME and s.size and not s.nobits), None)
     eh_object = next((s for s in sections if s.name == SECTION_EH_OBJECT and s.size and not s.nobits), None)
-    if eh_frame is None or eh_object is None or kpatch_offset + eh_frame.sh_offset + eh_frame.size > len(contents):
+    if eh_frame is None or eh_object is None or eh_frame.sh_offset + eh_frame.size > len(image):
         return None
     placement = dict(_data_placement(sections)[0])
-    return MappedTables(mapping_start + kpatch_offset + eh_frame.sh_offset, data_start + placement[eh_object.index],
-                        code)
+    return eh_frame.sh_offset, placement[eh_object.index]
 
 
 def trap_offset(user_undo: int, entries: int) -> int:

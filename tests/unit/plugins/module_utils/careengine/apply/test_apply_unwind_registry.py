@@ -6,6 +6,7 @@ killed at each point (tests/integration/patchbuild/test_cxx_exceptions_live.py).
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 from dataclasses import dataclass
 from io import BytesIO
@@ -81,3 +82,30 @@ def test_the_return_stub_is_found_after_the_undo_area_or_not_at_all():
     contents[0x1010:0x1010 + len(CALL_RETURN_STUB)] = CALL_RETURN_STUB
     assert unwind_registry.return_stub_in_mapping(0x7000_0000, bytes(contents), user_undo, entries) == 0x7000_1010
     assert unwind_registry.return_stub_in_mapping(0x7000_0000, bytes(0x2000), user_undo, entries) == 0
+
+
+def test_tables_are_remembered_by_the_exact_image_bytes(image_bytes):
+    """The parse is cached by the digest of the bytes it reads: the same image at other
+    addresses gives its own addresses, and an image of the same length whose section
+    names differ is parsed again (no tables), not taken for the first."""
+    unwind_registry._OFFSETS_CACHE.clear()
+    first = unwind_registry.tables_in_mapping(0x400000, bytes(688) + image_bytes, 688, 0x402000, 0x400800)
+    assert len(unwind_registry._OFFSETS_CACHE) == 1
+    moved = unwind_registry.tables_in_mapping(0x700000, bytes(4096) + image_bytes, 4096, 0x703000, 0x700900)
+    assert len(unwind_registry._OFFSETS_CACHE) == 1                    # the same image bytes: one parse
+    assert moved == unwind_registry.MappedTables(first.eh_frame - 0x400000 - 688 + 0x700000 + 4096,
+                                                 0x703000 + 16, 0x700900)
+    renamed = image_bytes.replace(b".kpatch.eh_frame", b".kpatch.other_xx")
+    assert len(renamed) == len(image_bytes)
+    assert unwind_registry.tables_in_mapping(0x400000, bytes(688) + renamed, 688, 0x402000, 0x400800) is None
+    assert unwind_registry.tables_in_mapping(0x400000, bytes(688) + image_bytes[:-1], 688, 0x402000, 0) is None
+    assert len(unwind_registry._OFFSETS_CACHE) == 3
+
+
+def test_the_tables_cache_is_bounded(image_bytes):
+    unwind_registry._OFFSETS_CACHE.clear()
+    for padding in range(unwind_registry.OFFSETS_CACHE_SIZE + 10):
+        unwind_registry.tables_in_mapping(0x400000, image_bytes + bytes(padding), 0, 0x402000, 0)
+    assert len(unwind_registry._OFFSETS_CACHE) == unwind_registry.OFFSETS_CACHE_SIZE
+    oldest = next(iter(unwind_registry._OFFSETS_CACHE))
+    assert oldest == hashlib.sha256(image_bytes + bytes(10)).digest()  # the first ten were dropped, in order
