@@ -1284,6 +1284,37 @@ class StoppedProcess:
             return None, stop_signal            # the thread's own signal: delivered as usual
         return None, 0
 
+class StoppedThread(StoppedProcess):
+    """One thread of the process stopped under ptrace, the others running on: for remote
+    work (system calls, calls) that needs no other thread held, such as filling a new,
+    unreferenced mapping. Everything :class:`StoppedProcess` guarantees for a thread it
+    borrows holds; ``paused_ns`` counts the time that one thread was held.
+
+    The thread taken is one that is running or runnable, so that no blocking system call
+    is interrupted, else the main thread; not :meth:`run_for` (it holds no other thread)."""
+
+    def _list_tasks(self) -> list[int]:
+        if self._seized:
+            return sorted(self._seized)
+        tasks = sorted(super()._list_tasks(), key=lambda tid: (tid != self.pid, tid))
+        states = {tid: self._task_state(tid) for tid in tasks}
+        ranked = [tid for tid in tasks if states[tid] == b"R"] + [tid for tid in tasks if states[tid] not in
+                                                                 (b"R", b"Z", b"X", b"")]
+        return ranked[:1] or tasks[:1]
+
+    def _task_state(self, tid: int) -> bytes:
+        """The one-letter state of thread ``tid`` (b"" when it is gone)."""
+        try:
+            with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as stream:
+                stat = stream.read()
+        except OSError:
+            return b""
+        return stat[stat.rfind(b")") + 2:][:1]
+
+    def run_for(self, seconds: float) -> None:
+        raise ProcessError(f"process {self.pid}: only one thread is held, the others run already")
+
+
 def _build_id_key(pid: int, group: list[Mapping]) -> str:
     objects = mapped_objects(pid, group)
     if objects and objects[0].build_id:
