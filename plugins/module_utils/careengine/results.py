@@ -60,6 +60,7 @@ class ProcessResult:
     error: str = ""                  # a failure that concerns the whole process
     paused_us: int | None = None     # total time the process was stopped
     waited_us: int | None = None     # of that, time spent waiting for busy threads to leave replaced code
+    thread_us: int | None = None     # time one thread was held for remote work, the others running (not paused)
 
     @property
     def ok(self) -> bool:
@@ -73,6 +74,7 @@ class ProcessResult:
             "error": self.error,
             "paused_us": self.paused_us,
             "waited_us": self.waited_us,
+            "thread_us": self.thread_us,
             "objects": [o.to_json() for o in self.objects],
         }
 

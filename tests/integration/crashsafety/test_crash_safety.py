@@ -182,6 +182,25 @@ def test_info_command_shows_an_interrupted_run(crash_build, start_patient):
     assert "interrupted=" not in ctl("info", "-p", str(patient.pid), "-s", str(crash_build.store)).stdout
 
 
+
+def test_a_prepared_mapping_without_jumps_is_reported_and_finished(crash_build, start_patient):
+    """Killed between the one-thread preparation and the all-threads stop: the patch mapping
+    is complete but nothing jumps to it; info says so, the original code runs, and the next
+    patch replaces it (the next unpatch would remove it)."""
+    patient = start_patient()
+    killed = ctl(*command("patch", crash_build.store, str(patient.pid)), fault="before:stop")
+    assert killed.returncode in KILLED, killed.stdout + killed.stderr
+    assert len(find_applied_patches(patient.pid, read_maps(patient.pid))) == 1
+    result = ctl("info", "-p", str(patient.pid), "-s", str(crash_build.store))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("crash_patient "))
+    assert "interrupted=level1:0/2" in line and "patchlvl=" not in line, line
+    finished = ctl(*command("patch", crash_build.store, str(patient.pid)))
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert len(find_applied_patches(patient.pid, read_maps(patient.pid))) == 1
+    assert info_of(patient, crash_build.store) == (1, "")
+    set_level(patient, crash_build.store, 0)
+    check_original_code(patient, crash_build)
+
 # The patient killed right after every step of each operation, and at the first instant of
 # each kind in a remote syscall or call.
 PATIENT_KILLS = {

@@ -8,16 +8,19 @@ Patch (:func:`patch_process`):
                                 interrupted run), or skip/fail;
 4. :func:`plan_object`          :func:`resolve_imports`, :func:`choose_patch_address`,
                                 ``link_patch`` — all before the patient is stopped;
-5. :func:`apply_plans`          :func:`warm_caches`, then stop the patient and:
+5. :func:`apply_plans`          :func:`warm_caches`; with one thread held:
                                 :func:`map_patch`, :func:`save_original_bytes`,
-                                :func:`write_patch`, :func:`resolve_ifuncs`, :func:`wait_until_safe`,
-                                :func:`remove_applied` (a replaced level),
-                                :func:`write_jumps`, resume. Any error rolls everything
-                                back (:class:`Journal`): never half-patched.
+                                :func:`write_patch`, :func:`resolve_ifuncs`, unwind tables;
+                                then every thread stopped: :func:`wait_until_safe`,
+                                :func:`write_jumps`, :func:`restore_functions` (a replaced
+                                level), resume; then with one thread held a replaced level is
+                                unmapped. Any error rolls everything back
+                                (:class:`Journal`): never half-patched.
 
 Unpatch (:func:`unpatch_process`) checks that no thread is anywhere in the patch
-mapping (new functions and the jump table included), restores the saved bytes and
-unmaps. Info (:func:`info_process`) only reads memory: it never stops the patient.
+mapping (new functions and the jump table included) and restores the saved bytes with
+every thread stopped, then unmaps with one thread held. Info (:func:`info_process`) only
+reads memory: it never stops the patient.
 
 Memory protection (W^X): the patch mapping is made read + write while it is filled, then
 its code part (header, ELF image, jump table, undo bytes) becomes read + execute and its
@@ -58,6 +61,7 @@ from ..process import (
     read_ranges,
     read_ranges_lenient,
 )
+from ..process.tracer import StoppedThread
 from ..results import ObjectAction, ObjectInfo, ObjectResult, ProcessInfo, ProcessResult
 from ..storage import PatchSource, StoredPatch
 from .coroutines import stack_switching
@@ -207,6 +211,7 @@ class Patient:
     force_unsafe: bool = False                  # patch although a stack may be unaccounted for
     forced: list[str] = field(default_factory=list)   # the doubts force_unsafe went past
     rules: FrameRules | None = None             # unwind rules, made by warm_caches before the stop
+    thread_ns: int = 0                          # time one thread was held for remote work (not a pause)
 
     def file_of(self, mapped: MappedObject) -> ObjectFile:
         parsed = self.files.get(mapped.start)
@@ -596,7 +601,10 @@ def _check_entries(linked: LinkedPatch, mapped: MappedObject) -> None:
 
 # ---------------------------------------------------------------------------- the stop
 class Journal:
-    """Every change made to a stopped patient, so any failure can undo all of them."""
+    """Every change made to the patient, so any failure can undo all of them: the writes
+    (jumps, restored bytes), undone while every thread is stopped, and the mappings
+    created and unwind tables registered, removed through one borrowed thread.
+    ``patient`` is the stop the next undo goes through (the engine sets it per stop)."""
 
     def __init__(self, patient: StoppedProcess) -> None:
         self.patient = patient
@@ -609,11 +617,23 @@ class Journal:
         self.patient.write(address, data)
 
     def rollback(self) -> None:
+        """Undo everything through ``patient``."""
+        self.undo_writes()
+        self.remove_created()
+
+    def undo_writes(self) -> None:
+        """Put back the bytes of every write, last first. One that cannot be put back may
+        still jump into a created mapping: the mappings are then kept (never dangling)."""
         for address, before in reversed(self.writes):
             try:
                 self.patient.write(address, before)
             except CareError:
-                pass
+                self.mappings.clear()
+                self.tables.clear()
+        self.writes.clear()
+
+    def remove_created(self) -> None:
+        """Deregister the registered unwind tables and unmap the created mappings."""
         for registry, tables, return_stub in reversed(self.tables):
             try:
                 release_tables(self.patient, registry, tables, return_stub)
@@ -627,7 +647,6 @@ class Journal:
                 self.patient.munmap(address, size)
             except CareError:
                 pass
-        self.writes.clear()
         self.mappings.clear()
 
 
@@ -892,24 +911,133 @@ def write_jumps(stopped: StoppedProcess, plan: ObjectPlan, journal: Journal) -> 
 
 
 def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
-    """Step 5: stop the patient and apply every plan, all or nothing; the pause in ns.
+    """Step 5: apply every plan, all or nothing; the pause (every thread stopped) in ns.
+
+    Three stops, so that every thread is held only for what needs them all held:
+
+    1. prepare, one thread held (:func:`_prepare_patches`): the patch mappings created,
+       written whole, sealed, IFUNC slots resolved, unwind tables registered; nothing
+       references them yet, so the other threads run on;
+    2. switch, every thread held (:func:`_switch_stop`): the safety check, the jumps, a
+       replaced level's other functions given their original bytes back;
+    3. clean up, one thread held: replaced levels deregistered and unmapped (nothing jumps
+       to them any more and step 2 saw no thread in or returning into them). When step 2
+       fails, its writes are undone inside its stop and this step removes the prepared
+       mappings instead: nothing is left.
+
+    The time of the one-thread stops is added to ``patient.thread_ns``. When a caller holds
+    the process (:func:`stopping_with`) all three run inside its one stop, as they must.
 
     The order of writes makes every prefix a state the patient runs correctly in if the
     tool dies there (each named step is a fault-injection point, :mod:`..faults`): the
     patch mapping is created, written whole and sealed before any jump; each jump is one
     write, over a replaced level's jump where there is one; then a replaced level's
     other functions get their original bytes back; only then is it unmapped. A mapping
-    left without (all) its jumps is what ``info`` reports as interrupted and what the
-    next patch or unpatch finishes.
+    left without (all) its jumps, none included, is what ``info`` reports as interrupted
+    and what the next patch or unpatch finishes.
     """
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
+    if _stop_process is not StoppedProcess:
+        return _apply_in_one_stop(pid, patient, plans, timeout)
+    journal = _prepare_patches(pid, patient, plans, timeout)
+    try:
+        paused_ns = _switch_stop(pid, patient, plans, timeout, journal)
+    except BaseException:
+        _remove_prepared(pid, patient, journal, timeout)
+        raise
+    _clean_up_replaced(pid, patient, plans, timeout)
+    return paused_ns
+
+
+def _clean_up_replaced(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> None:
+    """Stop 3: replaced levels deregistered and unmapped with one thread held. The new
+    levels are in force already: a failure here only leaves unreferenced mappings, which
+    ``info`` reports as interrupted and the next patch or unpatch removes."""
+    if all(plan.replaces is None for plan in plans):
+        return
+    try:
+        with _one_thread(pid, patient, timeout, support_calls()) as worker:
+            _unmap_replaced(worker, plans)
+    except CareError:
+        pass
+
+
+@contextlib.contextmanager
+def _one_thread(pid: int, patient: Patient, timeout: float, calls: list) -> Iterator[StoppedProcess]:
+    """One thread of ``pid`` held for remote work (seccomp-vetted for ``calls``), the
+    others running; its time is added to ``patient.thread_ns``."""
+    worker = StoppedThread(pid, timeout=max(timeout, 1.0))
+    try:
+        with worker:
+            check_seccomp(worker, calls)
+            yield worker
+    finally:
+        patient.thread_ns += worker.paused_ns
+
+
+def _patch_calls(plans: list[ObjectPlan]) -> list:
+    """The system calls preparing ``plans`` makes in the patient (for the seccomp check)."""
+    return [call for plan in plans for call in patch_mapping_calls(
+        plan.linked.address, plan.linked.layout.mapping_size, plan.linked.layout.code_size)] + support_calls()
+
+
+def _prepare_patches(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> Journal:
+    """Stop 1: every patch mapping made ready with one thread held (see
+    :func:`_write_patches`); on failure what was made is removed. The journal of what
+    was made."""
+    with _one_thread(pid, patient, timeout, _patch_calls(plans)) as worker:
+        journal = Journal(worker)
+        try:
+            _write_patches(worker, plans, journal)
+        except BaseException:
+            journal.rollback()
+            raise
+    return journal
+
+
+def _switch_stop(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float, journal: Journal) -> int:
+    """Stop 2, every thread held: safety check, jumps, restored bytes; a failure undoes
+    the writes before the threads run. The pause in ns."""
     stopped = _stop_process(pid, timeout=max(timeout, 1.0))
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
-        check_seccomp(stopped, [call for plan in plans for call in patch_mapping_calls(
-            plan.linked.address, plan.linked.layout.mapping_size, plan.linked.layout.code_size)]
-            + support_calls())
+        check_seccomp(stopped, support_calls())     # threads run out of replaced code make system calls
+        journal.patient = stopped
+        try:
+            ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
+            with faults.step("safety-check", pid):
+                wait_until_safe(stopped, patient, ranges, timeout, "patch")
+            _switch_to_patches(stopped, plans, journal)
+        except BaseException:
+            journal.undo_writes()
+            raise
+        with faults.step("resume", pid):
+            stopped.resume()
+    return stopped.paused_ns
+
+
+def _remove_prepared(pid: int, patient: Patient, journal: Journal, timeout: float) -> None:
+    """After a failed switch: the prepared mappings deregistered and unmapped with one
+    thread held. If even that fails they stay, without jumps: an interrupted run that
+    ``info`` reports and the next patch or unpatch removes."""
+    if not journal.mappings and not journal.tables:
+        return
+    try:
+        with _one_thread(pid, patient, timeout, support_calls()) as worker:
+            journal.patient = worker
+            journal.remove_created()
+    except CareError:
+        pass
+
+
+def _apply_in_one_stop(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
+    """Step 5 inside one stop of a process a caller holds (see :func:`stopping_with`)."""
+    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
+    with faults.step("stop", pid):
+        stopped.stop()
+    with stopped:
+        check_seccomp(stopped, _patch_calls(plans))
         journal = Journal(stopped)
         try:
             _write_patches(stopped, plans, journal)
@@ -998,7 +1126,9 @@ def patch_process(pid: int, source: PatchSource, *, level: int | None = None, ti
         results[plan.mapped.start] = _plan_result(plan, patient, failure, paused_us, check)
     ordered = [results[m.start] for m, _ in matches if m.start in results]
     waited_us = patient.waited_ns // 1000 if plans and not check else None
-    return ProcessResult(pid=pid, comm=patient.comm, objects=tuple(ordered), paused_us=paused_us, waited_us=waited_us)
+    thread_us = patient.thread_ns // 1000 if plans and not check else None
+    return ProcessResult(pid=pid, comm=patient.comm, objects=tuple(ordered), paused_us=paused_us, waited_us=waited_us,
+                         thread_us=thread_us)
 
 
 def _plan_or_result(patient: Patient, mapped: MappedObject, patch: PatchFile,
@@ -1093,7 +1223,8 @@ def unpatch_process(pid: int, build_ids: list[str] | None = None, *, timeout: fl
     results = [_removal_result(applied, paths.get(applied.build_id, f"[kpatch-{applied.build_id}]"), failure,
                                unmap_failed, paused_us, check) for applied in selected]
     return ProcessResult(pid=pid, comm=patient.comm, objects=tuple(results), paused_us=paused_us,
-                         waited_us=None if check else patient.waited_ns // 1000)
+                         waited_us=None if check else patient.waited_ns // 1000,
+                         thread_us=None if check else patient.thread_ns // 1000)
 
 
 def _selected_patches(patient: Patient, build_ids: list[str] | None, paths: dict[str, str]) -> list[AppliedPatch]:
@@ -1106,18 +1237,22 @@ def _selected_patches(patient: Patient, build_ids: list[str] | None, paths: dict
 
 def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], timeout: float,
                     unmap_failed: dict[str, str]) -> int:
-    """Stop the patient, give the replaced functions their original bytes back (all or
-    nothing), then unmap the patches; the pause in ns. An unmap that fails is noted in
-    ``unmap_failed`` (by build-id), not raised."""
+    """Stop every thread and give the replaced functions their original bytes back (all or
+    nothing); then, with one thread held, deregister and unmap the patches. The pause
+    (every thread stopped) in ns. An unmap that fails is noted in ``unmap_failed`` (by
+    build-id), not raised. When a caller holds the process (:func:`stopping_with`) the
+    unmaps are made inside its one stop."""
     everything = [mapping for applied in selected for mapping in applied.all_mappings]
     warm_caches(patient, [guarded_patch_range(a) for a in everything])
     registry = frame_registry(patient) if any(a.tables for a in everything) else None   # files: before the stop
+    calls = [call for applied in everything for call in patch_mapping_calls(
+        applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls()
+    held = _stop_process is not StoppedProcess
     stopped = _stop_process(pid, timeout=max(timeout, 1.0))
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
-        check_seccomp(stopped, [call for applied in everything for call in patch_mapping_calls(
-            applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls())
+        check_seccomp(stopped, calls if held else support_calls())
         journal = Journal(stopped)
         try:
             with faults.step("safety-check", pid):
@@ -1128,10 +1263,28 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
         except BaseException:
             journal.rollback()
             raise
-        _unmap_removed(stopped, everything, registry, unmap_failed)
+        if held:
+            _unmap_removed(stopped, everything, registry, unmap_failed)
         with faults.step("resume", pid):
             stopped.resume()
+    if not held:
+        _unmap_in_one_thread(pid, patient, timeout, calls, (everything, registry, unmap_failed))
     return stopped.paused_ns
+
+
+def _unmap_in_one_thread(pid: int, patient: Patient, timeout: float, calls: list,
+                         removal: tuple[list[AppliedPatch], FrameRegistry | None, dict[str, str]]) -> None:
+    """:func:`_unmap_removed` with one thread held; a stop that fails is noted for each
+    patch (their functions have their original bytes back: only unused mappings stay)."""
+    everything, registry, unmap_failed = removal
+    try:
+        with _one_thread(pid, patient, timeout, calls) as worker:
+            _unmap_removed(worker, everything, registry, unmap_failed)
+    except CareError as exc:
+        for applied in everything:
+            unmap_failed.setdefault(applied.build_id, (
+                f"the original code runs again, but the level-{applied.level} patch at {applied.mapping.start:#x} "
+                f"could not be unmapped ({exc}); run unpatch again to remove it"))
 
 
 def _unmap_removed(stopped: StoppedProcess, everything: list[AppliedPatch], registry: FrameRegistry | None,
