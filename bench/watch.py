@@ -44,6 +44,7 @@ from benchlib import (
     emit,
     log,
     median,
+    percentile,
     read_lines_until,
     require_root,
     wait_started,
@@ -56,11 +57,6 @@ ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 60
 # The interpreter bin/libcare-ctl starts (its .venv's, else python3).
 LAUNCHER_PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else "python3"
 STARTS = int(sys.argv[2]) if len(sys.argv) > 2 else 30
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
 
 
 def start_service(store: Path, where: Path, binary: Path, patients: Patients,

@@ -133,7 +133,14 @@ class Service:
             # Requests run through the socket log where the service logs.
             os.environ[AUDIT_LOG_ENV] = self.audit_log
         self.fan = Fanotify()
-        threading.Thread(target=self._read_events, name="fanotify", daemon=True).start()
+        # Started with SIGCHLD blocked (a thread inherits the mask), so that SIGCHLD always
+        # goes to this thread: a stop waits for it here with sigtimedwait, and one taken by
+        # the reader held every patient ~10 ms longer (the tracer's poll cap).
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGCHLD})
+        try:
+            threading.Thread(target=self._read_events, name="fanotify", daemon=True).start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         try:
             self._sync(HOW_LATE)
             # Ready (the socket accepts) only once every watched object is marked.
