@@ -41,6 +41,7 @@ from dataclasses import dataclass, field, replace
 from .. import faults
 from ..errors import BuildIdMismatch, CareError, NotApplicable, ProcessError, SymbolNotFound, UnsafeToPatch
 from ..patchfile import (
+    HEADER_SIZE,
     JUMP_SIZE,
     NEW_SYMBOL_SUFFIX,
     InfoEntry,
@@ -1002,12 +1003,14 @@ def _switch_stop(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: f
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
-        check_seccomp(stopped, support_calls())     # threads run out of replaced code make system calls
+        # Threads run out of replaced code make system calls: each vetted before it does.
+        check_seccomp(stopped, support_calls(), now=False)
         journal.patient = stopped
         try:
             ranges = [r for plan in plans for r in guarded_ranges_for_apply(plan)]
             with faults.step("safety-check", pid):
                 wait_until_safe(stopped, patient, ranges, timeout, "patch")
+            check_prepared(stopped, plans, journal)
             _switch_to_patches(stopped, plans, journal)
         except BaseException:
             journal.undo_writes()
@@ -1084,12 +1087,39 @@ def _switch_to_patches(stopped: StoppedProcess, plans: list[ObjectPlan], journal
             restore_functions(stopped, plan.replaces.all_mappings, journal, taken_over)
 
 
+def check_unreferenced(stopped: StoppedProcess, applied: AppliedPatch) -> None:
+    """ProcessError if a function jumps to ``applied`` now. Between the stops, another run
+    may have taken a mapping this run prepared for a leftover, or the reverse, and put
+    its jumps in since; a mapping is unmapped only while no function jumps to it (a
+    one-thread stop holds off any other run's all-threads stop, so this holds until the
+    unmap)."""
+    sites = [entry for entry in applied.entries if not entry.is_new]
+    current = read_ranges_lenient(stopped.pid, [(entry.daddr, JUMP_SIZE) for entry in sites]) if sites else []
+    if any(data is not None and data == _jump_or_none(entry) for entry, data in zip(sites, current, strict=True)):
+        raise ProcessError(f"functions jump to the level-{applied.level} patch at {applied.mapping.start:#x} "
+                           "again (another run?): keeping it")
+
+
+def check_prepared(stopped: StoppedProcess, plans: list[ObjectPlan], journal: Journal) -> None:
+    """Each prepared mapping still holds what was written (its header, identity included). Else another run took it for a leftover and removed it between the stops:
+    ProcessError, and the journal forgets the mappings (what is at their addresses now is
+    not ours to unmap)."""
+    found = read_ranges_lenient(stopped.pid, [(plan.linked.address, HEADER_SIZE) for plan in plans])
+    if all(data == bytes(plan.linked.mapping[:HEADER_SIZE]) for plan, data in zip(plans, found, strict=True)):
+        return
+    journal.mappings.clear()
+    journal.tables.clear()
+    raise ProcessError(f"a patch mapping prepared in process {stopped.pid} was removed before the switch "
+                       "(by another patch or unpatch run?); nothing was applied, try again")
+
+
 def _unmap_replaced(stopped: StoppedProcess, plans: list[ObjectPlan]) -> None:
     """Step 5h: the mappings of replaced levels, unreferenced now, deregistered and unmapped."""
     for plan in plans:
         for replaced in plan.replaces.all_mappings if plan.replaces is not None else ():
             with faults.step("unmap-old", stopped.pid):
                 try:
+                    check_unreferenced(stopped, replaced)
                     release_frames(stopped, replaced, plan.registry)
                     stopped.munmap(replaced.mapping.start, replaced.total_size)
                 except CareError:
@@ -1252,7 +1282,7 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
-        check_seccomp(stopped, calls if held else support_calls())
+        check_seccomp(stopped, calls if held else support_calls(), now=held)
         journal = Journal(stopped)
         try:
             with faults.step("safety-check", pid):
@@ -1295,6 +1325,7 @@ def _unmap_removed(stopped: StoppedProcess, everything: list[AppliedPatch], regi
     for applied in everything:
         with faults.step("unmap", stopped.pid):
             try:
+                check_unreferenced(stopped, applied)
                 release_frames(stopped, applied, registry)
                 stopped.munmap(applied.mapping.start, applied.total_size)
             except CareError as exc:

@@ -37,11 +37,11 @@ def support_calls() -> list[PlannedSyscall]:
     ]
 
 
-def check_seccomp(stopped: StoppedProcess, calls: list[PlannedSyscall]) -> None:
+def check_seccomp(stopped: StoppedProcess, calls: list[PlannedSyscall], *, now: bool = True) -> None:
     """SyscallForbidden if the seccomp filter of a thread of the stopped patient would kill it
     or deny one of ``calls``, checked before the thread makes any of them: at once for the
     thread remote work takes, later for any other thread before it is made to (filters are
-    per thread; the others are never subject to theirs). See
-    :meth:`StoppedProcess.vet_borrowed_threads`."""
+    per thread; the others are never subject to theirs). ``now`` False: no thread at once,
+    each when it is about to make one. See :meth:`StoppedProcess.vet_borrowed_threads`."""
     address = stopped.syscall_address + 2
-    stopped.vet_borrowed_threads(lambda tid: check_syscalls_allowed(stopped.pid, [tid], calls, address))
+    stopped.vet_borrowed_threads(lambda tid: check_syscalls_allowed(stopped.pid, [tid], calls, address), now=now)

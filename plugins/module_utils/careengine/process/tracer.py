@@ -907,17 +907,19 @@ class StoppedProcess:
         self.remote_syscall(10, address, length, prot)
 
     # ---------------------------------------------------------------- borrowing a thread
-    def vet_borrowed_threads(self, vet: Callable[[int], None]) -> None:
+    def vet_borrowed_threads(self, vet: Callable[[int], None], *, now: bool = True) -> None:
         """Until the process is let go, ``vet(tid)`` is called before thread ``tid`` first runs
         the tracer's code (remote syscalls and calls), and again after it has run its own
         code; it raises to refuse, before the thread is touched. The thread remote work
-        takes now is vetted at once.
+        takes now is vetted at once, unless ``now`` is False (a stop that may make no
+        remote call: each thread is vetted when it is about to).
 
         The engine checks the patient's seccomp filters this way: a filter is per thread and
         only the threads made to run our system calls are subject to theirs."""
         self._vet = vet
         self._vetted.clear()
-        self.vet_thread(self._default_tid(None))
+        if now:
+            self.vet_thread(self._default_tid(None))
 
     def vet_thread(self, tid: int) -> None:
         """Vet ``tid`` (see :meth:`vet_borrowed_threads`) unless it was since it last ran its
@@ -1290,26 +1292,30 @@ class StoppedThread(StoppedProcess):
     unreferenced mapping. Everything :class:`StoppedProcess` guarantees for a thread it
     borrows holds; ``paused_ns`` counts the time that one thread was held.
 
-    The thread taken is one that is running or runnable, so that no blocking system call
-    is interrupted, else the main thread; not :meth:`run_for` (it holds no other thread)."""
+    The thread taken is one without a seccomp filter if there is one (filters are per
+    thread: the tracer's system calls are judged by that thread's only), then one that is
+    running or runnable, so that no blocking system call is interrupted, then the main
+    thread; never an exited one. Not :meth:`run_for` (it holds no other thread)."""
 
     def _list_tasks(self) -> list[int]:
         if self._seized:
             return sorted(self._seized)
-        tasks = sorted(super()._list_tasks(), key=lambda tid: (tid != self.pid, tid))
-        states = {tid: self._task_state(tid) for tid in tasks}
-        ranked = [tid for tid in tasks if states[tid] == b"R"] + [tid for tid in tasks if states[tid] not in
-                                                                 (b"R", b"Z", b"X", b"")]
-        return ranked[:1] or tasks[:1]
+        tasks = super()._list_tasks()
+        ranks = {tid: self._rank(tid) for tid in tasks}
+        live = sorted((tid for tid in tasks if ranks[tid] is not None), key=lambda tid: ranks[tid])
+        return live[:1] or tasks[:1]
 
-    def _task_state(self, tid: int) -> bytes:
-        """The one-letter state of thread ``tid`` (b"" when it is gone)."""
+    def _rank(self, tid: int) -> tuple[bool, bool, bool] | None:
+        """How little taking thread ``tid`` disturbs (lower is better); None if it has exited."""
         try:
-            with open(f"/proc/{self.pid}/task/{tid}/stat", "rb") as stream:
-                stat = stream.read()
-        except OSError:
-            return b""
-        return stat[stat.rfind(b")") + 2:][:1]
+            status = read_proc_text(self.pid, f"task/{tid}/status")
+        except (ProcessGone, PermissionDenied, ProcessError):
+            return None
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        state = fields.get("State", "").strip()[:1]
+        if state in ("", "Z", "X"):
+            return None
+        return fields.get("Seccomp", "0").strip() != "0", state != "R", tid != self.pid
 
     def run_for(self, seconds: float) -> None:
         raise ProcessError(f"process {self.pid}: only one thread is held, the others run already")
