@@ -8,6 +8,7 @@ from apply_helpers import map_count
 
 from plugins.module_utils.careengine.apply import engine
 from plugins.module_utils.careengine.errors import ProcessError
+from plugins.module_utils.careengine.process import StoppedProcess
 from plugins.module_utils.careengine.process.tracer import StoppedThread
 from plugins.module_utils.careengine.storage import PatchSource
 
@@ -33,7 +34,7 @@ def test_a_prepared_mapping_removed_before_the_switch_gets_no_jumps(libdemo, sta
     assert [o.action for o in removed.objects] == ["removed", "removed"], removed
     assert map_count(patient.pid) == maps_before
     with pytest.raises(ProcessError, match="removed before the switch"):
-        engine._switch_stop(patient.pid, state, plans, 5.0, journal)
+        engine._switch_stop(StoppedProcess(patient.pid), state, plans, 5.0, journal)
     assert not journal.mappings and not journal.writes
     assert map_count(patient.pid) == maps_before
     patient.wait_for(lambda line: line.startswith("demo UNPATCHED"))

@@ -926,8 +926,9 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
        fails, its writes are undone inside its stop and this step removes the prepared
        mappings instead: nothing is left.
 
-    The time of the one-thread stops is added to ``patient.thread_ns``. When a caller holds
-    the process (:func:`stopping_with`) all three run inside its one stop, as they must.
+    The time of the one-thread stops is added to ``patient.thread_ns``. When the stop
+    :func:`stopping_with` gives already holds a thread (the service, at a process's exec),
+    all three run inside that one stop, as they must (a held thread cannot be seized again).
 
     The order of writes makes every prefix a state the patient runs correctly in if the
     tool dies there (each named step is a fault-injection point, :mod:`..faults`): the
@@ -938,11 +939,12 @@ def apply_plans(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: fl
     and what the next patch or unpatch finishes.
     """
     warm_caches(patient, [r for plan in plans for r in guarded_ranges_for_apply(plan)])
-    if _stop_process is not StoppedProcess:
-        return _apply_in_one_stop(pid, patient, plans, timeout)
+    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
+    if stopped.tids:
+        return _apply_in_one_stop(stopped, patient, plans, timeout)
     journal = _prepare_patches(pid, patient, plans, timeout)
     try:
-        paused_ns = _switch_stop(pid, patient, plans, timeout, journal)
+        paused_ns = _switch_stop(stopped, patient, plans, timeout, journal)
     except BaseException:
         _remove_prepared(pid, patient, journal, timeout)
         raise
@@ -996,10 +998,11 @@ def _prepare_patches(pid: int, patient: Patient, plans: list[ObjectPlan], timeou
     return journal
 
 
-def _switch_stop(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float, journal: Journal) -> int:
+def _switch_stop(stopped: StoppedProcess, patient: Patient, plans: list[ObjectPlan], timeout: float,
+                 journal: Journal) -> int:
     """Stop 2, every thread held: safety check, jumps, restored bytes; a failure undoes
     the writes before the threads run. The pause in ns."""
-    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
+    pid = stopped.pid
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
@@ -1034,9 +1037,9 @@ def _remove_prepared(pid: int, patient: Patient, journal: Journal, timeout: floa
         pass
 
 
-def _apply_in_one_stop(pid: int, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
-    """Step 5 inside one stop of a process a caller holds (see :func:`stopping_with`)."""
-    stopped = _stop_process(pid, timeout=max(timeout, 1.0))
+def _apply_in_one_stop(stopped: StoppedProcess, patient: Patient, plans: list[ObjectPlan], timeout: float) -> int:
+    """Step 5 inside one stop of a process a caller holds a thread of (see :func:`stopping_with`)."""
+    pid = stopped.pid
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
@@ -1270,15 +1273,15 @@ def _remove_patches(pid: int, patient: Patient, selected: list[AppliedPatch], ti
     """Stop every thread and give the replaced functions their original bytes back (all or
     nothing); then, with one thread held, deregister and unmap the patches. The pause
     (every thread stopped) in ns. An unmap that fails is noted in ``unmap_failed`` (by
-    build-id), not raised. When a caller holds the process (:func:`stopping_with`) the
-    unmaps are made inside its one stop."""
+    build-id), not raised. When the stop :func:`stopping_with` gives already holds a
+    thread, the unmaps are made inside that one stop."""
     everything = [mapping for applied in selected for mapping in applied.all_mappings]
     warm_caches(patient, [guarded_patch_range(a) for a in everything])
     registry = frame_registry(patient) if any(a.tables for a in everything) else None   # files: before the stop
     calls = [call for applied in everything for call in patch_mapping_calls(
         applied.mapping.start, applied.total_size, applied.mapping.size)] + support_calls()
-    held = _stop_process is not StoppedProcess
     stopped = _stop_process(pid, timeout=max(timeout, 1.0))
+    held = bool(stopped.tids)          # a caller holds a thread (the service): unmap in the same stop
     with faults.step("stop", pid):
         stopped.stop()
     with stopped:
