@@ -15,6 +15,12 @@ with the tracer's real-time scheduling off (:mod:`process.realtime`), to show wh
 Prints pause_patch_median_us, pause_patch_max_us, pause_unpatch_median_us (idle), and
 pause_loaded_patch_p50_us / _p99_us, pause_loaded_unpatch_p99_us,
 pause_loaded_norealtime_patch_p50_us / _p99_us (with the hogs).
+
+The pause is every thread stopped; the patch is prepared before it (mapping created,
+written, sealed) and replaced levels unmapped after it with one thread held, the others
+running: pause_prepare_thread_us (idle median) and pause_loaded_prepare_thread_p99_us are
+that one thread's time per patch (``thread_us``), against a bare one-thread stop and
+resume (``StoppedThread``) in the same rounds.
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from benchlib import (
 
 from plugins.module_utils.careengine.apply import operations
 from plugins.module_utils.careengine.process import StoppedProcess, realtime
+from plugins.module_utils.careengine.process.tracer import StoppedThread
 
 ROUNDS = int(sys.argv[1]) if len(sys.argv) > 1 else 30
 LOADED_ROUNDS = int(sys.argv[2]) if len(sys.argv) > 2 else 100
@@ -50,19 +57,34 @@ def bare_stop_us(pid: int) -> int:
     return stopped.paused_ns // 1000
 
 
-def one(results, action: str) -> int:
+def bare_thread_stop_us(pid: int) -> int:
+    with StoppedThread(pid) as held:
+        pass
+    return held.paused_ns // 1000
+
+
+def checked(results, action: str):
     [result] = results
     if not result.ok or [o.action for o in result.objects] != [action]:
         raise SystemExit(f"bench: {action} failed: {result.to_json()}")
-    return result.paused_us
+    return result
 
 
-def cycles(patient, patchroot: str, rounds: int) -> tuple[list[int], list[int], list[int]]:
-    """``rounds`` of (bare stop, patch, unpatch): their pauses in us."""
+def one(results, action: str) -> int:
+    return checked(results, action).paused_us
+
+
+def cycles(patient, patchroot: str, rounds: int, threads: list[tuple[int, int]] | None = None
+           ) -> tuple[list[int], list[int], list[int]]:
+    """``rounds`` of (bare stop, patch, unpatch): their pauses in us; with ``threads``, the
+    patch's one-thread time and a bare one-thread stop's, in us, are appended to it."""
     patched, unpatched, bare = [], [], []
     for _ in range(rounds):
         bare.append(bare_stop_us(patient.pid))
-        patched.append(one(operations.patch_processes(patchroot, [patient.pid]), "applied"))
+        result = checked(operations.patch_processes(patchroot, [patient.pid]), "applied")
+        patched.append(result.paused_us)
+        if threads is not None:
+            threads.append((result.thread_us, bare_thread_stop_us(patient.pid)))
         time.sleep(0.01)
         unpatched.append(one(operations.unpatch_processes([patient.pid]), "removed"))
         time.sleep(0.01)
@@ -86,11 +108,13 @@ def main() -> None:
         wait_started([patient.pid])
         read_lines_until(patient, lambda line: line.startswith("threads4 answer=42"), 10)
         check_behaviour(patient, patchroot)
-        patched, unpatched, bare = cycles(patient, patchroot, ROUNDS)
+        threads: list[tuple[int, int]] = []
+        patched, unpatched, bare = cycles(patient, patchroot, ROUNDS, threads)
         log(f"threads4 pid {patient.pid}, {ROUNDS} rounds; patch us {sorted(patched)}; "
             f"unpatch us {sorted(unpatched)}; bare stop/resume us {sorted(bare)}")
         hogs = [patients.start(HOG) for _ in range(2)]
-        loaded = cycles(patient, patchroot, LOADED_ROUNDS)
+        loaded_threads: list[tuple[int, int]] = []
+        loaded = cycles(patient, patchroot, LOADED_ROUNDS, loaded_threads)
         realtime.enabled = False
         unboosted = cycles(patient, patchroot, LOADED_ROUNDS)
         realtime.enabled = True
@@ -108,6 +132,10 @@ def main() -> None:
         emit("pause_loaded_norealtime_patch_p50_us", median(unboosted[0]), "us", median(unboosted[2]), digits=1)
         emit("pause_loaded_norealtime_patch_p99_us", percentile(unboosted[0], 0.99), "us",
              percentile(unboosted[2], 0.99), digits=1)
+        emit("pause_prepare_thread_us", median([t for t, _ in threads]), "us",
+             median([b for _, b in threads]), digits=1)
+        emit("pause_loaded_prepare_thread_p99_us", percentile([t for t, _ in loaded_threads], 0.99), "us",
+             percentile([b for _, b in loaded_threads], 0.99), digits=1)
         log(f"loaded patch p99 / idle patch median: {percentile(loaded[0], 0.99) / median(patched):.1f}")
 
 
