@@ -25,20 +25,22 @@ from dataclasses import dataclass
 
 ENVIRONMENT_VARIABLE = "LIBCARE_FAULT_INJECT"
 
-# The engine's steps, in the order patch runs them; unpatch uses stop, safety-check,
-# restore-bytes, unmap and resume; a level replacement also restore-bytes and unmap-old.
+# The engine's steps, in the order patch runs them: the mapping is prepared with one thread
+# held (mmap ... resolve-ifunc), every thread is stopped only for safety-check, jump and
+# restore-bytes, and a replaced level is unmapped with one thread held again (unmap-old).
+# Unpatch uses stop, safety-check, restore-bytes and resume, then unmap with one thread held.
 STEPS = (
-    "stop",            # every thread stopped (PTRACE_SEIZE + PTRACE_INTERRUPT)
-    "mmap",            # the patch mapping created in the patient
+    "mmap",            # one thread held: the patch mapping created in the patient
     "write-image",     # the whole mapping written (header, image, jump table, undo bytes)
     "mprotect",        # its code part sealed read + execute
     "resolve-ifunc",   # IFUNC resolvers called in the patient, their targets written
+    "stop",            # every thread stopped (PTRACE_SEIZE + PTRACE_INTERRUPT)
     "safety-check",    # no thread in code that is about to change
     "jump",            # one replaced function's jump written (each one)
     "restore-bytes",   # one function's original bytes put back (each one; unpatch, replaced level)
-    "unmap-old",       # a replaced level's mapping unmapped
-    "unmap",           # unpatch: the patch mapping unmapped
     "resume",          # every thread detached and running
+    "unmap-old",       # one thread held: a replaced level's mapping unmapped
+    "unmap",           # unpatch, one thread held: the patch mapping unmapped
 )
 # Instants inside a remote syscall or call (process/tracer.py).
 INSTANTS = (

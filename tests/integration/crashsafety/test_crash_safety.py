@@ -24,11 +24,12 @@ KILLED = (-signal.SIGKILL, 128 + signal.SIGKILL)
 
 # (operation, level before, level after): the patient's levels around the killed command.
 OPERATIONS = {"patch": (0, 1), "unpatch": (1, 0), "replace": (1, 2)}
-PATCH_STEPS = ("stop", "mmap", "write-image", "mprotect", "resolve-ifunc", "safety-check", "jump", "jump:2",
+# Steps in the order the engine runs them (faults.STEPS).
+PATCH_STEPS = ("mmap", "write-image", "mprotect", "resolve-ifunc", "stop", "safety-check", "jump", "jump:2",
                "resume")
-UNPATCH_STEPS = ("stop", "safety-check", "restore-bytes", "restore-bytes:2", "unmap", "resume")
-REPLACE_STEPS = ("stop", "mmap", "write-image", "mprotect", "resolve-ifunc", "safety-check", "jump",
-                 "restore-bytes", "unmap-old", "resume")
+UNPATCH_STEPS = ("stop", "safety-check", "restore-bytes", "restore-bytes:2", "resume", "unmap")
+REPLACE_STEPS = ("mmap", "write-image", "mprotect", "resolve-ifunc", "stop", "safety-check", "jump",
+                 "restore-bytes", "resume", "unmap-old")
 # Instants inside remote syscalls/calls, with the occurrence (patch: mmap, mprotect; call: the resolver).
 INSTANTS = {
     "patch": ("borrow", "borrow:2", "syscall-entry", "syscall-exit", "syscall-exit:2", "give-back",
