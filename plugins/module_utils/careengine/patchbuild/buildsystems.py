@@ -196,7 +196,8 @@ class MesonBuild(BuildSystem):
 
 @dataclass(frozen=True)
 class CustomCommands(BuildSystem):
-    """Shell commands given by the user; ``DESTDIR`` names the install root, ``CC``/``CXX`` the wrappers."""
+    """Shell commands given by the user; ``DESTDIR`` names the install root, ``CC``/``CXX`` the wrappers,
+    and ``-j N`` reaches the make or CMake the commands run (``MAKEFLAGS``, ``CMAKE_BUILD_PARALLEL_LEVEL``)."""
 
     build_command: str = ""
     install_command: str = ""
@@ -206,7 +207,14 @@ class CustomCommands(BuildSystem):
     def _environment(self, *extra: tuple[str, str]) -> tuple[tuple[str, str], ...]:
         compilers = tuple((variable, path) for variable, path in (("CC", self.wrappers.cc), ("CXX", self.wrappers.cxx))
                           if variable not in os.environ)
-        return compilers + extra
+        return compilers + self._parallel() + extra
+
+    def _parallel(self) -> tuple[tuple[str, str], ...]:
+        """``-j N`` as the variables make and ``cmake --build`` read (added to the caller's MAKEFLAGS)."""
+        if not self.jobs:
+            return ()
+        makeflags = f"{os.environ.get('MAKEFLAGS', '')} -j{self.jobs}".strip()
+        return (("MAKEFLAGS", makeflags), ("CMAKE_BUILD_PARALLEL_LEVEL", str(self.jobs)))
 
     def build(self) -> Step:
         return Step("build command", (self.build_command,), self.project, self._environment(), shell=True)

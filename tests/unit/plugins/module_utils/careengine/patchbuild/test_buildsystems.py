@@ -53,6 +53,17 @@ def test_custom_commands_go_together(tmp_path):
                                  install_command="./install.sh")
     assert system.build().shell and system.build().argv == ("./build.sh",)
     assert dict(system.install("/r").environment)["DESTDIR"] == "/r"
+    assert "MAKEFLAGS" not in dict(system.build().environment)
+
+
+def test_custom_commands_get_the_jobs(tmp_path, monkeypatch):
+    monkeypatch.setenv("MAKEFLAGS", "--no-print-directory")
+    system = buildsystems.choose(str(tmp_path), str(tmp_path / "b"), WRAPPERS, jobs=3, build_command="make",
+                                 install_command="make install")
+    for step in (system.build(), system.install("/r")):
+        environment = dict(step.environment)
+        assert environment["MAKEFLAGS"] == "--no-print-directory -j3"
+        assert environment["CMAKE_BUILD_PARALLEL_LEVEL"] == "3"
 
 
 def test_make_passes_the_wrappers_unless_the_user_named_a_compiler(tmp_path):
