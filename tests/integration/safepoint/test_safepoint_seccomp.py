@@ -147,8 +147,8 @@ def test_filter_that_forbids_the_engine_syscalls_is_refused(filtered, start, mod
     assert map_count(patient.pid) == maps_before
 
 
-def test_allow_list_that_permits_the_engine_syscalls_is_patched(filtered, start):
-    patient = start(filtered, "allow")
+def _patched_then_unpatched(filtered, patient) -> None:
+    """Patched (answer 2), unpatched (answer 1 again), alive throughout."""
     patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
     result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
     assert result[0].objects[0].action == "applied", result[0].objects[0].reason
@@ -156,16 +156,15 @@ def test_allow_list_that_permits_the_engine_syscalls_is_patched(filtered, start)
     removed = operations.unpatch_processes([patient.pid])
     assert removed[0].objects[0].action == "removed", removed[0].objects[0].reason
     patient.wait_for(lambda line: line.endswith("answer=1"))
+
+
+def test_allow_list_that_permits_the_engine_syscalls_is_patched(filtered, start):
+    patient = start(filtered, "allow")
+    _patched_then_unpatched(filtered, patient)
 
 
 def test_only_the_threads_that_make_the_calls_are_judged_by_their_filters(filtered, start):
     """A filter is per thread: one installed by a thread that only sleeps does not stand in
     the way (the engine makes its calls in another thread), and the patient lives on."""
     patient = start(filtered, "thread-kill")
-    patient.wait_for(lambda line: line.endswith("answer=1"), after=0)
-    result = operations.patch_processes(str(filtered.patches_dir), [patient.pid])
-    assert result[0].objects[0].action == "applied", result[0].objects[0].reason
-    patient.wait_for(lambda line: line.endswith("answer=2"))
-    removed = operations.unpatch_processes([patient.pid])
-    assert removed[0].objects[0].action == "removed", removed[0].objects[0].reason
-    patient.wait_for(lambda line: line.endswith("answer=1"))
+    _patched_then_unpatched(filtered, patient)

@@ -6,7 +6,6 @@ refused naming the object demangled."""
 from __future__ import annotations
 
 import re
-import subprocess
 
 import pytest
 
@@ -27,16 +26,9 @@ __attribute__((noinline)) void label(int n)
 PRINT = 'std::printf("%s %d\\n", banner.c_str(), n);'
 
 
-def _gxx(tmp_path, name: str, source: str) -> str:
-    (tmp_path / f"{name}.cc").write_text(source)
-    subprocess.run(["g++", "-O2", "-g", "-S", "-o", str(tmp_path / f"{name}.s"), str(tmp_path / f"{name}.cc")],
-                   check=True)
-    return (tmp_path / f"{name}.s").read_text()
-
-
 @pytest.fixture(scope="module")
-def original(tmp_path_factory) -> str:
-    return _gxx(tmp_path_factory.mktemp("gxx"), "original", SOURCE)
+def original(tmp_path_factory, gxx) -> str:
+    return gxx(tmp_path_factory.mktemp("gxx"), "original", SOURCE)
 
 
 def _check(original: str, patched: str) -> gensrc.GensrcResult:
@@ -60,8 +52,8 @@ def _check(original: str, patched: str) -> gensrc.GensrcResult:
     ("static constexpr int squares[] = {0, 1, 4, 9, 16}; std::printf(\"%d\\n\", squares[n % 5]);",
      ["_ZZ5labeliE7squares"]),
 ])
-def test_new_data_the_new_code_initialises_is_carried(original, tmp_path, new, carried):
-    patched = _gxx(tmp_path, "patched", SOURCE.replace(PRINT, new))
+def test_new_data_the_new_code_initialises_is_carried(original, tmp_path, new, carried, gxx):
+    patched = gxx(tmp_path, "patched", SOURCE.replace(PRINT, new))
     result = _check(original, patched)
     assert result.changed_functions == ("_Z5labeli",)
     assert [name for name in result.new_variables if not name.startswith("DW.ref.")] == carried
@@ -82,27 +74,27 @@ def test_new_data_the_new_code_initialises_is_carried(original, tmp_path, new, c
      r"^label\.cc: shared is writable data or a guard of an inline function, inline variable or template "
      r"\(COMDAT"),
 ])
-def test_data_a_patch_cannot_carry_is_refused_by_name(original, tmp_path, old, new, refusal):
+def test_data_a_patch_cannot_carry_is_refused_by_name(original, tmp_path, old, new, refusal, gxx):
     assert old in SOURCE
-    patched = _gxx(tmp_path, "patched", SOURCE.replace(old, new))
+    patched = gxx(tmp_path, "patched", SOURCE.replace(old, new))
     with pytest.raises(UnpatchableChange, match=refusal):
         _check(original, patched)
 
 
-def test_a_new_global_in_a_unit_without_start_up_code_is_named_not_its_init_array_entry(tmp_path):
+def test_a_new_global_in_a_unit_without_start_up_code_is_named_not_its_init_array_entry(tmp_path, gxx):
     plain = "int total;\nint read_total() { return total; }\n"
-    before = _gxx(tmp_path, "before", "#include <string>\n" + plain)
-    after = _gxx(tmp_path, "after", "#include <string>\nstd::string title = \"t\";\n" + plain)
+    before = gxx(tmp_path, "before", "#include <string>\n" + plain)
+    after = gxx(tmp_path, "after", "#include <string>\nstd::string title = \"t\";\n" + plain)
     with pytest.raises(UnpatchableChange, match=r"^title\[abi:cxx11\] has a dynamic initialiser"):
         cxx_data.check_static_init(parse.parse(before), parse.parse(after))
     with pytest.raises(UnpatchableChange, match=r"init_array|statements outside functions"):
         gensrc.generate(before, after)     # what the diff alone would say
 
 
-def test_only_the_static_with_a_destructor_is_named_once(original, tmp_path):
+def test_only_the_static_with_a_destructor_is_named_once(original, tmp_path, gxx):
     """Its guard is named through it; std::to_string's digit table (read-only, COMDAT,
     new to the unit and used by the same function) is not destroyed at exit."""
-    patched = _gxx(tmp_path, "patched", SOURCE.replace(
+    patched = gxx(tmp_path, "patched", SOURCE.replace(
         PRINT, "static const std::string prefix = \"p \"; "
                "std::printf(\"%s%s\\n\", prefix.c_str(), std::to_string(n).c_str());"))
     assert "__digits" in patched and "__digits" not in original

@@ -64,20 +64,13 @@ int main()
 """
 
 
-def _gxx(tmp_path, name: str, source: str) -> str:
-    (tmp_path / f"{name}.cc").write_text(source)
-    subprocess.run(["g++", "-O2", "-g", "-S", "-o", str(tmp_path / f"{name}.s"), str(tmp_path / f"{name}.cc")],
-                   check=True)
-    return (tmp_path / f"{name}.s").read_text()
-
-
 @pytest.fixture(scope="module")
-def original(tmp_path_factory) -> str:
-    return _gxx(tmp_path_factory.mktemp("gxx"), "original", SOURCE)
+def original(tmp_path_factory, gxx) -> str:
+    return gxx(tmp_path_factory.mktemp("gxx"), "original", SOURCE)
 
 
-def test_moved_lines_change_nothing(original, tmp_path):
-    moved = _gxx(tmp_path, "moved", "// one more line\n" + SOURCE)
+def test_moved_lines_change_nothing(original, tmp_path, gxx):
+    moved = gxx(tmp_path, "moved", "// one more line\n" + SOURCE)
     result = gensrc.generate(original, moved)
     assert (result.changed_functions, result.new_functions, result.new_variables) == ((), (), ())
 
@@ -87,8 +80,8 @@ def test_moved_lines_change_nothing(original, tmp_path):
     ("return x * 3;", "return x * 5;", ["int scale<int>(int)"]),
     ("return n + 1;", "return n + 2;", ["geo::check(int)"]),            # has a throw: exception tables
 ])
-def test_real_changes_are_exactly_the_changed_functions(original, tmp_path, old, new, changed):
-    patched = _gxx(tmp_path, "patched", SOURCE.replace(old, new))
+def test_real_changes_are_exactly_the_changed_functions(original, tmp_path, old, new, changed, gxx):
+    patched = gxx(tmp_path, "patched", SOURCE.replace(old, new))
     result = gensrc.generate(original, patched)
     assert demangle(result.changed_functions) == changed
     (tmp_path / "instrumented.s").write_text(result.text)
@@ -106,9 +99,9 @@ def test_real_changes_are_exactly_the_changed_functions(original, tmp_path, old,
     ("return side * side;", "static const std::string unit = \"u\"; return side * side + (int)unit.size();",
      "Square::area() const::unit has a destructor registered at exit"),
 ])
-def test_what_cxx_changes_are_accepted(original, tmp_path, old, new, refusal):
+def test_what_cxx_changes_are_accepted(original, tmp_path, old, new, refusal, gxx):
     assert old in SOURCE
-    patched_text = _gxx(tmp_path, "patched", SOURCE.replace(old, new))
+    patched_text = gxx(tmp_path, "patched", SOURCE.replace(old, new))
     result = gensrc.generate(original, patched_text)
     check = lambda: cxx.check_change(parse.parse(patched_text), result.changed_functions,  # noqa: E731
                                      result.new_functions, result.new_variables, source="shapes.cc")
@@ -119,18 +112,18 @@ def test_what_cxx_changes_are_accepted(original, tmp_path, old, new, refusal):
         check()
 
 
-def test_a_function_that_calls_another_is_accepted(tmp_path):
+def test_a_function_that_calls_another_is_accepted(tmp_path, gxx):
     caller = "int twice(int);\n__attribute__((noinline)) int twice(int x) { return x * 2; }\n" \
              "int caller(int x) { return twice(x) + %d; }\n"
-    before = _gxx(tmp_path, "before", caller % 1)
-    after = _gxx(tmp_path, "after", caller % 2)
+    before = gxx(tmp_path, "before", caller % 1)
+    after = gxx(tmp_path, "after", caller % 2)
     result = gensrc.generate(before, after)
     assert demangle(result.changed_functions) == ["caller(int)"]
     cxx.check_change(parse.parse(after), result.changed_functions, result.new_functions, result.new_variables)
 
 
-def test_a_changed_virtual_interface_is_refused_naming_the_class(original, tmp_path):
-    patched = _gxx(tmp_path, "patched", SOURCE.replace("virtual int area() const = 0;",
+def test_a_changed_virtual_interface_is_refused_naming_the_class(original, tmp_path, gxx):
+    patched = gxx(tmp_path, "patched", SOURCE.replace("virtual int area() const = 0;",
                                                         "virtual int area() const = 0;\n\tvirtual int sides() const;"))
     with pytest.raises(UnpatchableChange, match=r"the (vtable|typeinfo|typeinfo name) of class (Shape|Square) changed"):
         gensrc.generate(original, patched)
