@@ -2,8 +2,8 @@
 # Every benchmark, one after another (what `make bench` runs). Needs root (ptrace) and
 # `make setup`. Prints the benchmarks' JSON lines on stdout (one per figure) and keeps a
 # copy in tests/output/bench/results.jsonl; progress on stderr. Each benchmark has a
-# time limit; the limits add up to 800 s, so even a run where every benchmark
-# hangs ends within 13.5 minutes (a normal run on 2 idle cores takes 2-5).
+# time limit; the limits add up to 1420 s, so even a run where every benchmark
+# hangs ends within 24 minutes (a normal run on 2 idle cores takes 2-5).
 #
 #   bench/run_all.sh            all of them
 #   bench/run_all.sh pause fleet   only these (names below)
@@ -27,6 +27,7 @@ benches=(
     "build_overhead 320 $here/build_overhead.sh"
     "build_overhead_cjson 200 $here/build_overhead_realproject.sh cjson"
     "build_overhead_tinyxml 200 $here/build_overhead_realproject.sh tinyxml"
+    "build_overhead_nginx 300 $here/build_overhead_realproject.sh nginx"
 )
 wanted=("$@")
 failed=0

@@ -119,7 +119,7 @@ def built(prepared) -> dict:
     NGINX.record("build_patch.err", run.stderr)
     assert run.returncode == 0, f"build_patch.sh failed:\n{run.stdout[-2000:]}\n{run.stderr[-6000:]}"
     bench = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
-    assert len(bench) == 1 and bench[0]["bench"] == "nginx_build_overhead", run.stdout
+    assert len(bench) == 1 and bench[0]["bench"] == "build_overhead_nginx", run.stdout
     return bench[0]
 
 

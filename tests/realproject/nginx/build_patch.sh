@@ -15,7 +15,7 @@
 # 3. checks that the patch is named by the server's build-id (readelf -n) and carries it
 #    in its header, and prints the patch (libcare-dump).
 # Prints one JSON line on stdout:
-#   {"bench": "nginx_build_overhead", "value": <patch-make s>, "unit": "s", "baseline": <make s>,
+#   {"bench": "build_overhead_nginx", "value": <patch-make s>, "unit": "s", "baseline": <make s>,
 #    "ratio": <r>, "configure": <configure s>, "build_id": ..., "functions": [...]}
 # Exit status: 0 ok, 77 sources unavailable (from prepare.sh), 1 failure.
 # shellcheck disable=SC2154  # dsc, applied, build_id, kpatch, patch_s: set by harness.sh functions
@@ -57,7 +57,7 @@ patch_s, plain_s, configure_s = (float(x) for x in sys.argv[1:4])
 build_id, dump = sys.argv[4], json.loads(sys.argv[5])
 if dump["build_id"] != build_id:
     sys.exit(f"realproject-nginx: error: the patch header names build-id {dump['build_id']}, not {build_id}")
-print(json.dumps({"bench": "nginx_build_overhead", "value": patch_s, "unit": "s", "baseline": plain_s,
+print(json.dumps({"bench": "build_overhead_nginx", "value": patch_s, "unit": "s", "baseline": plain_s,
                   "ratio": round(patch_s / plain_s, 2), "configure": configure_s, "build_id": build_id,
                   "functions": [f["name"] for f in dump["functions"]], "new_functions": dump["new_functions"]}))
 EOF
