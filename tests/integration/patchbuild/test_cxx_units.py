@@ -156,3 +156,43 @@ def test_changed_leaf_member_function_is_patched_live_and_exceptions_still_work(
         assert patient.alive()
     finally:
         patient.stop()
+
+
+def test_new_code_uses_the_classes_vtables_and_typeinfo_as_they_are(tmp_path):
+    """Patched and new code refer to class data the program has: report() builds a Square (its
+    vtable), a new kind() asks dynamic_cast (both classes' typeinfo); live, the virtual call,
+    the cast and the exception's catch all answer right."""
+    project = _project(tmp_path)
+    old = '\t\tstd::printf("shapes %s %d\\n", std::to_string(geo::check(round % 3 - 1)).c_str(), shape.area());'
+    new = ('\t\tstd::printf("shapes %s %d %s\\n", std::to_string(geo::check(round % 3 - 1)).c_str(), shape.area(),\n'
+           '\t\t            kind(shape));')
+    helper = ('__attribute__((noinline)) const char *kind(const Shape &shape)\n'
+              '{\n\treturn dynamic_cast<const Square *>(&shape) ? "square" : "other";\n}\n\n'
+              'extern "C" void report(int round);')
+    text = (project / "shapes.cc").read_text()
+    assert old in text
+    patched = text.replace(old, new).replace('extern "C" void report(int round);', helper)
+    work = tmp_path / "diff"
+    for side, content in (("a", text), ("b", patched)):
+        (work / side).mkdir(parents=True)
+        (work / side / "shapes.cc").write_text(content)
+    (project / "kind.patch").write_text(subprocess.run(["diff", "-u", "a/shapes.cc", "b/shapes.cc"], cwd=work,
+                                                       capture_output=True, text=True, check=False).stdout)
+    result = subprocess.run([PATCH_MAKE, "kind.patch"], cwd=project, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "replaces report" in result.stdout and "kind(Shape const&)" in result.stdout, result.stdout
+    patient = Patient([str(project / "lpmake" / "usr" / "bin" / "shapes"), "-1"])
+    try:
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10, after=0)
+        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
+        assert applied.returncode == 0, applied.stderr
+        seen = len(patient.lines)
+        patient.wait_for(lambda line: line == "shapes 2 4 square", timeout=10)
+        patient.wait_for(lambda line: line == "shapes 1 1 square", timeout=10, after=seen)
+        patient.wait_for(lambda line: line == "shapes caught negative", timeout=10, after=seen)
+        removed = ctl("unpatch", "-p", str(patient.pid))
+        assert removed.returncode == 0, removed.stderr
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10)
+        assert patient.alive()
+    finally:
+        patient.stop()
