@@ -105,6 +105,26 @@ def _diff(project: Path, name: str, old: str, new: str) -> str:
                           check=False).stdout
 
 
+def _patched_live_then_unpatched(project: Path, patched_lines: tuple[str, ...]) -> None:
+    """The built program runs, is patched live (each of ``patched_lines`` printed, and a throw
+    and its catch still work), then unpatched (the original answer again), alive throughout."""
+    patient = Patient([str(project / "lpmake" / "usr" / "bin" / "shapes"), "-1"])
+    try:
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10, after=0)
+        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
+        assert applied.returncode == 0, applied.stderr
+        seen = len(patient.lines)
+        for expected in patched_lines:
+            patient.wait_for(lambda line, expected=expected: line == expected, timeout=10, after=seen)
+        patient.wait_for(lambda line: line == "shapes caught negative", timeout=10, after=seen)
+        removed = ctl("unpatch", "-p", str(patient.pid))
+        assert removed.returncode == 0, removed.stderr
+        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10)
+        assert patient.alive()
+    finally:
+        patient.stop()
+
+
 def test_changed_virtual_interface_is_refused_by_its_demangled_class_name(tmp_path):
     project = _project(tmp_path)
     (project / "cxx.patch").write_text(_diff(project, "shapes.cc", "virtual int area() const = 0;",
@@ -140,22 +160,8 @@ def test_changed_leaf_member_function_is_patched_live_and_exceptions_still_work(
     assert result.returncode == 0, result.stderr
     assert "replaces Square::area() const" in result.stdout          # reported demangled
     assert {name: (project / name).read_bytes() for name in before} == before
-    patient = Patient([str(project / "lpmake" / "usr" / "bin" / "shapes"), "-1"])
-    try:
-        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10, after=0)
-        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
-        assert applied.returncode == 0, applied.stderr
-        seen = len(patient.lines)
-        patient.wait_for(lambda line: line == "shapes 2 1004", timeout=10)
-        patient.wait_for(lambda line: line == "shapes 1 1001", timeout=10, after=seen)
-        # A throw and its catch around the patched virtual call work as before.
-        patient.wait_for(lambda line: line == "shapes caught negative", timeout=10, after=seen)
-        removed = ctl("unpatch", "-p", str(patient.pid))
-        assert removed.returncode == 0, removed.stderr
-        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10)
-        assert patient.alive()
-    finally:
-        patient.stop()
+    # A throw and its catch around the patched virtual call work as before.
+    _patched_live_then_unpatched(project, ("shapes 2 1004", "shapes 1 1001"))
 
 
 def test_new_code_uses_the_classes_vtables_and_typeinfo_as_they_are(tmp_path):
@@ -181,18 +187,4 @@ def test_new_code_uses_the_classes_vtables_and_typeinfo_as_they_are(tmp_path):
     result = subprocess.run([PATCH_MAKE, "kind.patch"], cwd=project, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert "replaces report" in result.stdout and "kind(Shape const&)" in result.stdout, result.stdout
-    patient = Patient([str(project / "lpmake" / "usr" / "bin" / "shapes"), "-1"])
-    try:
-        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10, after=0)
-        applied = ctl("patch", "-p", str(patient.pid), str(project / "patchroot"))
-        assert applied.returncode == 0, applied.stderr
-        seen = len(patient.lines)
-        patient.wait_for(lambda line: line == "shapes 2 4 square", timeout=10)
-        patient.wait_for(lambda line: line == "shapes 1 1 square", timeout=10, after=seen)
-        patient.wait_for(lambda line: line == "shapes caught negative", timeout=10, after=seen)
-        removed = ctl("unpatch", "-p", str(patient.pid))
-        assert removed.returncode == 0, removed.stderr
-        patient.wait_for(lambda line: line == "shapes 2 4", timeout=10)
-        assert patient.alive()
-    finally:
-        patient.stop()
+    _patched_live_then_unpatched(project, ("shapes 2 4 square", "shapes 1 1 square"))
