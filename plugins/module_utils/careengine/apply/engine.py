@@ -1104,9 +1104,10 @@ def check_unreferenced(stopped: StoppedProcess, applied: AppliedPatch) -> None:
 
 
 def check_prepared(stopped: StoppedProcess, plans: list[ObjectPlan], journal: Journal) -> None:
-    """Each prepared mapping still holds what was written (its header, identity included). Else another run took it for a leftover and removed it between the stops:
-    ProcessError, and the journal forgets the mappings (what is at their addresses now is
-    not ours to unmap)."""
+    """Each prepared mapping still holds what was written (its header, identity included).
+    Else another run took it for a leftover and removed it between the stops: ProcessError,
+    and the journal forgets the mappings (what is at their addresses now is not ours to
+    unmap)."""
     found = read_ranges_lenient(stopped.pid, [(plan.linked.address, HEADER_SIZE) for plan in plans])
     if all(data == bytes(plan.linked.mapping[:HEADER_SIZE]) for plan, data in zip(plans, found, strict=True)):
         return
@@ -1315,9 +1316,13 @@ def _unmap_in_one_thread(pid: int, patient: Patient, timeout: float, calls: list
             _unmap_removed(worker, everything, registry, unmap_failed)
     except CareError as exc:
         for applied in everything:
-            unmap_failed.setdefault(applied.build_id, (
-                f"the original code runs again, but the level-{applied.level} patch at {applied.mapping.start:#x} "
-                f"could not be unmapped ({exc}); run unpatch again to remove it"))
+            unmap_failed.setdefault(applied.build_id, _unmap_failure(applied, exc))
+
+
+def _unmap_failure(applied: AppliedPatch, exc: CareError) -> str:
+    """The reason reported for a removed patch whose mapping could not be unmapped."""
+    return (f"the original code runs again, but the level-{applied.level} patch at {applied.mapping.start:#x} "
+            f"could not be unmapped ({exc}); run unpatch again to remove it")
 
 
 def _unmap_removed(stopped: StoppedProcess, everything: list[AppliedPatch], registry: FrameRegistry | None,
@@ -1332,9 +1337,7 @@ def _unmap_removed(stopped: StoppedProcess, everything: list[AppliedPatch], regi
                 release_frames(stopped, applied, registry)
                 stopped.munmap(applied.mapping.start, applied.total_size)
             except CareError as exc:
-                unmap_failed[applied.build_id] = (
-                    f"the original code runs again, but unmapping the level-{applied.level} patch at "
-                    f"{applied.mapping.start:#x} failed ({exc}); run unpatch again to remove it")
+                unmap_failed[applied.build_id] = _unmap_failure(applied, exc)
 
 
 def _removal_result(applied: AppliedPatch, path: str, failure: str, unmap_failed: dict[str, str],
