@@ -144,25 +144,11 @@ try:
         info_processes,
         select_pids,
     )
-    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.audit import (
-        AuditLog,
-        applied_record,
-        index_applied,
-    )
+    from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.audit_index import applied_history
     from ansible_collections.libcare.livepatch.plugins.module_utils.careengine.errors import CareError
 except ImportError as exc:  # reported by main(), not at import time
     ENGINE_IMPORT_ERROR = EngineImportError(exc)
     CareError = Exception
-
-
-def applied_history(process_infos, audit_log):
-    """(pid, build-id, level) -> the audit record of when each applied patch was applied."""
-    wanted = [(i.pid, o.build_id, o.applied_level) for i in process_infos for o in i.objects
-              if o.applied_level is not None]
-    if not wanted:
-        return {}
-    index = index_applied(AuditLog(audit_log, to_syslog=False).records())
-    return {key: applied_record(index, *key) for key in wanted}
 
 
 def shape_info(process_infos, history=None):

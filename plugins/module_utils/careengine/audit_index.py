@@ -7,17 +7,19 @@ does once, the log cost the resident service 5 ms per 1,500 records, and it only
 between rotations. Here each file is known by its identity: the rotated ``PATH.1`` by
 device, inode, size and mtime, ``PATH`` by device and inode, the length already read
 (whole lines only) and its first and last bytes, read again; anything else (rotated again,
-replaced, truncated, rewritten) is read from the start again. Entries of processes that are gone are dropped once the index is large.
+replaced, truncated, rewritten) is read from the start again. Entries of processes that are
+gone are dropped once the index is large.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
-from .audit import AuditLog, index_applied, process_facts
+from .audit import AuditLog, applied_record, index_applied, process_facts
+from .results import ProcessInfo
 
 PRUNE_ABOVE = 4096            # index entries before those of exited processes are dropped
 EDGE_SIZE = 256               # bytes at the start and before the offset read again: the same file?
@@ -116,3 +118,19 @@ def _read_appended(path: str, progress: _Progress) -> None:
         progress.head = (progress.head + whole)[:EDGE_SIZE]
     progress.offset += len(whole)
     progress.tail = (progress.tail + whole)[-EDGE_SIZE:]
+
+
+def applied_history(infos: Iterable[ProcessInfo], audit_log: str | None) -> dict[tuple, dict]:
+    """(pid, build-id, level) -> the audit record of when that applied patch was applied
+    (``libcare-ctl info`` and ``livepatch_info``). Only for patches in force and with a
+    record; an unreadable or missing log gives none."""
+    wanted = [(i.pid, o.build_id, o.applied_level) for i in infos for o in i.objects if o.applied_level is not None]
+    if not wanted:
+        return {}
+    index = applied_index(AuditLog(audit_log, to_syslog=False))
+    history = {}
+    for key in wanted:
+        record = applied_record(index, *key)
+        if record is not None:
+            history[key] = record
+    return history

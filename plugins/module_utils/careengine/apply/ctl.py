@@ -20,8 +20,8 @@ import signal
 import sys
 from collections.abc import Callable
 
-from ..audit import AuditLog, Requester, applied_record
-from ..audit_index import applied_index
+from ..audit import Requester
+from ..audit_index import applied_history
 from ..results import ObjectAction, ObjectInfo, ProcessInfo, ProcessResult, summarize_results
 from ..storage import DEFAULT_STORE
 from . import operations
@@ -244,7 +244,7 @@ def _info(args) -> int:
               "showing applied patches only", file=sys.stderr)
     infos = _infos_with_build_id(operations.info_processes(_pids(args), source), args.build_id)
     failed = [i for i in infos if i.unpatchable and not i.objects]
-    history = _applied_history(infos, args.audit_log)
+    history = applied_history(infos, args.audit_log)
     if args.json:
         print(json.dumps({"processes": _info_json(infos, history)}, indent=2))
     else:
@@ -311,23 +311,6 @@ def _info_line(obj: ObjectInfo, record: dict | None) -> str:
     if record:
         line += f" applied={record['time']} by={_who(record.get('requested_by') or {})}"
     return line
-
-
-def _applied_history(infos: list[ProcessInfo], audit_log: str | None) -> dict[tuple, dict]:
-    """(pid, build-id, level) -> the audit record of when that applied patch was applied.
-
-    Only for patches in force; an unreadable or missing log gives none.
-    """
-    wanted = [(i.pid, o.build_id, o.applied_level) for i in infos for o in i.objects if o.applied_level is not None]
-    if not wanted:
-        return {}
-    index = applied_index(AuditLog(audit_log, to_syslog=False))
-    history = {}
-    for pid, build_id, level in wanted:
-        record = applied_record(index, pid, build_id, level)
-        if record is not None:
-            history[(pid, build_id, level)] = record
-    return history
 
 
 def _who(requested_by: dict) -> str:
